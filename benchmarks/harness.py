@@ -1,0 +1,208 @@
+"""Shared benchmark harness: time providers on cases, count bytes and flops, write JSON + markdown.
+
+A ``bench_<op>.py`` script builds a list of :class:`Case` (shape name, bytes that must move, flops) and, per
+case, a dict of providers (``mimfast``, ``reference``, ``reference+compile``, ...) mapping to a zero-argument
+callable that runs the measured work once. :func:`run` times every provider on every case and
+:func:`write_results` appends the rows to ``benchmarks/results/<name>.json`` and ``.md`` with the GPU name,
+versions, commit and date.
+
+On CUDA the timer is ``triton.testing.do_bench`` (median and p20/p80 over repeated runs with the L2 cache
+flushed); on CPU, for smoke runs of the scripts only, a wall-clock loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+# Measured device limits of the lent H100 (PERF_NOTES.md): copy bandwidth counts bytes read + written.
+COPY_BW_BYTES_PER_S = 3.0e12
+BF16_MATMUL_FLOPS_PER_S = 800e12
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Case:
+    name: str
+    bytes: float = 0.0  # bytes that must move (read + written) for the measured work
+    flops: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    case: str
+    provider: str
+    ms_median: float
+    ms_p20: float
+    ms_p80: float
+    gb_per_s: Optional[float]
+    frac_copy_bw: Optional[float]
+    tflop_per_s: Optional[float]
+    frac_matmul_peak: Optional[float]
+    peak_mem_mb: Optional[float]
+    error: Optional[str] = None
+
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run on CPU")
+    ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
+    ap.add_argument("--no-save", action="store_true", help="print only, do not write benchmarks/results/")
+    return ap
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup_ms: int = 25, rep_ms: int = 100) -> tuple[float, ...]:
+    """(median, p20, p80) milliseconds of one call of ``fn``."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(x) for x in q)
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    return (statistics.median(times), q[0], q[3])
+
+
+def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.device) -> Row:
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        med, p20, p80 = time_fn(fn, device)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+    except Exception as e:  # a provider that cannot run a shape is reported, not fatal
+        return Row(case.name, provider, float("nan"), float("nan"), float("nan"), None, None, None, None, None,
+                   error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    s = med / 1000
+    gbs = case.bytes / s / 1e9 if case.bytes else None
+    tfs = case.flops / s / 1e12 if case.flops else None
+    return Row(
+        case.name, provider, med, p20, p80,
+        gbs, (case.bytes / s / COPY_BW_BYTES_PER_S) if case.bytes else None,
+        tfs, (case.flops / s / BF16_MATMUL_FLOPS_PER_S) if case.flops else None,
+        peak,
+    )
+
+
+def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.device,
+        providers: Optional[str] = None) -> list[Row]:
+    keep = set(providers.split(",")) if providers else None
+    rows = []
+    for case, fns in cases:
+        for name, fn in fns.items():
+            if keep is not None and name not in keep:
+                continue
+            row = measure(case, name, fn, device)
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(r: Row) -> str:
+    if r.error:
+        return f"{r.case:<34} {r.provider:<20} error: {r.error}"
+    extra = []
+    if r.gb_per_s is not None:
+        extra.append(f"{r.gb_per_s:8.1f} GB/s ({100 * r.frac_copy_bw:5.1f}% copy bw)")
+    if r.tflop_per_s is not None:
+        extra.append(f"{r.tflop_per_s:7.1f} TFLOP/s ({100 * r.frac_matmul_peak:5.1f}% peak)")
+    if r.peak_mem_mb is not None:
+        extra.append(f"peak {r.peak_mem_mb:8.1f} MB")
+    return f"{r.case:<34} {r.provider:<20} {r.ms_median:9.4f} ms [{r.ms_p20:.4f}, {r.ms_p80:.4f}]  " + "  ".join(extra)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(RESULTS_DIR)).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def speedups(rows: list[Row], ours: str = "mimfast") -> dict[str, dict[str, float]]:
+    """Per case: time of every other provider divided by ours."""
+    out: dict[str, dict[str, float]] = {}
+    for case in dict.fromkeys(r.case for r in rows):
+        by = {r.provider: r.ms_median for r in rows if r.case == case and r.error is None}
+        if ours in by:
+            out[case] = {p: t / by[ours] for p, t in by.items() if p != ours}
+    return out
+
+
+def write_results(name: str, rows: list[Row], device: torch.device, extra: Optional[dict[str, Any]] = None) -> str:
+    """Append a run to results/<name>.json and rewrite results/<name>.md with the newest run first."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    env = environment(device)
+    run_record = {"env": env, "rows": [asdict(r) for r in rows], "speedups": speedups(rows), **(extra or {})}
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    history = []
+    if os.path.exists(path):
+        with open(path) as f:
+            history = json.load(f)
+    history.insert(0, run_record)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(history, f, indent=1)
+    os.replace(tmp, path)
+    md = [f"# {name}", ""]
+    for rec in history:
+        e = rec["env"]
+        md += [f"## {e['date']} · {e['device']} · torch {e['torch']} · triton {e['triton']} · commit {e['commit']}",
+               "", "| case | provider | median ms | p20 | p80 | GB/s | % copy bw | TFLOP/s | % peak | peak MB |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rec["rows"]:
+            def f(v: Optional[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+                return "" if v is None or v != v else fmt.format(v * scale)
+            md.append(f"| {r['case']} | {r['provider']} | {f(r['ms_median'], fmt='{:.4f}')} | "
+                      f"{f(r['ms_p20'], fmt='{:.4f}')} | {f(r['ms_p80'], fmt='{:.4f}')} | {f(r['gb_per_s'])} | "
+                      f"{f(r['frac_copy_bw'], 100)} | {f(r['tflop_per_s'])} | {f(r['frac_matmul_peak'], 100)} | "
+                      f"{f(r['peak_mem_mb'])} |" + (f" error: {r['error']}" if r.get("error") else ""))
+        if rec.get("speedups"):
+            md += ["", "Speed-up of mimfast over each provider (their time / ours):", ""]
+            for case, sp in rec["speedups"].items():
+                md.append(f"- {case}: " + ", ".join(f"{p} {v:.2f}x" for p, v in sp.items()))
+        md.append("")
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+        f.write("\n".join(md))
+    return path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,204 @@
+"""Backend registry and dispatcher.
+
+Every op in ``mimfast.ops`` is an :class:`Op` holding one implementation per backend (``torch`` is the
+pure-PyTorch reference and the CPU path, ``triton`` the fused kernels, ``cuda`` optional C++ extensions).
+Each implementation declares what it supports through a ``reasons(*args, **kwargs) -> list[str]`` function;
+the dispatcher picks the first backend with no reason in the order cuda > triton > torch, and an explicit
+request that cannot be met raises with every reason instead of silently falling back.
+
+The backend is chosen per call by ``backend=``, else by the ``MIMFAST_BACKEND`` environment variable, else
+``auto``. On CPU tensors ``auto`` is torch; ``backend="triton"`` on CPU tensors runs the kernels through
+Triton's interpreter when ``TRITON_INTERPRET=1`` (how the test suite exercises them).
+
+This module imports neither triton nor CUDA state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch")
+CHOICES: tuple[str, ...] = BACKENDS + ("auto",)
+ENV_VAR = "MIMFAST_BACKEND"
+
+ReasonsFn = Callable[..., list[str]]
+
+_override: list[str] = []
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message lists every reason."""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def tensors_in(values: Sequence[Any]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out.extend(tensors_in(v))
+    return out
+
+
+def call_devices(args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.device]:
+    """Devices of a call: those of its tensor arguments, plus an explicit ``device=`` keyword."""
+    devices = [t.device for t in tensors_in(list(args) + list(kwargs.values()))]
+    if kwargs.get("device") is not None:
+        devices.append(torch.device(kwargs["device"]))
+    return devices
+
+
+def device_reasons(devices: Sequence[torch.device]) -> list[str]:
+    """Reasons common to every op: all tensor arguments on one device."""
+    distinct = {str(d) for d in devices}
+    if len(distinct) > 1 and len({torch.device(d).type for d in distinct}) > 1:
+        return [f"tensors are on different devices: {sorted(distinct)}"]
+    return []
+
+
+def triton_reasons(devices: Sequence[torch.device]) -> list[str]:
+    """Reasons the triton backend refuses a call, whatever the op."""
+    reasons: list[str] = []
+    if not triton_available():
+        reasons.append("triton is not installed")
+    for d in devices:
+        if d.type == "cuda" or (d.type == "cpu" and triton_interpret()):
+            continue
+        reasons.append(f"triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {d}")
+        break
+    return reasons
+
+
+def cuda_ext_reasons(devices: Sequence[torch.device], module: str) -> list[str]:
+    reasons: list[str] = []
+    if importlib.util.find_spec(module) is None:
+        reasons.append(f"CUDA extension {module} is not built")
+    if any(d.type != "cuda" for d in devices):
+        reasons.append("cuda backend needs CUDA tensors")
+    return reasons
+
+
+@dataclass(frozen=True)
+class Impl:
+    backend: str
+    fn: Callable[..., Any]
+    reasons: ReasonsFn
+
+
+def requested_backend(backend: Optional[str] = None) -> str:
+    """Resolve the backend a call asks for: argument, then ``use()`` context, then $MIMFAST_BACKEND, then auto."""
+    name = backend
+    if name is None and _override:
+        name = _override[-1]
+    if name is None:
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    name = name.lower()
+    if name not in CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use(backend: str) -> Iterator[None]:
+    """Context manager making ``backend`` the default for every op call inside it (``backend=`` still wins)."""
+    requested_backend(backend)
+    _override.append(backend)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+class Op:
+    """One public op with an implementation per backend."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.impls: dict[str, Impl] = {}
+
+    def register(self, backend: str, reasons: Optional[ReasonsFn] = None) -> Callable[[Callable], Callable]:
+        """Decorator registering ``fn`` as this op's implementation for ``backend``.
+
+        ``reasons(*args, **kwargs)`` returns why the implementation cannot run a call (empty when it can);
+        the generic device checks for the backend are always added.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+
+        def deco(fn: Callable) -> Callable:
+            self.impls[backend] = Impl(backend, fn, reasons or (lambda *a, **k: []))
+            return fn
+
+        return deco
+
+    def available(self) -> list[str]:
+        return [b for b in BACKENDS if b in self.impls]
+
+    def reasons(self, backend: str, *args: Any, **kwargs: Any) -> list[str]:
+        """Why ``backend`` cannot run this call (empty list: it can)."""
+        if backend not in self.impls:
+            return [f"{self.name} has no {backend} implementation"]
+        devices = call_devices(args, kwargs)
+        reasons = device_reasons(devices)
+        if backend == "triton":
+            reasons += triton_reasons(devices)
+        if reasons and backend != "torch":
+            return reasons
+        return reasons + list(self.impls[backend].reasons(*args, **kwargs))
+
+    def select(self, backend: Optional[str], *args: Any, **kwargs: Any) -> Impl:
+        name = requested_backend(backend)
+        if name != "auto":
+            reasons = self.reasons(name, *args, **kwargs)
+            if reasons:
+                raise BackendUnavailableError(
+                    f"mimfast.ops.{self.name}: backend {name!r} cannot run this call:\n  - " + "\n  - ".join(reasons)
+                )
+            return self.impls[name]
+        on_cpu = all(d.type == "cpu" for d in call_devices(args, kwargs))
+        collected: list[str] = []
+        for b in BACKENDS:
+            if on_cpu and b != "torch":
+                continue
+            reasons = self.reasons(b, *args, **kwargs)
+            if not reasons:
+                return self.impls[b]
+            collected += [f"{b}: {r}" for r in reasons]
+        raise BackendUnavailableError(
+            f"mimfast.ops.{self.name}: no backend can run this call:\n  - " + "\n  - ".join(collected)
+        )
+
+    def __call__(self, *args: Any, backend: Optional[str] = None, **kwargs: Any) -> Any:
+        return self.select(backend, *args, **kwargs).fn(*args, **kwargs)
+
+    def which(self, *args: Any, backend: Optional[str] = None, **kwargs: Any) -> str:
+        """Name of the backend a call with these arguments would run on."""
+        return self.select(backend, *args, **kwargs).backend
+
+
+_REGISTRY: dict[str, Op] = {}
+
+
+def get_op(name: str) -> Op:
+    """The op called ``name``, created on first request; ops register themselves at import of their module."""
+    if name not in _REGISTRY:
+        _REGISTRY[name] = Op(name)
+    return _REGISTRY[name]
+
+
+def registered_ops() -> dict[str, Op]:
+    return dict(_REGISTRY)
