@@ -1,0 +1,32 @@
+"""Masked-image-modeling models: MAE, SimMIM and VideoMAE, each returning :class:`MIMOutput`."""
+
+from mimfast.models.mae import (
+    MaskedAutoencoderViT,
+    mae_vit_base_patch14,
+    mae_vit_base_patch16,
+    mae_vit_huge_patch14,
+    mae_vit_huge_patch16,
+    mae_vit_large_patch14,
+    mae_vit_large_patch16,
+    mae_vit_small_patch14,
+    mae_vit_small_patch16,
+    mae_vit_tiny_patch14,
+    mae_vit_tiny_patch16,
+)
+from mimfast.models.vit import MIMModel, MIMOutput
+
+__all__ = [
+    "MIMModel",
+    "MIMOutput",
+    "MaskedAutoencoderViT",
+    "mae_vit_base_patch14",
+    "mae_vit_base_patch16",
+    "mae_vit_huge_patch14",
+    "mae_vit_huge_patch16",
+    "mae_vit_large_patch14",
+    "mae_vit_large_patch16",
+    "mae_vit_small_patch14",
+    "mae_vit_small_patch16",
+    "mae_vit_tiny_patch14",
+    "mae_vit_tiny_patch16",
+]
