@@ -1,0 +1,264 @@
+"""Triton kernels for ``visible_attention``: non-causal softmax attention over packed variable-length sequences.
+
+Layouts. Packed: q, k, v are [T, H, d] and sequence b owns rows cu_seqlens[b] .. cu_seqlens[b+1]; rows past
+cu_seqlens[N] (the tail of an over-allocated buffer) belong to no sequence, are never read into a result, and
+their outputs and gradients are written as zeros by one extra program column (b == N). Dense: [N, S, H, d],
+every sequence S long. Both reach the kernels as (batch stride, token stride, head stride, dim stride), with a
+batch stride of 0 for packed input, so one kernel serves both.
+
+The log-sum-exp (natural log, fp32) and delta = rowsum(dO * O) live in [H, R] buffers whose row index is the
+flattened token index: cu_seqlens[b] + i packed, b * S + i dense.
+
+Forward: one program per (query block, sequence, head), online softmax with fp32 running max / sum / output.
+Backward: a preprocess kernel for delta, then one program per (block, sequence, head) that first accumulates
+dK, dV of the key block over every query block of its sequence, then dQ of the query block over every key block.
+Each gradient row is written by exactly one program: no atomics, bit-deterministic.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _sequence(cu_ptr, b, S, PACKED: tl.constexpr):
+    """(first token row, length, first lse row) of sequence b."""
+    if PACKED:
+        start = tl.load(cu_ptr + b)
+        seqlen = tl.load(cu_ptr + b + 1) - start
+        return start, seqlen, start
+    else:
+        return 0, S, b * S
+
+
+@triton.jit
+def _zero_rows(ptr, row0, n_rows, step, h, stride_t, stride_h, stride_d,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Write zeros into head h of rows [row0, n_rows) of a [T, H, d] tensor, BLOCK_M rows every ``step`` rows."""
+    offs_d = tl.arange(0, BLOCK_D)
+    zeros = tl.zeros([BLOCK_M, BLOCK_D], dtype=ptr.dtype.element_ty)
+    for r in range(row0, n_rows, step):
+        rows = (r + tl.arange(0, BLOCK_M)).to(tl.int64)
+        ptrs = ptr + rows[:, None] * stride_t + h * stride_h + offs_d[None, :] * stride_d
+        tl.store(ptrs, zeros, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _attn_fwd(
+    q_ptr, k_ptr, v_ptr,  # [T, H, d] packed or [N, S, H, d] dense
+    o_ptr,  # same layout as q: output
+    lse_ptr,  # [H, R] fp32: log-sum-exp of the scaled scores of every query row
+    cu_ptr,  # [N + 1] int32 cumulative sequence lengths (packed only)
+    n_seq, S, T,  # sequences; dense length; rows of the packed buffer
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_lh,
+    scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    if PACKED:
+        if b == n_seq:
+            # the extra column of a packed launch: zero the output rows past cu_seqlens[N], spread over pid_m
+            tail0 = tl.load(cu_ptr + n_seq)
+            _zero_rows(o_ptr, tail0 + pid_m * BLOCK_M, T, tl.num_programs(0) * BLOCK_M, h,
+                       stride_ot, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_M)
+    if b < n_seq:
+        tok0, seqlen, lse0 = _sequence(cu_ptr, b, S, PACKED)
+        start_m = pid_m * BLOCK_M
+        if start_m < seqlen:
+            qk_scale = scale * LOG2E  # exp2 with log2(e) folded into the scale
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_n = tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_d = offs_d < HEAD_DIM
+            mask_m = offs_m < seqlen
+            rows_m = (tok0 + offs_m).to(tl.int64)
+            bb = b.to(tl.int64)
+            q_ptrs = (q_ptr + bb * stride_qb + rows_m[:, None] * stride_qt + h * stride_qh
+                      + offs_d[None, :] * stride_qd)
+            q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            k_base = k_ptr + bb * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
+            v_base = v_ptr + bb * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for start_n in range(0, seqlen, BLOCK_N):
+                cols = start_n + offs_n
+                mask_n = cols < seqlen
+                rows_n = (tok0 + cols).to(tl.int64)
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(k_base + rows_n[:, None] * stride_kt, mask=kv_mask, other=0.0)
+                v = tl.load(v_base + rows_n[:, None] * stride_vt, mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+                # every block holds at least one valid key, so m_new is finite and alpha never NaN
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+            acc = acc / l_i[:, None]
+            o_ptrs = (o_ptr + bb * stride_ob + rows_m[:, None] * stride_ot + h * stride_oh
+                      + offs_d[None, :] * stride_od)
+            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+            lse = (m_i + tl.log2(l_i)) * LN2
+            tl.store(lse_ptr + h.to(tl.int64) * stride_lh + lse0 + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_delta(
+    o_ptr, do_ptr,  # [T, H, d] / [N, S, H, d]: output and its gradient
+    delta_ptr,  # [H, R] fp32: rowsum(dO * O)
+    cu_ptr, S,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_gb, stride_gt, stride_gh, stride_gd,
+    stride_dh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    tok0, seqlen, lse0 = _sequence(cu_ptr, b, S, PACKED)
+    start_m = pid_m * BLOCK_M
+    if start_m < seqlen:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < seqlen
+        mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
+        rows = (tok0 + offs_m).to(tl.int64)
+        bb = b.to(tl.int64)
+        o = tl.load(o_ptr + bb * stride_ob + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
+                    mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + bb * stride_gb + rows[:, None] * stride_gt + h * stride_gh
+                     + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+        tl.store(delta_ptr + h.to(tl.int64) * stride_dh + lse0 + offs_m, tl.sum(o * do, 1), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd(
+    q_ptr, k_ptr, v_ptr,  # [T, H, d] packed or [N, S, H, d] dense
+    do_ptr,  # gradient of the output, layout of q
+    lse_ptr, delta_ptr,  # [H, R] fp32 from the forward and the preprocess kernel
+    dq_ptr, dk_ptr, dv_ptr,  # gradients, layouts of q, k, v
+    cu_ptr,  # [N + 1] int32 (packed only)
+    n_seq, S, T,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_gb, stride_gt, stride_gh, stride_gd,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    stride_lh,
+    scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
+    PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    if PACKED:
+        if b == n_seq:
+            row0 = tl.load(cu_ptr + n_seq) + pid * BLOCK_OUT
+            step = tl.num_programs(0) * BLOCK_OUT
+            _zero_rows(dq_ptr, row0, T, step, h, stride_dqt, stride_dqh, stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_OUT)
+            _zero_rows(dk_ptr, row0, T, step, h, stride_dkt, stride_dkh, stride_dkd, HEAD_DIM, BLOCK_D, BLOCK_OUT)
+            _zero_rows(dv_ptr, row0, T, step, h, stride_dvt, stride_dvh, stride_dvd, HEAD_DIM, BLOCK_D, BLOCK_OUT)
+    if b < n_seq:
+        tok0, seqlen, lse0 = _sequence(cu_ptr, b, S, PACKED)
+        start = pid * BLOCK_OUT
+        if start < seqlen:
+            qk_scale = scale * LOG2E
+            offs_out = start + tl.arange(0, BLOCK_OUT)
+            offs_in = tl.arange(0, BLOCK_IN)
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_d = offs_d < HEAD_DIM
+            mask_out = offs_out < seqlen
+            out_mask = mask_out[:, None] & mask_d[None, :]
+            rows_out = (tok0 + offs_out).to(tl.int64)
+            bb = b.to(tl.int64)
+            q_base = q_ptr + bb * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd
+            k_base = k_ptr + bb * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
+            v_base = v_ptr + bb * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+            do_base = do_ptr + bb * stride_gb + h * stride_gh + offs_d[None, :] * stride_gd
+            stat_base = h.to(tl.int64) * stride_lh + lse0
+
+            # phase 1: dK, dV of keys [start, start + BLOCK_OUT) over every query block; scores kept transposed
+            # (keys x queries) so no accumulator needs a transpose
+            k = tl.load(k_base + rows_out[:, None] * stride_kt, mask=out_mask, other=0.0)
+            v = tl.load(v_base + rows_out[:, None] * stride_vt, mask=out_mask, other=0.0)
+            dk = tl.zeros([BLOCK_OUT, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_OUT, BLOCK_D], dtype=tl.float32)
+            for start_m in range(0, seqlen, BLOCK_IN):
+                cols = start_m + offs_in
+                mask_m = cols < seqlen
+                rows_m = (tok0 + cols).to(tl.int64)
+                in_mask = mask_m[:, None] & mask_d[None, :]
+                q = tl.load(q_base + rows_m[:, None] * stride_qt, mask=in_mask, other=0.0)
+                do = tl.load(do_base + rows_m[:, None] * stride_gt, mask=in_mask, other=0.0)
+                lse = tl.load(lse_ptr + stat_base + cols, mask=mask_m, other=0.0)
+                delta = tl.load(delta_ptr + stat_base + cols, mask=mask_m, other=0.0)
+                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+                p_t = tl.exp2(s_t * qk_scale - lse[None, :] * LOG2E)
+                p_t = tl.where(mask_m[None, :], p_t, 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            dk = dk * scale
+            tl.store(dk_ptr + bb * stride_dkb + rows_out[:, None] * stride_dkt + h * stride_dkh
+                     + offs_d[None, :] * stride_dkd, dk.to(dk_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(dv_ptr + bb * stride_dvb + rows_out[:, None] * stride_dvt + h * stride_dvh
+                     + offs_d[None, :] * stride_dvd, dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
+
+            # phase 2: dQ of queries [start, start + BLOCK_OUT) over every key block
+            q = tl.load(q_base + rows_out[:, None] * stride_qt, mask=out_mask, other=0.0)
+            do = tl.load(do_base + rows_out[:, None] * stride_gt, mask=out_mask, other=0.0)
+            lse = tl.load(lse_ptr + stat_base + offs_out, mask=mask_out, other=0.0)
+            delta = tl.load(delta_ptr + stat_base + offs_out, mask=mask_out, other=0.0)
+            dq = tl.zeros([BLOCK_OUT, BLOCK_D], dtype=tl.float32)
+            for start_n in range(0, seqlen, BLOCK_IN):
+                cols = start_n + offs_in
+                mask_n = cols < seqlen
+                rows_n = (tok0 + cols).to(tl.int64)
+                in_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(k_base + rows_n[:, None] * stride_kt, mask=in_mask, other=0.0)
+                v = tl.load(v_base + rows_n[:, None] * stride_vt, mask=in_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                p = tl.exp2(s * qk_scale - lse[:, None] * LOG2E)
+                p = tl.where(mask_n[None, :], p, 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            dq = dq * scale
+            tl.store(dq_ptr + bb * stride_dqb + rows_out[:, None] * stride_dqt + h * stride_dqh
+                     + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
+
+
+def fwd_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int]:
+    """Block sizes and launch options of the forward kernel (fp32 runs IEEE dots, so it gets smaller tiles)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if fp32:
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    # short visible sequences (MAE: 50 tokens) waste most of a 128-row tile
+    block_m = 64 if max_seqlen <= 64 else 128
+    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=64, num_warps=4 if block_d <= 64 else 8, num_stages=3)
+
+
+def bwd_config(head_dim: int, fp32: bool) -> dict[str, int]:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if fp32:
+        return dict(BLOCK_D=block_d, BLOCK_OUT=32, BLOCK_IN=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_D=block_d, BLOCK_OUT=64, BLOCK_IN=32, num_warps=4 if block_d <= 64 else 8, num_stages=2)
