@@ -1,0 +1,264 @@
+"""MAE pixel reconstruction loss: per-patch error against the (optionally normalised) image patches, averaged
+over the masked patches.
+
+The Triton path computes the target straight from the image inside the kernel (no patchified copy) and writes
+the gradient for ``pred`` during the forward pass; the backward pass only scales it by the incoming gradient.
+The custom op ``mimfast::pixel_loss`` defined here is shared with :mod:`mimfast.ops.videomae_pixel_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from mimfast.backend import get_op
+from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
+
+__all__ = ["masked_pixel_loss", "masked_pixel_loss_ref", "LOSS_KINDS"]
+
+LOSS_KINDS = ("mse", "l1")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# target normalisation codes of the kernel (mimfast.kernels.pixel_loss, imported on first launch only)
+NORM_NONE, NORM_PATCH, NORM_CHANNEL = 0, 1, 2
+# the kernel holds a whole patch in registers; past this many (padded) values it would spill
+MAX_TILE = 8192
+
+
+def _check_mask(mask: torch.Tensor, N: int, L: int, name: str = "mask") -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != (N, L):
+        raise ValueError(f"{name} must have shape [N, L] = [{N}, {L}], got {tuple(mask.shape)}")
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise TypeError(f"{name} must be bool or floating (1 = masked), got {mask.dtype}")
+
+
+def check_pixel_loss_args(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    patch_size: int,
+    ids_masked: Optional[torch.Tensor],
+    tubelet_size: Optional[int],
+    kind: str = "mse",
+    eps: float = 0.0,
+) -> None:
+    """Raise a clear error unless the arguments describe a valid masked pixel loss call."""
+    check_images(imgs, patch_size, tubelet_size)
+    N, C = imgs.shape[:2]
+    L = math.prod(grid_size(imgs.shape, patch_size, tubelet_size))
+    P = patch_dim(C, patch_size, tubelet_size)
+    if not isinstance(pred, torch.Tensor) or pred.dim() != 3 or not pred.is_floating_point():
+        raise ValueError(f"pred must be a floating [N, L, P] tensor, got {getattr(pred, 'shape', type(pred))}")
+    if pred.shape[0] != N or pred.shape[2] != P:
+        raise ValueError(f"pred {tuple(pred.shape)} does not match images {tuple(imgs.shape)}: "
+                         f"expected [{N}, rows, {P}]")
+    if ids_masked is None:
+        if pred.shape[1] != L:
+            raise ValueError(f"pred has {pred.shape[1]} rows but the images have {L} patches; pass ids_masked "
+                             "when pred holds only the masked rows")
+        if mask is None:
+            raise ValueError("mask is required unless ids_masked is given")
+    else:
+        if not isinstance(ids_masked, torch.Tensor) or ids_masked.dtype not in (torch.int64, torch.int32):
+            raise TypeError("ids_masked must be an int64 (or int32) tensor")
+        if tuple(ids_masked.shape) != tuple(pred.shape[:2]):
+            raise ValueError(f"ids_masked must have shape [N, rows of pred] = {tuple(pred.shape[:2])}, "
+                             f"got {tuple(ids_masked.shape)}")
+    if mask is not None:
+        _check_mask(mask, N, L)
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def masked_pixel_loss_ref(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    patch_size: int,
+    *,
+    norm_pix: bool = False,
+    kind: str = "mse",
+    eps: float = 1e-6,
+    ids_masked: Optional[torch.Tensor] = None,
+    tubelet_size: Optional[int] = None,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`masked_pixel_loss` (differentiable in every floating input).
+
+    ``upcast`` computes in fp32 when the inputs are half precision. Equivalent PyTorch (pred holding all rows)::
+
+        target = patchify(imgs, p)                                   # [N, L, P]
+        if norm_pix:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + eps) ** 0.5
+        loss = ((pred - target) ** 2).mean(-1)                       # [N, L]; kind "l1": .abs()
+        loss = (loss * mask).sum() / mask.sum()                      # 0 when no patch is masked
+    """
+    target = patchify(imgs, patch_size, tubelet_size)
+    if upcast:
+        pred, target = _upcast(pred), _upcast(target)
+    weights = mask
+    if ids_masked is not None:
+        target = target.gather(1, ids_masked.long()[..., None].expand(-1, -1, target.shape[-1]))
+        weights = None if mask is None else mask.gather(1, ids_masked.long())
+    if norm_pix:
+        mean = target.mean(-1, keepdim=True)
+        var = target.var(-1, keepdim=True)
+        target = (target - mean) / (var + eps) ** 0.5
+    diff = pred - target
+    loss = (diff * diff if kind == "mse" else diff.abs()).mean(-1)
+    weights = torch.ones_like(loss) if weights is None else weights.to(loss.dtype)
+    total = weights.sum()
+    # no masked patch: the loss is 0 (and so is every gradient) instead of 0 / 0
+    return (loss * weights).sum() / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def _weights_sum(mask: Optional[torch.Tensor], ids: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    if mask is None:
+        return torch.full((), float(rows), dtype=torch.float32, device=ids.device)
+    if ids is not None:
+        mask = mask.gather(1, ids.long())
+    return mask.sum(dtype=torch.float32)
+
+
+_stats_cache: dict[tuple[str, tuple[float, ...]], torch.Tensor] = {}
+
+
+def _stats_tensor(stats: list[float], device: torch.device) -> torch.Tensor:
+    """[2, C] fp32 mean and std on ``device``, built once per (device, values)."""
+    key = (str(device), tuple(stats))
+    if key not in _stats_cache:
+        _stats_cache[key] = torch.tensor(stats, dtype=torch.float32, device=device).view(2, -1)
+    return _stats_cache[key]
+
+
+@torch.library.custom_op("mimfast::pixel_loss", mutates_args=())
+def pixel_loss_op(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    ids: Optional[torch.Tensor],
+    patch_size: int,
+    tubelet_size: int,
+    norm: int,
+    l1: bool,
+    eps: float,
+    stats: Optional[list[float]],
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused loss and gradient: (loss, d loss / d pred) with loss = sum_rows w * sum_P err / (P * sum_rows w).
+
+    pred [N,R,P], imgs [N,C,H,W] or [N,C,T,H,W], mask [N,L] weights or None (all rows weigh 1), ids [N,R] patch
+    index of each pred row or None (R = L), stats: per-channel mean then std to un-normalise the images with.
+    Without ``compute_grad`` the second output is empty.
+    """
+    from mimfast.kernels.pixel_loss import launch_pixel_loss
+
+    N, R, P = pred.shape
+    partials = torch.empty(N * R, dtype=torch.float32, device=pred.device)
+    w_sum = _weights_sum(mask, ids, N * R)
+    inv_denom = torch.where(w_sum > 0, 1.0 / (w_sum * P), torch.zeros_like(w_sum)).reshape(1)
+    grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if compute_grad else None
+    if N * R > 0:
+        launch_pixel_loss(pred, imgs, ids, mask, inv_denom, partials, grad, patch_size, tubelet_size, norm, l1, eps,
+                          None if stats is None else _stats_tensor(stats, pred.device))
+    loss = (partials.sum() * inv_denom[0]).to(torch.promote_types(pred.dtype, imgs.dtype))
+    return loss, grad if grad is not None else pred.new_empty((0,))
+
+
+@pixel_loss_op.register_fake
+def _pixel_loss_fake(pred, imgs, mask, ids, patch_size, tubelet_size, norm, l1, eps, stats, compute_grad):
+    loss = pred.new_empty((), dtype=torch.promote_types(pred.dtype, imgs.dtype))
+    grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if compute_grad else pred.new_empty((0,))
+    return loss, grad
+
+
+def _pixel_loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _pixel_loss_backward(ctx: Any, grad_loss: torch.Tensor, _grad_of_grad: Any) -> tuple:
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_loss,) + (None,) * 10
+
+
+pixel_loss_op.register_autograd(_pixel_loss_backward, setup_context=_pixel_loss_setup)
+
+
+def pixel_loss_triton_reasons(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor],
+                              patch_size: int, tubelet_size: Optional[int]) -> list[str]:
+    """Why the fused kernel cannot run a call (shared by the MAE and VideoMAE losses)."""
+    reasons = []
+    if pred.dtype not in KERNEL_DTYPES:
+        reasons.append(f"pred dtype {pred.dtype} is not one of fp16/bf16/fp32 (use backend='torch')")
+    if imgs.dtype not in KERNEL_DTYPES:
+        reasons.append(f"images dtype {imgs.dtype} is not one of fp16/bf16/fp32 (use backend='torch')")
+    if imgs.requires_grad or (mask is not None and mask.requires_grad):
+        reasons.append("the fused loss treats images and mask as constants, but one of them requires grad")
+    tile = 1 << max(0, (patch_dim(1, patch_size, tubelet_size) - 1).bit_length())
+    tile *= 1 << max(0, (imgs.shape[1] - 1).bit_length())
+    if tile > MAX_TILE:
+        reasons.append(f"a patch of {patch_dim(imgs.shape[1], patch_size, tubelet_size)} values does not fit "
+                       f"the kernel's register tile (at most {MAX_TILE} padded values)")
+    return reasons
+
+
+def _masked_pixel_loss_triton(pred, imgs, mask, patch_size, *, norm_pix=False, kind="mse", eps=1e-6,
+                              ids_masked=None, tubelet_size=None) -> torch.Tensor:
+    compute_grad = torch.is_grad_enabled() and pred.requires_grad
+    loss, _ = pixel_loss_op(pred, imgs, mask, ids_masked, patch_size, tubelet_size or 1,
+                            NORM_PATCH if norm_pix else NORM_NONE, kind == "l1", float(eps), None, compute_grad)
+    return loss
+
+
+def _masked_pixel_loss_reasons(pred, imgs, mask, patch_size, *, tubelet_size=None, **_: Any) -> list[str]:
+    return pixel_loss_triton_reasons(pred, imgs, mask, patch_size, tubelet_size)
+
+
+_op = get_op("masked_pixel_loss")
+_op.register("torch")(masked_pixel_loss_ref)
+_op.register("triton", reasons=_masked_pixel_loss_reasons)(_masked_pixel_loss_triton)
+
+
+def masked_pixel_loss(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    patch_size: int,
+    *,
+    norm_pix: bool = False,
+    kind: str = "mse",
+    eps: float = 1e-6,
+    ids_masked: Optional[torch.Tensor] = None,
+    tubelet_size: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """MAE reconstruction loss, a scalar.
+
+    pred: [N, L, P] predictions for every patch, or [N, R, P] for the patches listed in ``ids_masked`` [N, R]
+    (typically the R = L - K masked ones, in the order the decoder emits them). imgs: [N, C, H, W] (or
+    [N, C, T, H, W] with ``tubelet_size``), P = p*p*C (p_t*p*p*C). mask: [N, L], 1 (True) = masked, weights the
+    per-patch losses; with ``ids_masked`` it may be None (every listed row weighs 1).
+
+    target = patchify(imgs); with ``norm_pix`` each target patch is normalised by its own mean and unbiased
+    variance: (t - mean) / sqrt(var + eps). Per patch: mean over P of (pred - target)^2 (``kind="l1"``:
+    |pred - target|); loss = sum(loss * mask) / sum(mask). When no patch is masked (sum(mask) == 0) the loss is 0
+    and so are its gradients, instead of NaN. Index values in ``ids_masked`` are not range-checked on the device.
+
+    Equivalent PyTorch: see :func:`masked_pixel_loss_ref`. The triton backend treats ``imgs`` and ``mask`` as
+    constants (no gradient for them), as MAE does.
+    """
+    check_pixel_loss_args(pred, imgs, mask, patch_size, ids_masked, tubelet_size, kind, eps)
+    return _op(pred, imgs, mask, patch_size, norm_pix=norm_pix, kind=kind, eps=eps, ids_masked=ids_masked,
+               tubelet_size=tubelet_size, backend=backend)
+
