@@ -1,0 +1,93 @@
+"""Triton kernels for restore_tokens: build the decoder input in one pass, and its backward in one pass.
+
+Output rows are j = OFF + l (OFF = 1 when a cls row leads, l the patch position); row l takes visible row
+ids_restore[n, l] of x_vis when that is < K, else the mask token, plus pos_embed row j.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows(n, ids_ptr, s_idn, L, K, HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Output rows of this program, whether each exists, which x_vis row feeds it and whether it is visible."""
+    OFF: tl.constexpr = 1 if HAS_CLS else 0
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tok = rows - OFF
+    is_tok = (tok >= 0) & (tok < L)
+    src = tl.load(ids_ptr + n * s_idn + tok, mask=is_tok, other=0)
+    visible = is_tok & (src < K)
+    if HAS_CLS:
+        visible = visible | (rows == 0)
+    return rows, rows < L + OFF, tl.where(is_tok, src + OFF, 0), visible, is_tok & (src >= K)
+
+
+@triton.jit
+def restore_tokens_fwd_kernel(
+    x_ptr,  # [N, OFF + K, D] visible tokens (cls row first when HAS_CLS), any strides
+    ids_ptr,  # [N, L] int64 ids_restore
+    mt_ptr,  # [D] mask token
+    pos_ptr,  # [OFF + L, D] position embedding, contiguous (unused unless HAS_POS)
+    out_ptr,  # [N, OFF + L, D] decoder input, contiguous
+    L, K, D,
+    s_xn, s_xr, s_xd, s_idn,
+    HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(2).to(tl.int64)
+    rows, row_ok, xrow, visible, _ = _rows(n, ids_ptr, s_idn, L, K, HAS_CLS, BLOCK_R)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    xrow = tl.where(visible, xrow, 0)
+    v = tl.load(x_ptr + n * s_xn + xrow[:, None] * s_xr + d[None, :] * s_xd,
+                mask=visible[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    mt = tl.load(mt_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    v = tl.where(visible[:, None], v, mt[None, :])
+    ok = row_ok[:, None] & d_ok[None, :]
+    if HAS_POS:
+        v += tl.load(pos_ptr + rows[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    R = L + (1 if HAS_CLS else 0)
+    tl.store(out_ptr + (n * R + rows[:, None]) * D + d[None, :], v.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def restore_tokens_bwd_kernel(
+    g_ptr,  # [N, OFF + L, D] gradient of the decoder input, contiguous
+    ids_ptr,  # [N, L] int64 ids_restore
+    gx_ptr,  # [N, OFF + K, D] gradient of x_vis, contiguous
+    part_mt_ptr,  # [S, n_row_blocks, D] fp32 partial sums of the mask-token gradient
+    part_pos_ptr,  # [S, OFF + L, D] fp32 partial sums over the batch (unused unless POS_GRAD)
+    N, L, K, D, N_PER,  # N_PER samples per batch chunk
+    s_idn,
+    HAS_CLS: tl.constexpr, POS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(2)
+    R = L + (1 if HAS_CLS else 0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    mt_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    pos_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n0 = chunk * N_PER
+    # samples in a fixed order inside each chunk: the partial sums, and so the gradients, are deterministic
+    for i in range(n0, tl.minimum(n0 + N_PER, N)):
+        n = tl.cast(i, tl.int64)
+        _, row_ok, xrow, visible, masked = _rows(n, ids_ptr, s_idn, L, K, HAS_CLS, BLOCK_R)
+        ok = row_ok[:, None] & d_ok[None, :]
+        g = tl.load(g_ptr + (n * R + rows[:, None]) * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+        xrow = tl.where(visible, xrow, 0)
+        tl.store(gx_ptr + (n * (K + R - L) + xrow[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
+                 mask=ok & visible[:, None])
+        mt_acc += tl.sum(tl.where(masked[:, None], g, 0.0), axis=0)
+        if POS_GRAD:
+            pos_acc += g
+    tl.store(part_mt_ptr + (chunk * tl.num_programs(0) + tl.program_id(0)) * D + d, mt_acc, mask=d_ok)
+    if POS_GRAD:
+        tl.store(part_pos_ptr + (chunk * R + rows[:, None]) * D + d[None, :], pos_acc,
+                 mask=(rows < R)[:, None] & d_ok[None, :])
+
+
+def block_config(R: int, D: int) -> dict[str, int]:
+    return {"BLOCK_R": min(16, triton.next_power_of_2(max(R, 1))),
+            "BLOCK_D": min(128, triton.next_power_of_2(max(D, 1))), "num_warps": 4}

@@ -1,0 +1,178 @@
+"""gather_patches: the kept patches of a batch, [N, K, P], read straight from the images.
+
+Also holds the index checks shared by the ops that take ``ids_keep`` / ``ids_restore``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from mimfast.backend import get_op
+from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
+
+__all__ = ["gather_patches", "gather_patches_ref", "check_index"]
+
+
+def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name: str) -> None:
+    """Raise unless ``ids`` is an int64 [N, *] tensor on ``device`` with values in [0, high).
+
+    The range check needs the values: on CPU it raises a ValueError at once; on other devices it is queued with
+    ``torch._assert_async`` so that it costs no host synchronisation (a bad index then fails at the next sync).
+    """
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != N:
+        raise ValueError(f"{name} must be [N, *] with N = {N}, got shape {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but the data is on {device}")
+    if ids.numel() == 0:
+        return
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(ids)
+        if lo.item() < 0 or hi.item() >= high:
+            raise ValueError(f"{name} values must be in [0, {high}), got min {lo.item()} and max {hi.item()}")
+    else:
+        torch._assert_async(((ids >= 0) & (ids < high)).all(), f"{name} values must be in [0, {high})")
+
+
+def gather_patches_ref(
+    imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: Optional[int] = None
+) -> torch.Tensor:
+    """Reference: patchify all L patches, then gather the kept rows.
+
+    Equivalent PyTorch::
+
+        x = patchify(imgs, p)                                    # [N, L, P]
+        out = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))   # [N, K, P]
+    """
+    x = patchify(imgs, patch_size, tubelet_size)
+    return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _check(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: Optional[int]) -> None:
+    check_images(imgs, patch_size, tubelet_size)
+    L = 1
+    for g in grid_size(imgs.shape, patch_size, tubelet_size):
+        L *= g
+    check_index(ids_keep, imgs.shape[0], L, imgs.device, "ids_keep")
+    if ids_keep.shape[1] > L:
+        raise ValueError(f"ids_keep keeps {ids_keep.shape[1]} patches of {L}")
+
+
+def _as_video(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, 1, H, W] view, so images and videos share one kernel."""
+    return x.unsqueeze(2) if x.dim() == 4 else x
+
+
+def _launch(kernel, src: torch.Tensor, ids_keep: torch.Tensor, dst: torch.Tensor, image: torch.Tensor,
+            patch_size: int, tubelet: int) -> None:
+    from mimfast.kernels.gather_patches import tile_config
+
+    N, C, T, H, W = image.shape
+    K = ids_keep.shape[1]
+    cfg = tile_config(C, tubelet, patch_size)
+    grid = (N * K, -(-tubelet * patch_size // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
+    kernel[grid](src, ids_keep, dst, K, H // patch_size, W // patch_size, *image.stride(),
+                 C=C, PT=tubelet, PS=patch_size, **cfg)
+
+
+@torch.library.custom_op("mimfast::gather_patches", mutates_args=())
+def _gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
+    from mimfast.kernels.gather_patches import gather_patches_fwd_kernel
+
+    x = _as_video(imgs)
+    N, C = x.shape[:2]
+    K = ids_keep.shape[1]
+    out = torch.empty(N, K, patch_dim(C, patch_size, tubelet_size), dtype=imgs.dtype, device=imgs.device)
+    if out.numel():
+        _launch(gather_patches_fwd_kernel, x, ids_keep.contiguous(), out, x, patch_size, tubelet_size)
+    return out
+
+
+@_gather_patches_op.register_fake
+def _(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
+    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], patch_dim(imgs.shape[1], patch_size, tubelet_size))
+
+
+@torch.library.custom_op("mimfast::gather_patches_backward", mutates_args=())
+def _gather_patches_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, shape: list[int], patch_size: int,
+                                tubelet_size: int) -> torch.Tensor:
+    """Scatter [N, K, P] patch gradients into a zero image of ``shape``; each pixel is in at most one kept patch
+    (ids_keep has distinct entries per sample), so every write is the only one and the result is deterministic."""
+    from mimfast.kernels.gather_patches import gather_patches_bwd_kernel
+
+    gx = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+    if grad.numel():
+        g5 = _as_video(gx)
+        _launch(gather_patches_bwd_kernel, grad.contiguous(), ids_keep.contiguous(), g5, g5, patch_size, tubelet_size)
+    return gx
+
+
+@_gather_patches_backward_op.register_fake
+def _(grad: torch.Tensor, ids_keep: torch.Tensor, shape: list[int], patch_size: int,
+      tubelet_size: int) -> torch.Tensor:
+    return grad.new_empty(shape)
+
+
+def _setup(ctx, inputs, output) -> None:
+    imgs, ids_keep, patch_size, tubelet_size = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.meta = (list(imgs.shape), patch_size, tubelet_size)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    (ids_keep,) = ctx.saved_tensors
+    shape, patch_size, tubelet_size = ctx.meta
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.mimfast.gather_patches_backward(grad, ids_keep, shape, patch_size, tubelet_size)
+    return gx, None, None, None
+
+
+_gather_patches_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _triton_reasons(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
+                    tubelet_size: Optional[int] = None) -> list[str]:
+    reasons = []
+    if imgs.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"gather_patches kernel supports float16/bfloat16/float32 images, got {imgs.dtype}")
+    if ids_keep.numel() >= 2**31:
+        reasons.append(f"gather_patches kernel needs N*K < 2^31, got {ids_keep.numel()}")
+    return reasons
+
+
+_op = get_op("gather_patches")
+_op.register("torch")(gather_patches_ref)
+
+
+@_op.register("triton", reasons=_triton_reasons)
+def _gather_patches_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
+                           tubelet_size: Optional[int] = None) -> torch.Tensor:
+    return torch.ops.mimfast.gather_patches(imgs, ids_keep, patch_size, tubelet_size or 1)
+
+
+def gather_patches(
+    imgs: torch.Tensor,
+    ids_keep: torch.Tensor,
+    patch_size: int,
+    tubelet_size: Optional[int] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Kept patches of images [N, C, H, W] (or videos [N, C, T, H, W] with ``tubelet_size``): [N, K, P].
+
+    ids_keep: [N, K] int64 patch indices in [0, L), distinct within a sample (as masking produces them); row k of
+    the output is patch ids_keep[n, k], its values in (row, col, channel) order (video: (t, row, col, channel)).
+    The triton kernel reads only the kept patches; it never builds all L of them. Differentiable in ``imgs``.
+
+    Equivalent PyTorch::
+
+        torch.gather(patchify(imgs, p), 1, ids_keep[..., None].expand(-1, -1, P))
+    """
+    _check(imgs, ids_keep, patch_size, tubelet_size)
+    return _op(imgs, ids_keep, patch_size, tubelet_size, backend=backend)
