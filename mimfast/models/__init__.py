@@ -13,12 +13,21 @@ from mimfast.models.mae import (
     mae_vit_tiny_patch14,
     mae_vit_tiny_patch16,
 )
+from mimfast.models.simmim import SimMIMViT, simmim_vit_base_patch16, simmim_vit_small_patch16, simmim_vit_tiny_patch16
+from mimfast.models.videomae import (
+    VideoMAE,
+    videomae_vit_base_patch16,
+    videomae_vit_large_patch16,
+    videomae_vit_small_patch16,
+)
 from mimfast.models.vit import MIMModel, MIMOutput
 
 __all__ = [
     "MIMModel",
     "MIMOutput",
     "MaskedAutoencoderViT",
+    "SimMIMViT",
+    "VideoMAE",
     "mae_vit_base_patch14",
     "mae_vit_base_patch16",
     "mae_vit_huge_patch14",
@@ -29,4 +38,10 @@ __all__ = [
     "mae_vit_small_patch16",
     "mae_vit_tiny_patch14",
     "mae_vit_tiny_patch16",
+    "simmim_vit_base_patch16",
+    "simmim_vit_small_patch16",
+    "simmim_vit_tiny_patch16",
+    "videomae_vit_base_patch16",
+    "videomae_vit_large_patch16",
+    "videomae_vit_small_patch16",
 ]

@@ -113,6 +113,8 @@ class MIMModel(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention):
                 module.fused = self._fused
+            elif isinstance(module, MIMModel):
+                module._fused = self._fused
 
 
 def check_model_input(
