@@ -1,4 +1,18 @@
-"""MAE random masking: choose K = int(L * (1 - mask_ratio)) patches to keep per sample, uniformly at random."""
+"""MAE random masking: choose K = int(L * (1 - mask_ratio)) patches to keep per sample, uniformly at random.
+
+Three sources of randomness, all giving the argsort semantics of the MAE reference on some per-patch keys:
+
+- ``noise`` [N, L]: ids_shuffle = argsort(noise) (ties broken by patch index), exactly as the MAE reference. Every
+  backend returns the same result for the same noise.
+- ``seed`` (and ``sample_offset``): the keys are Philox4x32-10 random bits of counter (patch index, global sample
+  index = sample_offset + n) under key ``seed``, so a sample's mask is a function of (seed, global sample index)
+  only, independent of the batch size and of how a batch is split across devices. Every backend returns the same
+  result (the torch backend computes the same Philox bits with integer tensor ops).
+- neither: the torch backend draws ``torch.rand(N, L, generator=generator)`` noise (the MAE reference, so a
+  model seeded like the official code masks like it); the triton backend draws one seed from ``generator`` on the
+  host (no device sync) and generates the keys in-kernel. Both are reproducible given the generator state and
+  differ from call to call, but the two backends give different masks.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +20,34 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from mimfast import backend as _backend
 from mimfast.backend import get_op
 
-__all__ = ["MaskInfo", "random_masking", "random_masking_ref", "num_kept", "check_mask_ratio"]
+__all__ = [
+    "MaskInfo",
+    "random_masking",
+    "random_masking_ref",
+    "random_masking_triton",
+    "num_kept",
+    "check_mask_ratio",
+    "mask_from_keep",
+    "draw_seed",
+    "fold_seed",
+    "philox4x32",
+    "random_keys_ref",
+]
+
+Device = Union[torch.device, str, None]
+
+# Largest row the triton kernel sorts in one program (keys live in registers).
+TRITON_MAX_L = 16384
+SEED_LIMIT = 2**63
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_MASK64 = 2**64 - 1
 
 
 class MaskInfo(NamedTuple):
@@ -37,6 +76,28 @@ def num_kept(L: int, mask_ratio: float) -> int:
     return int(L * (1 - mask_ratio))
 
 
+def check_sizes(N: int, L: int) -> None:
+    for name, v in (("N", N), ("L", L)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if N < 0 or L <= 0:
+        raise ValueError(f"need N >= 0 and L > 0, got N={N}, L={L}")
+
+
+def check_seed(seed: Optional[int], sample_offset: int, N: int) -> None:
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if not isinstance(sample_offset, int) or isinstance(sample_offset, bool):
+        raise TypeError(f"sample_offset must be an int, got {type(sample_offset).__name__}")
+    if sample_offset < 0 or sample_offset + N > SEED_LIMIT:
+        raise ValueError(f"sample_offset must be >= 0 with sample_offset + N <= 2**63, got {sample_offset}")
+    if sample_offset and seed is None:
+        raise ValueError("sample_offset only has a meaning together with seed")
+
+
 def _check_noise(noise: Optional[torch.Tensor], N: int, L: int) -> None:
     if noise is None:
         return
@@ -54,6 +115,95 @@ def mask_from_keep(ids_keep: torch.Tensor, L: int, dtype: torch.dtype = torch.fl
     return mask.scatter_(1, ids_keep, 0.0)
 
 
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def fold_seed(seed: int, *values: int) -> int:
+    """Hash a seed and integers (epoch, rank, ...) into a new 63-bit seed, e.g. ``fold_seed(seed, epoch)``.
+
+    Deterministic and host-only; distinct inputs give unrelated seeds.
+    """
+    h = _splitmix64(int(seed) & _MASK64)
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & _MASK64))
+    return h >> 1
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """A fresh 63-bit seed from ``generator`` (torch's default CPU generator when None), without a device sync.
+
+    A CPU generator draws one int64 on the host. A device generator is not read back: the seed is folded from its
+    ``initial_seed()`` and its Philox offset, and the offset is advanced so the next call gets another seed.
+    """
+    gen = generator if generator is not None else torch.default_generator
+    if gen.device.type == "cpu":
+        return int(torch.randint(0, SEED_LIMIT - 1, (1,), generator=gen))
+    offset = gen.get_offset()
+    # device generators advance their Philox offset in multiples of 4
+    gen.set_offset(offset + 4)
+    return fold_seed(gen.initial_seed(), offset)
+
+
+def _mulhilo32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * x for a < 2^32 and x int64 holding values < 2^32, without int64 overflow."""
+    low_product = a * (x & 0xFFFF)  # < 2^48
+    high_product = a * (x >> 16)  # < 2^48
+    lo = (low_product + ((high_product & 0xFFFF) << 16)) & _MASK32
+    hi = (high_product + (low_product >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32(
+    seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, rounds: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 of counters (c0, c1, c2, c3) (int64 tensors holding uint32 values) under the 64-bit key ``seed``.
+
+    Returns four int64 tensors holding uint32 values, bit-identical to ``triton.language.philox``.
+    """
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def key_index_bits(L: int) -> int:
+    """Low bits of a random sort key that hold the patch index (at least 4, so tiny rows use the same layout)."""
+    return max(4, (L - 1).bit_length())
+
+
+def random_keys_ref(N: int, L: int, seed: int, sample_offset: int = 0, device: Device = None) -> torch.Tensor:
+    """[N, L] int64 distinct non-negative sort keys: Philox random high bits, patch index in the low bits.
+
+    Sample n uses counters (patch j, (sample_offset + n) low 32 bits, high 32 bits, 0); the triton kernel builds
+    the same keys, so argsort of these keys is what it computes.
+    """
+    idx = torch.arange(L, dtype=torch.int64, device=device)
+    sample = torch.arange(N, dtype=torch.int64, device=device) + sample_offset
+    c0 = idx.expand(N, L)
+    c1 = (sample & _MASK32)[:, None].expand(N, L)
+    c2 = (sample >> 32)[:, None].expand(N, L)
+    r0, r1, _, _ = philox4x32(seed, c0, c1, c2, torch.zeros_like(c0))
+    bits = key_index_bits(L)
+    rnd = (r0 << 31) | (r1 >> 1)
+    return ((rnd >> bits) << bits) | idx
+
+
+def _masking_from_order(keys: torch.Tensor, K: int) -> MaskInfo:
+    # stable sort: ties (possible with low-precision noise) resolve by index, the same on every backend
+    ids_shuffle = torch.argsort(keys, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
+    ids_keep = ids_shuffle[:, :K].contiguous()
+    return MaskInfo(ids_keep, ids_restore, mask_from_keep(ids_keep, keys.shape[1]))
+
+
 def random_masking_ref(
     N: int,
     L: int,
@@ -61,7 +211,9 @@ def random_masking_ref(
     *,
     noise: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
-    device: Union[torch.device, str, None] = None,
+    device: Device = None,
+    seed: Optional[int] = None,
+    sample_offset: int = 0,
 ) -> MaskInfo:
     """Reference: ids_shuffle = argsort(noise) ascending, the first K are kept.
 
@@ -71,19 +223,112 @@ def random_masking_ref(
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :K]
         mask = torch.ones(N, L); mask[:, :K] = 0; mask = torch.gather(mask, 1, ids_restore)
+
+    With ``seed`` the noise is replaced by :func:`random_keys_ref` (the keys the triton kernel sorts).
     """
     K = num_kept(L, mask_ratio)
-    if noise is None:
+    if noise is None and seed is not None:
+        noise = random_keys_ref(N, L, seed, sample_offset, device)
+    elif noise is None:
         noise = torch.rand(N, L, generator=generator, device=device)
-    # stable sort: ties (possible with low-precision noise) resolve by index, the same on every backend
-    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
-    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
-    ids_keep = ids_shuffle[:, :K].contiguous()
-    return MaskInfo(ids_keep, ids_restore, mask_from_keep(ids_keep, L))
+    return _masking_from_order(noise, K)
 
 
 _op = get_op("random_masking")
 _op.register("torch")(random_masking_ref)
+
+TRITON_NOISE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation of the triton launchers (one place, so tests can poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def triton_masking_reasons(L: int, noise: Optional[torch.Tensor], device: Device) -> list[str]:
+    """Why the random-masking kernel cannot run a call (shared by every generator built on it)."""
+    reasons: list[str] = []
+    if L > TRITON_MAX_L:
+        reasons.append(f"the triton kernel sorts a row in one program: L <= {TRITON_MAX_L}, got {L}")
+    if noise is not None and noise.dtype not in TRITON_NOISE_DTYPES:
+        reasons.append(f"the triton kernel sorts 32-bit float keys: noise must be float32/float16/bfloat16, "
+                       f"got {noise.dtype}")
+    if noise is None and device is None:
+        # no tensor and no device in the call: the generic device check saw nothing, so check the default device
+        reasons += _backend.triton_reasons([torch.get_default_device()])
+    return reasons
+
+
+def _triton_reasons(N: int, L: int, mask_ratio: float, *, noise: Optional[torch.Tensor] = None,
+                    device: Device = None, **_: object) -> list[str]:
+    return triton_masking_reasons(L, noise, device)
+
+
+@torch.library.custom_op("mimfast::random_masking", mutates_args=())
+def _random_masking_kernel_op(
+    noise: Optional[torch.Tensor], N: int, L: int, K: int, seed: int, sample_offset: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mimfast.kernels.random_masking import launch_random_masking
+
+    ids_keep = _empty((N, K), torch.int64, device)
+    ids_restore = _empty((N, L), torch.int64, device)
+    mask = _empty((N, L), torch.float32, device)
+    launch_random_masking(ids_keep, ids_restore, mask, noise=noise, seed=seed, sample_offset=sample_offset, K=K,
+                          index_bits=key_index_bits(L))
+    return ids_keep, ids_restore, mask
+
+
+@_random_masking_kernel_op.register_fake
+def _(noise: Optional[torch.Tensor], N: int, L: int, K: int, seed: int, sample_offset: int, device: torch.device):
+    return (
+        torch.empty(N, K, dtype=torch.int64, device=device),
+        torch.empty(N, L, dtype=torch.int64, device=device),
+        torch.empty(N, L, dtype=torch.float32, device=device),
+    )
+
+
+def resolve_device(noise: Optional[torch.Tensor], device: Device) -> torch.device:
+    if noise is not None:
+        return noise.device
+    return torch.device(device) if device is not None else torch.get_default_device()
+
+
+def random_masking_kept_triton(
+    N: int,
+    L: int,
+    K: int,
+    *,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    device: Device = None,
+    seed: Optional[int] = None,
+    sample_offset: int = 0,
+) -> MaskInfo:
+    """Triton launcher with the kept count K given directly (generators with their own count rule use it)."""
+    dev = resolve_device(noise, device)
+    if noise is None and seed is None:
+        seed = draw_seed(generator)
+    ids_keep, ids_restore, mask = _random_masking_kernel_op(noise, N, L, K, seed or 0, sample_offset, dev)
+    return MaskInfo(ids_keep, ids_restore, mask)
+
+
+def random_masking_triton(
+    N: int,
+    L: int,
+    mask_ratio: float,
+    *,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    device: Device = None,
+    seed: Optional[int] = None,
+    sample_offset: int = 0,
+) -> MaskInfo:
+    """One launch: per sample, build keys (from noise or in-kernel Philox), sort them, write the three outputs."""
+    return random_masking_kept_triton(N, L, num_kept(L, mask_ratio), noise=noise, generator=generator,
+                                      device=device, seed=seed, sample_offset=sample_offset)
+
+
+_op.register("triton", reasons=_triton_reasons)(random_masking_triton)
 
 
 def random_masking(
@@ -93,19 +338,39 @@ def random_masking(
     *,
     noise: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
-    device: Union[torch.device, str, None] = None,
+    device: Device = None,
+    seed: Optional[int] = None,
+    sample_offset: int = 0,
     backend: Optional[str] = None,
 ) -> MaskInfo:
     """Per-sample uniform random masking for N samples of L patches.
 
-    Returns :class:`MaskInfo` (ids_keep [N,K], ids_restore [N,L], mask [N,L] with 1 = removed). With ``noise``
-    [N,L] the result is exactly the argsort semantics of the MAE reference; without it the randomness is drawn
-    on ``device`` from ``generator``.
+    Returns :class:`MaskInfo`: ids_keep [N, K] int64 (kept patches in shuffled order), ids_restore [N, L] int64,
+    mask [N, L] float32 with 1 = removed, K = int(L * (1 - mask_ratio)).
+
+    - ``noise`` [N, L]: exactly the argsort semantics of the MAE reference (ties broken by patch index); the
+      triton backend takes float32/float16/bfloat16 noise.
+    - ``seed`` (int in [0, 2**63)) and ``sample_offset``: sample n's mask is a function of (seed, sample_offset
+      + n) only, identical on every backend; fold an epoch or rank into the seed with :func:`fold_seed`.
+    - otherwise randomness comes from ``generator`` (torch's default generator when None): see the module
+      docstring. The triton backend never syncs the device; under ``torch.compile`` pass ``seed`` or ``noise``,
+      since drawing a seed from a generator is host code.
+
+    Equivalent PyTorch::
+
+        noise = torch.rand(N, L, device=device) if noise is None else noise
+        ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :K]
+        mask = torch.ones(N, L).scatter_(1, ids_keep, 0.0)
     """
-    if N < 0 or L <= 0:
-        raise ValueError(f"need N >= 0 and L > 0, got N={N}, L={L}")
+    check_sizes(N, L)
     check_mask_ratio(mask_ratio)
     _check_noise(noise, N, L)
+    check_seed(seed, sample_offset, N)
+    if noise is not None and seed is not None:
+        raise ValueError("pass either noise or seed, not both")
     if noise is not None and device is not None and noise.device.type != torch.device(device).type:
         raise ValueError(f"noise is on {noise.device} but device={device}")
-    return _op(N, L, mask_ratio, noise=noise, generator=generator, device=device, backend=backend)
+    return _op(N, L, mask_ratio, noise=noise, generator=generator, device=device, seed=seed,
+               sample_offset=sample_offset, backend=backend)
