@@ -4,3 +4,15 @@ from mimfast.ops.patchify import patchify, unpatchify
 from mimfast.ops.random_masking import MaskInfo, random_masking, random_masking_ref
 
 __all__ = ["MaskInfo", "patchify", "random_masking", "random_masking_ref", "unpatchify"]
+
+from mimfast.ops.masked_pixel_loss import masked_pixel_loss, masked_pixel_loss_ref  # noqa: E402
+from mimfast.ops.simmim_pixel_loss import simmim_pixel_loss, simmim_pixel_loss_ref  # noqa: E402
+from mimfast.ops.videomae_pixel_loss import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    videomae_pixel_loss,
+    videomae_pixel_loss_ref,
+)
+
+__all__ += ["IMAGENET_MEAN", "IMAGENET_STD", "masked_pixel_loss", "masked_pixel_loss_ref", "simmim_pixel_loss",
+            "simmim_pixel_loss_ref", "videomae_pixel_loss", "videomae_pixel_loss_ref"]
