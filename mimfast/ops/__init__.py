@@ -16,3 +16,10 @@ from mimfast.ops.videomae_pixel_loss import (  # noqa: E402
 
 __all__ += ["IMAGENET_MEAN", "IMAGENET_STD", "masked_pixel_loss", "masked_pixel_loss_ref", "simmim_pixel_loss",
             "simmim_pixel_loss_ref", "videomae_pixel_loss", "videomae_pixel_loss_ref"]
+
+from mimfast.ops.embed_visible import embed_visible, embed_visible_ref  # noqa: E402
+from mimfast.ops.gather_patches import gather_patches, gather_patches_ref  # noqa: E402
+from mimfast.ops.restore_tokens import restore_tokens, restore_tokens_ref  # noqa: E402
+
+__all__ += ["embed_visible", "embed_visible_ref", "gather_patches", "gather_patches_ref", "restore_tokens",
+            "restore_tokens_ref"]
