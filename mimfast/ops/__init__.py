@@ -23,3 +23,18 @@ from mimfast.ops.restore_tokens import restore_tokens, restore_tokens_ref  # noq
 
 __all__ += ["embed_visible", "embed_visible_ref", "gather_patches", "gather_patches_ref", "restore_tokens",
             "restore_tokens_ref"]
+
+from mimfast.ops.masking import (  # noqa: E402
+    RaggedMaskInfo,
+    block_masking,
+    importance_masking,
+    mask_info_from_mask,
+    ragged_random_masking,
+    ratio_schedule,
+    simmim_masking,
+    tube_masking,
+)
+from mimfast.ops.random_masking import draw_seed, fold_seed  # noqa: E402
+
+__all__ += ["RaggedMaskInfo", "block_masking", "draw_seed", "fold_seed", "importance_masking", "mask_info_from_mask",
+            "ragged_random_masking", "ratio_schedule", "simmim_masking", "tube_masking"]
