@@ -1,0 +1,182 @@
+import pytest
+import torch
+
+from mimfast.backend import BackendUnavailableError
+from mimfast.ops import gather_patches, gather_patches_ref, random_masking
+from mimfast.ops.patchify import grid_size, patchify
+
+pytestmark = pytest.mark.usefixtures("interpret")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every floating tensor the op allocates with torch.empty starts as NaN: an unwritten element shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def num_patches(shape, p, t=None):
+    L = 1
+    for g in grid_size(shape, p, t):
+        L *= g
+    return L
+
+
+def kept(shape, p, ratio, t=None):
+    return random_masking(shape[0], num_patches(shape, p, t), ratio).ids_keep
+
+
+# (shape, patch, tubelet, mask ratio): real 196/256-patch grids, odd sizes, video cubes, K = 0 and K = L
+CASES = {
+    "vit_224px_p16_L196": ((2, 3, 224, 224), 16, None, 0.75),
+    "64px_p4_L256_batch1": ((1, 3, 64, 64), 4, None, 0.75),
+    "odd_p3_C5": ((3, 5, 9, 12), 3, None, 0.5),
+    "p14_C1": ((2, 1, 28, 42), 14, None, 0.5),
+    "video_t2_p8": ((2, 3, 4, 32, 32), 8, 2, 0.9),
+    "video_t3_p4_C2": ((1, 2, 6, 8, 12), 4, 3, 0.5),
+    "keep_none": ((2, 3, 16, 16), 4, None, 0.99),
+    "keep_all": ((2, 3, 16, 16), 4, None, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_reference_exactly(case, poison):
+    shape, p, t, ratio = case
+    imgs = torch.randn(shape)
+    ids_keep = kept(shape, p, ratio, t)
+    out = gather_patches(imgs, ids_keep, p, t, backend="triton")
+    ref = gather_patches_ref(imgs, ids_keep, p, t)
+    assert out.shape == ref.shape == (shape[0], ids_keep.shape[1], ref.shape[-1])
+    assert torch.equal(out, ref)  # a copy: bit-equal, and no NaN left from the poisoned buffer
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_copy(dtype):
+    imgs = torch.randn(2, 3, 32, 32).to(dtype)
+    ids_keep = kept(imgs.shape, 8, 0.5)
+    out = gather_patches(imgs, ids_keep, 8, backend="triton")
+    assert out.dtype == dtype and torch.equal(out, gather_patches_ref(imgs, ids_keep, 8))
+
+
+def test_patch_order_is_row_col_channel():
+    imgs = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    ids_keep = torch.tensor([[3], [0]])
+    out = gather_patches(imgs, ids_keep, 4, backend="triton")
+    # sample 0, patch 3 = grid (1, 1): pixel (4, 4) first, channels fastest
+    assert out[0, 0, :3].tolist() == [imgs[0, c, 4, 4].item() for c in range(3)]
+    assert out[0, 0, 3:6].tolist() == [imgs[0, c, 4, 5].item() for c in range(3)]
+    assert out[1, 0, 12:15].tolist() == [imgs[1, c, 1, 0].item() for c in range(3)]
+
+
+def noncontiguous():
+    base = torch.randn(2, 3, 40, 36)
+    video = torch.randn(2, 3, 4, 16, 16)
+    return {
+        "channels_last": (base[:, :, :32, :32].contiguous(memory_format=torch.channels_last), 8, None),
+        "sliced": (base[:, :, 3:35, 2:34], 8, None),
+        "channel_subset": (torch.randn(2, 5, 16, 16)[:, 1:4], 4, None),
+        "video_channels_last_3d": (video.contiguous(memory_format=torch.channels_last_3d), 4, 2),
+        "video_frame_stride": (torch.randn(2, 3, 8, 16, 16)[:, :, ::2], 8, 2),
+    }
+
+
+@pytest.mark.parametrize("name", noncontiguous().keys())
+def test_noncontiguous_images(name):
+    imgs, p, t = noncontiguous()[name]
+    assert not imgs.is_contiguous()
+    ids_keep = kept(imgs.shape, p, 0.5, t)
+    assert torch.equal(gather_patches(imgs, ids_keep, p, t, backend="triton"), gather_patches_ref(imgs, ids_keep, p, t))
+
+
+@pytest.mark.parametrize("case", ["vit_224px_p16_L196", "odd_p3_C5", "video_t2_p8", "keep_none"])
+def test_backward_scatters_into_zero_image(case):
+    shape, p, t, ratio = CASES[case]
+    imgs = torch.randn(shape, requires_grad=True)
+    ids_keep = kept(shape, p, ratio, t)
+    out = gather_patches(imgs, ids_keep, p, t, backend="triton")
+    grad = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, imgs, grad)
+    (g_ref,) = torch.autograd.grad(gather_patches_ref(imgs, ids_keep, p, t), imgs, grad)
+    assert torch.equal(g, g_ref)
+    # pixels of removed patches get exactly zero
+    removed = torch.ones(shape[0], num_patches(shape, p, t), dtype=torch.bool)
+    removed.scatter_(1, ids_keep, False)
+    assert (patchify(g, p, t)[removed] == 0).all()
+
+
+def test_deterministic_forward_and_backward():
+    imgs = torch.randn(2, 3, 4, 16, 16, requires_grad=True)
+    ids_keep = kept(imgs.shape, 4, 0.75, 2)
+    runs = []
+    for _ in range(2):
+        out = gather_patches(imgs, ids_keep, 4, 2, backend="triton")
+        (g,) = torch.autograd.grad(out, imgs, torch.ones_like(out))
+        runs.append((out, g))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_opcheck():
+    imgs = torch.randn(2, 3, 8, 12, requires_grad=True)
+    ids_keep = kept(imgs.shape, 4, 0.5)
+    torch.library.opcheck(torch.ops.mimfast.gather_patches.default, (imgs, ids_keep, 4, 1))
+
+
+def test_compiles_without_graph_break():
+    imgs = torch.randn(2, 3, 8, 8)
+    ids_keep = kept(imgs.shape, 4, 0.5)
+    fn = torch.compile(lambda x, i: gather_patches(x, i, 4, backend="triton") * 2, backend="aot_eager", fullgraph=True)
+    assert torch.equal(fn(imgs, ids_keep), 2 * gather_patches_ref(imgs, ids_keep, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_inputs_raise_clear_errors(backend):
+    imgs = torch.randn(2, 3, 16, 16)
+    ids = kept(imgs.shape, 4, 0.5)
+    with pytest.raises(TypeError, match="int64"):
+        gather_patches(imgs, ids.int(), 4, backend=backend)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        gather_patches(imgs, ids + 16, 4, backend=backend)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        gather_patches(imgs, ids - 16, 4, backend=backend)
+    with pytest.raises(ValueError, match="N = 2"):
+        gather_patches(imgs, ids[:1], 4, backend=backend)
+    with pytest.raises(ValueError, match="keeps 17 patches of 16"):
+        gather_patches(imgs, torch.zeros(2, 17, dtype=torch.int64), 4, backend=backend)
+    with pytest.raises(ValueError, match="meta"):
+        gather_patches(imgs, ids.to("meta"), 4, backend=backend)
+    with pytest.raises(ValueError, match="not divisible"):
+        gather_patches(imgs, ids, 5, backend=backend)
+    with pytest.raises(ValueError, match=r"\[N, C, T, H, W\]"):
+        gather_patches(imgs, ids, 4, 2, backend=backend)
+    with pytest.raises(TypeError, match="floating"):
+        gather_patches(imgs.long(), ids, 4, backend=backend)
+
+
+def test_triton_refuses_float64_with_reason():
+    imgs = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        gather_patches(imgs, kept(imgs.shape, 4, 0.5), 4, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,p,t", [((64, 3, 224, 224), 16, None), ((8, 3, 16, 224, 224), 16, 2),
+                                       ((16, 3, 224, 224), 14, None)], ids=["vitb", "videomae", "vith_p14"])
+def test_gpu_real_shapes(shape, p, t, dtype):
+    imgs = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
+    ids_keep = random_masking(shape[0], num_patches(shape, p, t), 0.75, device="cuda").ids_keep
+    out = gather_patches(imgs, ids_keep, p, t, backend="triton")
+    ref = gather_patches_ref(imgs, ids_keep, p, t)
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, imgs, grad)[0], torch.autograd.grad(ref, imgs, grad)[0])
