@@ -22,8 +22,11 @@ from mimfast.models.vit import (
 )
 from mimfast.nn.block import Block
 from mimfast.nn.patch_embed import PatchEmbed
+from mimfast.ops.embed_visible import embed_visible
+from mimfast.ops.masked_pixel_loss import masked_pixel_loss
 from mimfast.ops.patchify import patchify, unpatchify
-from mimfast.ops.random_masking import check_mask_ratio, random_masking_ref
+from mimfast.ops.random_masking import check_mask_ratio, random_masking, random_masking_ref
+from mimfast.ops.restore_tokens import restore_tokens
 
 __all__ = [
     "MaskedAutoencoderViT",
@@ -137,9 +140,6 @@ class MaskedAutoencoderViT(MIMModel):
         N, L = imgs.shape[0], self.num_patches
         check_noise(noise, N, L, imgs.device)
         if self.fused:
-            from mimfast.ops.embed_visible import embed_visible
-            from mimfast.ops.random_masking import random_masking
-
             info = random_masking(N, L, mask_ratio, noise=noise, device=imgs.device)
             proj = self.patch_embed.proj
             x = embed_visible(imgs, info.ids_keep, proj.weight, proj.bias, self.pos_embed, self.patch_size)
@@ -157,8 +157,6 @@ class MaskedAutoencoderViT(MIMModel):
         """latent [N, 1+K, D], ids_restore [N, L] -> pred [N, L, P] for every patch (cls row dropped)."""
         x = self.decoder_embed(x)
         if self.fused:
-            from mimfast.ops.restore_tokens import restore_tokens
-
             x = restore_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed, has_cls=True)
         else:
             N, visible_plus_cls, width = x.shape
@@ -175,8 +173,6 @@ class MaskedAutoencoderViT(MIMModel):
         """Mean over masked patches of the per-patch mean squared error against the (optionally per-patch
         normalised) pixels: imgs [N, C, H, W], pred [N, L, P], mask [N, L] -> scalar."""
         if self.fused:
-            from mimfast.ops.masked_pixel_loss import masked_pixel_loss
-
             return masked_pixel_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss)
         target = self.patchify(imgs)
         if self.norm_pix_loss:

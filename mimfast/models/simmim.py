@@ -12,6 +12,7 @@ from torch import nn
 from mimfast.models.vit import MIMModel, MIMOutput, check_model_input, init_linear_layernorm_
 from mimfast.nn.block import Block
 from mimfast.nn.patch_embed import PatchEmbed
+from mimfast.ops.simmim_pixel_loss import simmim_pixel_loss
 
 __all__ = ["SimMIMEncoder", "SimMIMViT", "simmim_vit_base_patch16", "simmim_vit_small_patch16",
            "simmim_vit_tiny_patch16"]
@@ -140,8 +141,6 @@ class SimMIMViT(MIMModel):
         mask = self._check_mask(mask, imgs.shape[0])
         pred = self.decoder(self.encoder(imgs, mask))
         if self.fused:
-            from mimfast.ops.simmim_pixel_loss import simmim_pixel_loss
-
             loss = simmim_pixel_loss(pred, imgs, mask, self.patch_size)
         else:
             h, w = self.grid_size

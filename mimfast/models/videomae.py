@@ -17,16 +17,14 @@ from torch import nn
 from mimfast.models.vit import MIMModel, MIMOutput, check_model_input, init_linear_layernorm_, sinusoid_table
 from mimfast.nn.block import Block
 from mimfast.nn.patch_embed import TubeletEmbed
+from mimfast.ops.embed_visible import embed_visible
 from mimfast.ops.patchify import patchify
 from mimfast.ops.random_masking import MaskInfo
+from mimfast.ops.restore_tokens import restore_tokens
+from mimfast.ops.videomae_pixel_loss import IMAGENET_MEAN, IMAGENET_STD, videomae_pixel_loss
 
 __all__ = ["VideoMAE", "VideoMAEDecoder", "VideoMAEEncoder", "mask_indices", "videomae_vit_base_patch16",
            "videomae_vit_large_patch16", "videomae_vit_small_patch16"]
-
-# ImageNet statistics the clips were normalised with; the loss undoes that normalisation
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
-
 
 class VideoMAEEncoder(nn.Module):
     """Cube embedding (``patch_embed``, Conv3d with bias), the fixed sinusoid table ``pos_embed`` [1, L, D]
@@ -192,13 +190,12 @@ class VideoMAE(MIMModel):
     def forward_loss(self, videos: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE between pred [N, L_masked, P] and the (per-cube normalised) pixels of the masked cubes."""
         if self.fused:
-            from mimfast.ops.videomae_pixel_loss import videomae_pixel_loss
-
             return videomae_pixel_loss(pred, videos, mask, self.patch_size, self.tubelet_size,
-                                       norm_target=self.norm_target, mean=_MEAN, std=_STD)
+                                       norm_target=self.norm_target)
+        # the clips arrive normalised with the ImageNet statistics; the target is built from raw pixels
         shape = (1, -1, 1, 1, 1)
-        mean = torch.tensor(_MEAN, dtype=videos.dtype, device=videos.device).view(shape)
-        std = torch.tensor(_STD, dtype=videos.dtype, device=videos.device).view(shape)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=videos.dtype, device=videos.device).view(shape)
+        std = torch.tensor(IMAGENET_STD, dtype=videos.dtype, device=videos.device).view(shape)
         cubes = patchify(videos * std + mean, self.patch_size, self.tubelet_size)  # [N, L, P], channel fastest
         N, L, P = cubes.shape
         if self.norm_target:
@@ -215,9 +212,6 @@ class VideoMAE(MIMModel):
         N = videos.shape[0]
         mask, K = self._visible_count(mask, N)
         if self.fused:
-            from mimfast.ops.embed_visible import embed_visible
-            from mimfast.ops.restore_tokens import restore_tokens
-
             ids_keep, ids_masked, ids_restore = mask_indices(mask, K)
             proj = self.encoder.patch_embed.proj
             x = embed_visible(videos, ids_keep, proj.weight, proj.bias, self.encoder.pos_embed, self.patch_size,

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimfast.ops.visible_attention import visible_attention
+
 __all__ = ["Attention", "attention_ref"]
 
 
@@ -103,8 +105,6 @@ class Attention(nn.Module):
         qkv = self.qkv_projection(x).view(*lead, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(-3)  # each [N, S, H, d] or [T, H, d], views into qkv
         if self.fused:
-            from mimfast.ops.visible_attention import visible_attention
-
             if packed:
                 out = visible_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             else:
