@@ -1,0 +1,273 @@
+import pytest
+import torch
+
+from mimfast.backend import BackendUnavailableError
+from mimfast.ops import masked_pixel_loss, masked_pixel_loss_ref, random_masking
+from mimfast.ops.masked_pixel_loss import NORM_NONE, NORM_PATCH, pixel_loss_op
+
+pytestmark = pytest.mark.usefixtures("interpret")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def assert_by_error_ratio(out, same_dtype, ref64, rel_atol=1e-6):
+    """max|out - ref64| <= 2 * max|torch in the same dtype - ref64| + atol (STYLE.md)."""
+    out, same_dtype = out.double(), same_dtype.double()
+    atol = rel_atol * max(1.0, ref64.abs().max().item())
+    err, base = (out - ref64).abs().max().item(), (same_dtype - ref64).abs().max().item()
+    assert err <= 2 * base + atol, f"error {err:.3e} > 2 * {base:.3e} + {atol:.1e}"
+
+
+def grad_output_for(dtype):
+    """A random grad_output; for half precision a power of two (1 in plain training, a GradScaler scale under
+    fp16), since the gradient is rounded to pred's dtype in the forward and any other factor rounds it again."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.tensor(2.0 ** torch.randint(-3, 4, ()).item())
+    return torch.rand(()) + 0.5
+
+
+def run_case(pred, imgs, mask, p, rel_atol=1e-6, **kw):
+    """Kernel vs float64 reference vs torch in pred's dtype: loss and gradient for pred, same grad_output."""
+    grad_out = grad_output_for(pred.dtype)
+    x = pred.detach().clone().requires_grad_()
+    loss = masked_pixel_loss(x, imgs, mask, p, backend="triton", **kw)
+    loss.backward(grad_out)
+    x32 = pred.detach().clone().requires_grad_()
+    loss32 = masked_pixel_loss_ref(x32, imgs, mask, p, **kw)
+    loss32.backward(grad_out)
+    x64 = pred.detach().double().requires_grad_()
+    m64 = None if mask is None or mask.dtype == torch.bool else mask.double()
+    loss64 = masked_pixel_loss_ref(x64, imgs.double(), mask if m64 is None else m64, p, **kw)
+    loss64.backward(grad_out.double())
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert x.grad.shape == pred.shape and x.grad.dtype == pred.dtype
+    assert_by_error_ratio(loss, loss32, loss64, rel_atol)
+    assert_by_error_ratio(x.grad, x32.grad, x64.grad, rel_atol)
+    return loss, x.grad, loss64, x64.grad
+
+
+def mae_inputs(N, C, H, W, p, ratio=0.75, dtype=torch.float32):
+    imgs = torch.randn(N, C, H, W)
+    L, P = (H // p) * (W // p), p * p * C
+    info = random_masking(N, L, ratio)
+    return torch.randn(N, L, P).to(dtype), imgs, info
+
+
+SHAPES = {
+    "tiny_16px_p4": (2, 3, 16, 16, 4),
+    "P768_p16": (1, 3, 32, 32, 16),
+    "P588_p14": (2, 3, 28, 14, 14),
+    "prime_L5_C1": (3, 1, 20, 4, 4),
+    "C5_L6": (2, 5, 8, 12, 4),
+}
+
+
+@pytest.mark.parametrize("kind", ["mse", "l1"])
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_full_pred_matches_float64(shape, norm_pix, kind):
+    pred, imgs, info = mae_inputs(*SHAPES[shape])
+    run_case(pred, imgs, info.mask, SHAPES[shape][-1], norm_pix=norm_pix, kind=kind)
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
+@pytest.mark.parametrize("kind", ["mse", "l1"])
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
+def test_masked_rows_only(norm_pix, kind, with_mask):
+    N, C, H, W, p = 3, 3, 16, 20, 4
+    _, imgs, info = mae_inputs(N, C, H, W, p)
+    L, K = info.mask.shape[1], info.ids_keep.shape[1]
+    ids_masked = torch.argsort(info.ids_restore, dim=1)[:, K:]  # the removed patches, in shuffle order
+    pred = torch.randn(N, L - K, p * p * C)
+    loss, grad, *_ = run_case(pred, imgs, info.mask if with_mask else None, p, ids_masked=ids_masked,
+                              norm_pix=norm_pix, kind=kind)
+    # equal to the full-pred loss with the same rows scattered back and anything on the visible rows
+    full = torch.randn(N, L, p * p * C)
+    full.scatter_(1, ids_masked[..., None].expand(-1, -1, p * p * C), pred)
+    full.requires_grad_()
+    loss_full = masked_pixel_loss(full, imgs, info.mask, p, norm_pix=norm_pix, kind=kind, backend="triton")
+    torch.testing.assert_close(loss_full, loss.detach(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("img_dtype", [torch.float32, "same"], ids=["imgs_fp32", "imgs_same"])
+def test_half_precision(dtype, img_dtype):
+    pred, imgs, info = mae_inputs(2, 3, 16, 24, 4, dtype=dtype)
+    imgs = imgs.to(dtype if img_dtype == "same" else img_dtype)
+    for norm_pix in (False, True):
+        run_case(pred, imgs, info.mask, 4, norm_pix=norm_pix)
+
+
+def test_video_cubes_with_tubelet():
+    N, C, T, H, W, p, pt = 2, 3, 4, 8, 8, 4, 2
+    videos = torch.randn(N, C, T, H, W)
+    L = (T // pt) * (H // p) * (W // p)
+    info = random_masking(N, L, 0.5)
+    pred = torch.randn(N, L, pt * p * p * C)
+    run_case(pred, videos, info.mask, p, tubelet_size=pt, norm_pix=True)
+
+
+@pytest.mark.parametrize("case", ["all_masked", "one_masked", "fractional_weights", "bool_mask"])
+def test_mask_edge_cases(case):
+    pred, imgs, info = mae_inputs(2, 3, 12, 16, 4)
+    mask = {
+        "all_masked": torch.ones_like(info.mask),
+        "one_masked": torch.zeros_like(info.mask).index_put_((torch.tensor([1]), torch.tensor([5])),
+                                                             torch.tensor(1.0)),
+        "fractional_weights": torch.rand_like(info.mask),
+        "bool_mask": info.mask.bool(),
+    }[case]
+    _, grad, *_ = run_case(pred, imgs, mask, 4, norm_pix=True)
+    unmasked = (mask == 0)
+    assert (grad[unmasked] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:var\\(\\)")
+@pytest.mark.parametrize("ids", [False, True], ids=["full", "ids_masked_empty"])
+def test_no_masked_patch_gives_zero_not_nan(ids):
+    pred, imgs, info = mae_inputs(2, 3, 8, 8, 4)
+    mask = torch.zeros_like(info.mask)
+    kw = {}
+    if ids:
+        pred, kw = pred[:, :0], {"ids_masked": torch.zeros(2, 0, dtype=torch.long)}
+    for backend in ("torch", "triton"):
+        x = pred.clone().requires_grad_()
+        loss = masked_pixel_loss(x, imgs, mask, 4, norm_pix=True, backend=backend, **kw)
+        loss.backward()
+        assert loss.item() == 0.0 and (x.grad == 0).all(), backend
+
+
+def test_constant_patches_and_huge_values():
+    pred, imgs, info = mae_inputs(2, 3, 16, 16, 4)
+    imgs[:, :, :8, :8] = 0.25  # four patches per sample with zero variance
+    imgs[:, :, 8:, 8:] *= 1e4
+    pred[:, ::3] *= 1e4
+    for kind in ("mse", "l1"):
+        run_case(pred, imgs, torch.ones_like(info.mask), 4, norm_pix=True, kind=kind)
+        run_case(pred, imgs, info.mask, 4, norm_pix=False, kind=kind)
+
+
+def test_non_contiguous_inputs():
+    N, C, H, W, p = 2, 3, 12, 16, 4
+    L, P = (H // p) * (W // p), p * p * C
+    pred = torch.randn(N, P, L).transpose(1, 2)  # element stride L
+    imgs = torch.randn(N, C, H, W).to(memory_format=torch.channels_last)
+    mask = torch.rand(N, 2 * L).round()[:, ::2]
+    assert not pred.is_contiguous() and not imgs.is_contiguous() and not mask.is_contiguous()
+    run_case(pred, imgs, mask, p, norm_pix=True)
+    ids = torch.argsort(torch.rand(N, L), dim=1)[:, : L // 2]
+    run_case(pred[:, : L // 2], imgs, mask, p, ids_masked=ids, kind="l1")
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["separate_grad", "grad_in_pred"])
+def test_poisoned_buffers_fully_overwritten(in_place):
+    from mimfast.kernels.pixel_loss import launch_pixel_loss
+
+    pred, imgs, info = mae_inputs(2, 3, 12, 20, 4)
+    N, L, P = pred.shape
+    inv_denom = (1.0 / (P * info.mask.sum())).reshape(1)
+    partials = torch.full((N * L,), float("nan"))
+    buf = pred.clone()
+    grad = buf if in_place else torch.full_like(pred, float("nan"))
+    launch_pixel_loss(buf, imgs, None, info.mask, inv_denom, partials, grad, 4, 1, NORM_PATCH, False, 1e-6)
+    assert torch.isfinite(partials).all() and torch.isfinite(grad).all()
+    x = pred.clone().requires_grad_()
+    loss = masked_pixel_loss(x, imgs, info.mask, 4, norm_pix=True, backend="triton")
+    loss.backward()
+    assert torch.equal(grad, x.grad)
+    assert torch.equal((partials.sum() * inv_denom[0]), loss.detach())
+
+
+def test_run_to_run_bit_equality():
+    pred, imgs, info = mae_inputs(3, 3, 16, 16, 4)
+    outs = []
+    for _ in range(2):
+        x = pred.clone().requires_grad_()
+        loss = masked_pixel_loss(x, imgs, info.mask, 4, norm_pix=True, backend="triton")
+        loss.backward()
+        outs.append((loss.detach(), x.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_no_grad_skips_gradient():
+    pred, imgs, info = mae_inputs(2, 3, 8, 8, 4)
+    with torch.no_grad():
+        loss = masked_pixel_loss(pred, imgs, info.mask, 4, backend="triton")
+    ref = masked_pixel_loss_ref(pred.double(), imgs.double(), info.mask.double(), 4)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
+    _, grad = pixel_loss_op(pred, imgs, info.mask, None, 4, 1, NORM_NONE, False, 1e-6, None, False)
+    assert grad.numel() == 0
+
+
+def test_reference_against_explicit_loops():
+    """The reference itself, against a formulation that indexes pixels one by one."""
+    N, C, H, W, p = 2, 2, 4, 6, 2
+    imgs = torch.randn(N, C, H, W, dtype=torch.float64)
+    L, P = (H // p) * (W // p), p * p * C
+    pred = torch.randn(N, L, P, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1]])
+    num, den = 0.0, 0.0
+    for n in range(N):
+        for l in range(L):
+            gh, gw = divmod(l, W // p)
+            t = [imgs[n, c, gh * p + r, gw * p + q].item() for r in range(p) for q in range(p) for c in range(C)]
+            t = torch.tensor(t, dtype=torch.float64)
+            t = (t - t.mean()) / (t.var(unbiased=True) + 1e-6).sqrt()
+            num += mask[n, l].item() * ((pred[n, l] - t) ** 2).mean().item()
+            den += mask[n, l].item()
+    ref = masked_pixel_loss_ref(pred, imgs, mask, p, norm_pix=True)
+    assert abs(ref.item() - num / den) < 1e-12
+
+
+def test_backend_refusals_and_input_errors():
+    pred, imgs, info = mae_inputs(1, 3, 8, 8, 4)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        masked_pixel_loss(pred.double(), imgs, info.mask, 4, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="constants"):
+        masked_pixel_loss(pred, imgs.clone().requires_grad_(), info.mask, 4, backend="triton")
+    with pytest.raises(ValueError, match="ids_masked"):
+        masked_pixel_loss(pred[:, :2], imgs, info.mask, 4)
+    with pytest.raises(ValueError, match="mask is required"):
+        masked_pixel_loss(pred, imgs, None, 4)
+    with pytest.raises(ValueError, match="kind"):
+        masked_pixel_loss(pred, imgs, info.mask, 4, kind="huber")
+    with pytest.raises(ValueError, match="does not match"):
+        masked_pixel_loss(pred[..., :-1], imgs, info.mask, 4)
+    with pytest.raises(TypeError, match="bool or floating"):
+        masked_pixel_loss(pred, imgs, info.mask.long(), 4)
+    # the imgs gradient exists on the reference path
+    x = imgs.clone().requires_grad_()
+    masked_pixel_loss(pred, x, info.mask, 4, norm_pix=True, backend="torch").backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_opcheck():
+    pred, imgs, info = mae_inputs(2, 3, 8, 8, 4)
+    ids = torch.argsort(info.ids_restore, dim=1)[:, 1:]
+    pred = pred.requires_grad_()
+    torch.library.opcheck(pixel_loss_op, (pred, imgs, info.mask, None, 4, 1, NORM_PATCH, False, 1e-6, None, True))
+    torch.library.opcheck(pixel_loss_op, (pred[:, :3], imgs, None, ids, 4, 1, NORM_NONE, True, 1e-6, None, True))
+
+
+@pytest.mark.slow
+def test_real_mae_shape_interpreter():
+    pred, imgs, info = mae_inputs(2, 3, 224, 224, 16)
+    run_case(pred, imgs, info.mask, 16, norm_pix=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
+@pytest.mark.parametrize("patch", [16, 14])
+def test_gpu_bf16_real_shapes(norm_pix, patch):
+    torch.manual_seed(1)
+    imgs = torch.randn(8, 3, 224, 224, device="cuda")
+    L = (224 // patch) ** 2
+    info = random_masking(8, L, 0.75, device="cuda")
+    pred = torch.randn(8, L, patch * patch * 3, device="cuda").bfloat16()
+    run_case(pred, imgs, info.mask, patch, norm_pix=norm_pix)
+    ids = torch.argsort(info.ids_restore, dim=1)[:, info.ids_keep.shape[1]:]
+    run_case(pred[:, : ids.shape[1]], imgs, info.mask, patch, ids_masked=ids, norm_pix=norm_pix)
