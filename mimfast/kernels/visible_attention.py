@@ -6,8 +6,10 @@ their outputs and gradients are written as zeros by one extra program column (b 
 every sequence S long. Both reach the kernels as (batch stride, token stride, head stride, dim stride), with a
 batch stride of 0 for packed input, so one kernel serves both.
 
-The log-sum-exp (natural log, fp32) and delta = rowsum(dO * O) live in [H, R] buffers whose row index is the
-flattened token index: cu_seqlens[b] + i packed, b * S + i dense.
+The log-sum-exp and delta = rowsum(dO * O) live in fp32 [H, R] buffers whose row index is the flattened token
+index: cu_seqlens[b] + i packed, b * S + i dense. The log-sum-exp is kept in base 2 of the log2(e)-scaled scores
+(lse2 = log2(sum(exp2(s * scale * log2(e))))), the units the kernels compute in, so the backward recomputes
+exactly the forward's probabilities (a one-key row gets p = 1 exactly, as in the reference).
 
 Forward: one program per (query block, sequence, head), online softmax with fp32 running max / sum / output.
 Backward: a preprocess kernel for delta, then one program per (block, sequence, head) that first accumulates
@@ -21,7 +23,6 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -51,7 +52,7 @@ def _zero_rows(ptr, row0, n_rows, step, h, stride_t, stride_h, stride_d,
 def _attn_fwd(
     q_ptr, k_ptr, v_ptr,  # [T, H, d] packed or [N, S, H, d] dense
     o_ptr,  # same layout as q: output
-    lse_ptr,  # [H, R] fp32: log-sum-exp of the scaled scores of every query row
+    lse_ptr,  # [H, R] fp32: base-2 log-sum-exp of every query row's log2(e)-scaled scores
     cu_ptr,  # [N + 1] int32 cumulative sequence lengths (packed only)
     n_seq, S, T,  # sequences; dense length; rows of the packed buffer
     stride_qb, stride_qt, stride_qh, stride_qd,
@@ -68,10 +69,14 @@ def _attn_fwd(
     h = tl.program_id(2)
     if PACKED:
         if b == n_seq:
-            # the extra column of a packed launch: zero the output rows past cu_seqlens[N], spread over pid_m
-            tail0 = tl.load(cu_ptr + n_seq)
-            _zero_rows(o_ptr, tail0 + pid_m * BLOCK_M, T, tl.num_programs(0) * BLOCK_M, h,
-                       stride_ot, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_M)
+            # the extra column of a packed launch: zero the output and lse rows past cu_seqlens[N], spread over
+            # pid_m, so every output element is defined
+            row0 = tl.load(cu_ptr + n_seq) + pid_m * BLOCK_M
+            step = tl.num_programs(0) * BLOCK_M
+            _zero_rows(o_ptr, row0, T, step, h, stride_ot, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_M)
+            for r in range(row0, T, step):
+                rows = r + tl.arange(0, BLOCK_M)
+                tl.store(lse_ptr + h.to(tl.int64) * stride_lh + rows, tl.zeros([BLOCK_M], tl.float32), mask=rows < T)
     if b < n_seq:
         tok0, seqlen, lse0 = _sequence(cu_ptr, b, S, PACKED)
         start_m = pid_m * BLOCK_M
@@ -113,8 +118,8 @@ def _attn_fwd(
             o_ptrs = (o_ptr + bb * stride_ob + rows_m[:, None] * stride_ot + h * stride_oh
                       + offs_d[None, :] * stride_od)
             tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-            lse = (m_i + tl.log2(l_i)) * LN2
-            tl.store(lse_ptr + h.to(tl.int64) * stride_lh + lse0 + offs_m, lse, mask=mask_m)
+            lse2 = m_i + tl.log2(l_i)
+            tl.store(lse_ptr + h.to(tl.int64) * stride_lh + lse0 + offs_m, lse2, mask=mask_m)
 
 
 @triton.jit
@@ -211,7 +216,7 @@ def _attn_bwd(
                 lse = tl.load(lse_ptr + stat_base + cols, mask=mask_m, other=0.0)
                 delta = tl.load(delta_ptr + stat_base + cols, mask=mask_m, other=0.0)
                 s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-                p_t = tl.exp2(s_t * qk_scale - lse[None, :] * LOG2E)
+                p_t = tl.exp2(s_t * qk_scale - lse[None, :])
                 p_t = tl.where(mask_m[None, :], p_t, 0.0)
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -237,7 +242,7 @@ def _attn_bwd(
                 k = tl.load(k_base + rows_n[:, None] * stride_kt, mask=in_mask, other=0.0)
                 v = tl.load(v_base + rows_n[:, None] * stride_vt, mask=in_mask, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-                p = tl.exp2(s * qk_scale - lse[:, None] * LOG2E)
+                p = tl.exp2(s * qk_scale - lse[:, None])
                 p = tl.where(mask_n[None, :], p, 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 ds = p * (dp - delta[:, None])

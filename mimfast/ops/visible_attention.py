@@ -40,12 +40,12 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, max_seqlen: Optional[int
     ]
     if max_seqlen is not None and lengths.numel():
         checks.append((lengths.max() <= max_seqlen, f"every sequence must be at most max_seqlen = {max_seqlen} long"))
-    if cu_seqlens.device.type == "cpu":
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         for ok, msg in checks:
             if not bool(ok):
                 raise ValueError(f"{msg}; got cu_seqlens = {cu_seqlens.tolist()}")
     else:
-        # checked on the device: a host read here would stall the stream on every attention call
+        # checked on the device (and inside compiled graphs): a host read would stall the stream on every call
         ok = torch.stack([c for c, _ in checks]).all()
         torch._assert_async(ok, "visible_attention: invalid cu_seqlens (" + "; ".join(m for _, m in checks) + ")")
 
@@ -183,8 +183,8 @@ def launch_forward(
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> None:
-    """Run the forward kernel: ``out`` (layout of q) and ``lse`` [H, R] fp32 are overwritten on every valid row;
-    packed rows past cu_seqlens[-1] get out = 0 and untouched lse."""
+    """Run the forward kernel: ``out`` (layout of q) and ``lse`` [H, R] fp32 (base-2 log-sum-exp of the scores
+    times scale * log2(e)) are overwritten everywhere; packed rows past cu_seqlens[-1] get out = 0 and lse = 0."""
     from mimfast.kernels.visible_attention import _attn_fwd, fwd_config
 
     packed = cu_seqlens is not None

@@ -1,0 +1,344 @@
+import math
+
+import pytest
+import torch
+
+from mimfast.backend import BackendUnavailableError
+from mimfast.ops.visible_attention import (
+    launch_backward,
+    launch_forward,
+    visible_attention,
+    visible_attention_ref,
+)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def cu_of(lengths: list[int], device: str = "cpu") -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32,
+                        device=device)
+
+
+def run(fn, inputs, grad_out, dtype=None):
+    """Output and input gradients of fn on fresh leaves (optionally cast to ``dtype``)."""
+    leaves = [t.detach().clone().to(dtype or t.dtype).requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def assert_error_ratio(got, same_dtype, ref64, names=("out", "dq", "dk", "dv")):
+    """max|kernel - ref64| <= 2 * max|torch in the same dtype - ref64| + atol (STYLE.md).
+
+    atol is the fp32 rounding floor of a d-long accumulation of O(1) terms, 4 * sqrt(d) * eps(fp32): the kernels
+    accumulate in fp32 whatever the storage dtype, and where the reference's error vanishes (a one-token
+    sequence has dq = 0 exactly in autograd's softmax backward, but dp - rowsum(dO * O) in the fused backward
+    cancels only to rounding) the ratio alone would demand exactness.
+    """
+    for name, a, b, r in zip(names, got, same_dtype, ref64):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        err = (a.double() - r).abs().max().item()
+        base = (b.double() - r).abs().max().item()
+        atol = 4 * math.sqrt(a.shape[-1]) * torch.finfo(torch.float32).eps
+        assert err <= 2 * base + atol, f"{name}: error {err:.3e} vs torch {base:.3e} (+{atol:.1e})"
+
+
+def check_packed(lengths, H, d, dtype, backend="triton", tail=0, max_seqlen="exact"):
+    cu = cu_of(lengths)
+    T = sum(lengths) + tail
+    q, k, v, g = (torch.randn(T, H, d) for _ in range(4))
+    ms = max(lengths, default=0) if max_seqlen == "exact" else max_seqlen
+
+    def ours(a, b, c):
+        return visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=ms, backend=backend)
+
+    def ref(a, b, c):
+        return visible_attention_ref(a, b, c, cu_seqlens=cu)
+
+    got = run(ours, (q, k, v), g, dtype)
+    assert_error_ratio(got, run(ref, (q, k, v), g, dtype), run(ref, (q, k, v), g, torch.float64))
+    return got
+
+
+PACKED_CASES = [
+    # (lengths, heads, head dim, dtype)
+    ([0, 1, 2, 15, 31, 49, 50], 2, 64, torch.float32),
+    ([197], 2, 64, torch.float32),
+    ([13, 197, 0, 7], 2, 32, torch.float16),
+    ([2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53], 1, 32, torch.float32),
+    ([1], 3, 64, torch.float32),
+    ([50, 50, 50, 50], 2, 80, torch.float32),
+    ([49, 50, 1, 0], 2, 80, torch.float16),
+    ([63, 64, 65, 129, 33], 1, 32, torch.float16),
+    ([33, 17], 1, 96, torch.float32),
+    ([40, 9], 1, 128, torch.float16),
+    ([5, 20], 2, 16, torch.float32),
+]
+
+
+@pytest.mark.parametrize("lengths,H,d,dtype", PACKED_CASES,
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, list) else
+                         ("len" + "-".join(map(str, v)) if len(v) <= 7 else f"{len(v)}primes"))
+def test_packed_matches_float64_reference(interpret, lengths, H, d, dtype):
+    check_packed(lengths, H, d, dtype)
+
+
+def test_max_seqlen_upper_bound_is_bit_equal_to_exact(interpret):
+    exact = check_packed([3, 29, 17], 2, 32, torch.float32)
+    torch.manual_seed(0)
+    bound = check_packed([3, 29, 17], 2, 32, torch.float32, max_seqlen=None)
+    for a, b in zip(exact, bound):
+        assert torch.equal(a, b)
+
+
+def test_nan_in_unused_tail_does_not_leak(interpret):
+    lengths, H, d, tail = [17, 0, 40], 2, 64, 11
+    cu = cu_of(lengths)
+    n = sum(lengths)
+    q, k, v, g = (torch.randn(n + tail, H, d) for _ in range(4))
+    for t in (q, k, v, g):
+        t[n:] = float("nan")
+    got = run(lambda a, b, c: visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=40, backend="triton"),
+              (q, k, v), g)
+    clean = [t[:n] for t in (q, k, v, g)]
+    ref = run(lambda a, b, c: visible_attention_ref(a, b, c, cu_seqlens=cu), clean[:3], clean[3], torch.float64)
+    same = run(lambda a, b, c: visible_attention_ref(a, b, c, cu_seqlens=cu), clean[:3], clean[3])
+    for t in got:
+        assert torch.isfinite(t).all()
+        assert torch.equal(t[n:], torch.zeros_like(t[n:])), "tail rows must be zero"
+    assert_error_ratio([t[:n] for t in got], same, ref)
+
+
+def test_every_output_element_is_written(interpret):
+    lengths, H, d, tail = [5, 0, 31, 1], 3, 80, 6
+    cu = cu_of(lengths)
+    T = sum(lengths) + tail
+    q, k, v, g = (torch.randn(T, H, d) for _ in range(4))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((H, T), float("nan"))
+    launch_forward(q, k, v, cu, 31, 1 / math.sqrt(d), out, lse)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(lse).all()
+    expected = visible_attention_ref(q.double(), k.double(), v.double(), cu_seqlens=cu)
+    assert (out.double() - expected).abs().max() < 1e-5
+    dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
+    launch_backward(g, q, k, v, out, lse, cu, 31, 1 / math.sqrt(d), dq, dk, dv)
+    for t in (dq, dk, dv):
+        assert torch.isfinite(t).all()
+        assert torch.equal(t[sum(lengths):], torch.zeros_like(t[sum(lengths):]))
+
+
+def test_forward_and_backward_are_deterministic(interpret):
+    cu = cu_of([37, 50, 12])
+    q, k, v, g = (torch.randn(99, 2, 64) for _ in range(4))
+
+    def once():
+        return run(lambda a, b, c: visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=50, backend="triton"),
+                   (q, k, v), g)
+
+    for a, b in zip(once(), once()):
+        assert torch.equal(a, b)
+
+
+def test_dense_equals_packed_and_reference(interpret):
+    N, S, H, d = 3, 37, 2, 32
+    qkv = torch.randn(N, S, 3, H, d)  # q, k, v as strided views of one projection, as a ViT block makes them
+    g = torch.randn(N, S, H, d)
+    q, k, v = qkv.unbind(2)
+
+    def dense(a, b, c):
+        return visible_attention(a, b, c, backend="triton")
+
+    got = run(dense, (q, k, v), g)
+    assert_error_ratio(got, run(visible_attention_ref, (q, k, v), g),
+                       run(visible_attention_ref, (q, k, v), g, torch.float64))
+    cu = cu_of([S] * N)
+    packed = run(lambda a, b, c: visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=S, backend="triton"),
+                 [t.reshape(N * S, H, d) for t in (q, k, v)], g.reshape(N * S, H, d))
+    for a, b in zip(got, packed):
+        assert torch.equal(a.reshape(N * S, H, d), b)
+
+
+def test_dense_non_contiguous_head_major_input(interpret):
+    N, S, H, d = 2, 19, 3, 64
+    q, k, v = (torch.randn(N, H, S, d).transpose(1, 2) for _ in range(3))
+    g = torch.randn(N, S, H, d).transpose(1, 2).contiguous().transpose(1, 2)
+    got = run(lambda a, b, c: visible_attention(a, b, c, backend="triton"), (q, k, v), g)
+    assert_error_ratio(got, run(visible_attention_ref, (q, k, v), g),
+                       run(visible_attention_ref, (q, k, v), g, torch.float64))
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
+def test_torch_backend_matches_reference(packed):
+    if packed:
+        check_packed([0, 7, 49, 50, 197], 2, 64, torch.float32, backend="torch", tail=3)
+        return
+    q, k, v, g = (torch.randn(2, 50, 3, 64) for _ in range(4))
+    got = run(lambda a, b, c: visible_attention(a, b, c, backend="torch"), (q, k, v), g)
+    assert_error_ratio(got, run(visible_attention_ref, (q, k, v), g),
+                       run(visible_attention_ref, (q, k, v), g, torch.float64))
+
+
+def test_real_mae_shapes_torch_backend():
+    # ViT-B encoder over ragged visible sets of a 196-patch image (cls included), and the 197-token decoder
+    lengths = [1 + int(196 * (1 - r)) for r in (0.6, 0.75, 0.9, 0.83)]
+    check_packed(lengths, 12, 64, torch.float32, backend="torch")
+    q, k, v = (torch.randn(2, 197, 16, 32) for _ in range(3))
+    out = visible_attention(q, k, v, backend="torch")
+    assert (out.double() - visible_attention_ref(q, k, v, upcast=True).double()).abs().max() < 1e-5
+
+
+def test_scale_is_honoured(interpret):
+    cu = cu_of([9, 21])
+    q, k, v = (torch.randn(30, 2, 32) for _ in range(3))
+    got = visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=21, scale=0.3, backend="triton")
+    ref = visible_attention_ref(q.double(), k.double(), v.double(), cu_seqlens=cu, scale=0.3)
+    assert (got.double() - ref).abs().max() < 1e-5
+    assert (visible_attention_ref(q.double(), k.double(), v.double(), cu_seqlens=cu) - ref).abs().max() > 1e-2
+
+
+def test_empty_inputs(interpret):
+    q = torch.randn(0, 2, 32)
+    assert visible_attention(q, q, q, cu_seqlens=cu_of([]), backend="triton").shape == (0, 2, 32)
+    tail_only = torch.randn(4, 2, 32)
+    out = visible_attention(tail_only, tail_only, tail_only, cu_seqlens=cu_of([]), backend="triton")
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_custom_op_passes_opcheck(interpret):
+    from mimfast.ops.visible_attention import _attention_fwd
+
+    cu = cu_of([3, 0, 20])
+    q, k, v = (torch.randn(25, 2, 16, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(_attention_fwd, (q, k, v, cu, 20, 0.25))
+    qd, kd, vd = (torch.randn(2, 9, 2, 16, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(_attention_fwd, (qd, kd, vd, None, 9, 0.25))
+
+
+def test_compiles_without_graph_breaks(interpret):
+    cu = cu_of([7, 30])
+    q, k, v = (torch.randn(40, 2, 32) for _ in range(3))
+
+    def f(a, b, c):
+        return visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=30, backend="triton").sum()
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert torch.equal(eager, compiled)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, cu: dict(cu_seqlens=cu.long()), "int32"),
+    (lambda q, cu: dict(cu_seqlens=torch.tensor([0, 9, 4, 12], dtype=torch.int32)), "non-decreasing"),
+    (lambda q, cu: dict(cu_seqlens=torch.tensor([1, 4, 12], dtype=torch.int32)), "must be 0"),
+    (lambda q, cu: dict(cu_seqlens=torch.tensor([0, 4, 13], dtype=torch.int32)), "<= T"),
+    (lambda q, cu: dict(cu_seqlens=cu, max_seqlen=5), "max_seqlen"),
+    (lambda q, cu: dict(cu_seqlens=cu, max_seqlen=-1), "max_seqlen"),
+    (lambda q, cu: dict(cu_seqlens=cu.view(1, -1)), "1-D"),
+    (lambda q, cu: dict(cu_seqlens=cu, scale=float("nan")), "scale"),
+    (lambda q, cu: dict(), "dense"),
+], ids=["int64", "decreasing", "start", "past-T", "max_seqlen-small", "max_seqlen-negative", "2-D", "nan-scale",
+        "packed-without-cu"])
+def test_input_checks(bad, match):
+    q = torch.randn(12, 2, 16)
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    with pytest.raises((TypeError, ValueError), match=match):
+        visible_attention(q, q, q, **bad(q, cu))
+
+
+def test_shape_and_dtype_mismatch():
+    q = torch.randn(2, 5, 2, 16)
+    with pytest.raises(ValueError, match="shape"):
+        visible_attention(q, q[:, :4], q)
+    with pytest.raises(TypeError, match="dtype"):
+        visible_attention(q, q.half(), q)
+    with pytest.raises(TypeError, match="floating"):
+        visible_attention(q.long(), q.long(), q.long())
+    with pytest.raises(ValueError, match="packed"):
+        visible_attention(q, q, q, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))
+
+
+def test_triton_refusals_are_explained(interpret):
+    cu = cu_of([4])
+    big = torch.randn(4, 1, 256)
+    with pytest.raises(BackendUnavailableError, match="head dim 256"):
+        visible_attention(big, big, big, cu_seqlens=cu, backend="triton")
+    x = torch.randn(4, 1, 32, dtype=torch.bfloat16)
+    with pytest.raises(BackendUnavailableError, match="bfloat16"):
+        visible_attention(x, x, x, cu_seqlens=cu, backend="triton")
+    x = torch.randn(4, 1, 32, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        visible_attention(x, x, x, cu_seqlens=cu, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels in half precision, real shapes.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+def test_gpu_packed_half_precision(dtype, d):
+    lengths = [0, 1, 2, 15, 31, 49, 50, 197, 64, 128, 129, 255, 513]
+    cu = cu_of(lengths, "cuda")
+    T = sum(lengths) + 5
+    q, k, v, g = (torch.randn(T, 4, d, device="cuda") for _ in range(4))
+
+    def ours(a, b, c):
+        return visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=max(lengths), backend="triton")
+
+    def ref(a, b, c):
+        return visible_attention_ref(a, b, c, cu_seqlens=cu)
+
+    assert_error_ratio(run(ours, (q, k, v), g, dtype), run(ref, (q, k, v), g, dtype),
+                       run(ref, (q, k, v), g, torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [50, 197, 1568])
+def test_gpu_dense_bf16_against_sdpa_and_reference(S):
+    N, H, d = 2, 12, 64
+    q, k, v, g = (torch.randn(N, S, H, d, device="cuda") for _ in range(4))
+    ours = run(lambda a, b, c: visible_attention(a, b, c, backend="triton"), (q, k, v), g, torch.bfloat16)
+    ref64 = run(visible_attention_ref, (q, k, v), g, torch.float64)
+    assert_error_ratio(ours, run(visible_attention_ref, (q, k, v), g, torch.bfloat16), ref64)
+    sdpa = run(lambda a, b, c: visible_attention(a, b, c, backend="torch"), (q, k, v), g, torch.bfloat16)
+    assert_error_ratio(sdpa, run(visible_attention_ref, (q, k, v), g, torch.bfloat16), ref64)
+
+
+@pytest.mark.gpu
+def test_gpu_mae_encoder_batch_deterministic_and_tail_safe():
+    gen = torch.Generator().manual_seed(1)
+    ratios = torch.empty(256).uniform_(0.6, 0.9, generator=gen)
+    lengths = [1 + int(196 * (1 - r)) for r in ratios.tolist()]
+    cu = cu_of(lengths, "cuda")
+    n = sum(lengths)
+    q, k, v, g = (torch.randn(n + 64, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v, g):
+        t[n:] = float("nan")
+
+    def once():
+        return run(lambda a, b, c: visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=max(lengths),
+                                                     backend="triton"), (q, k, v), g)
+
+    first, second = once(), once()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+        assert torch.isfinite(a).all() and not a[n:].any()
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor():
+    cu = cu_of([49, 50, 17], "cuda")
+    q, k, v = (torch.randn(116, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def f(a, b, c):
+        return visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=50, backend="triton").float().square().sum()
+
+    eager = torch.autograd.grad(f(q, k, v), (q, k, v))
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
