@@ -1,0 +1,241 @@
+import pytest
+import torch
+
+from mimfast.backend import BackendUnavailableError
+from mimfast.ops import embed_visible, embed_visible_ref, random_masking
+from mimfast.ops.patchify import grid_size
+
+pytestmark = pytest.mark.usefixtures("interpret")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every floating tensor the op allocates with torch.empty starts as NaN: an unwritten element shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def assert_by_error_ratio(out, same_dtype, ref64, rel_atol=1e-6):
+    """max|out - ref64| <= 2 * max|torch in the same dtype - ref64| + atol (STYLE.md)."""
+    assert out.shape == ref64.shape
+    out, same_dtype = out.double(), same_dtype.double()
+    atol = rel_atol * max(1.0, ref64.abs().max().item()) if ref64.numel() else 0.0
+    err = (out - ref64).abs().max().item() if out.numel() else 0.0
+    base = (same_dtype - ref64).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * base + atol, f"error {err:.3e} > 2 * {base:.3e} + {atol:.1e}"
+
+
+def num_patches(shape, p, t=None):
+    L = 1
+    for g in grid_size(shape, p, t):
+        L *= g
+    return L
+
+
+def make(shape, p, t, D, pos_kind, with_bias, ratio, dtype=torch.float32):
+    """Images, kept ids, conv weight (Conv2d/Conv3d layout), bias and pos_embed ([1, 1+L, D], [1, L, D] or None)."""
+    C = shape[1]
+    L = num_patches(shape, p, t)
+    imgs = torch.randn(shape)
+    ids_keep = random_masking(shape[0], L, ratio).ids_keep
+    kernel = (p, p) if t is None else (t, p, p)
+    weight = (torch.randn(D, C, *kernel) / (C * p * p * (t or 1)) ** 0.5).to(dtype)
+    bias = torch.randn(D).to(dtype) if with_bias else None
+    pos = {"cls": torch.randn(1, 1 + L, D), "nocls": torch.randn(1, L, D), None: None}[pos_kind]
+    return imgs, ids_keep, weight, bias, None if pos is None else pos.to(dtype)
+
+
+def run(fn, imgs, ids_keep, weight, bias, pos, p, t, grad_out, dtype=None):
+    """Output and gradients of (imgs, weight, bias, pos) through ``fn``, leaves cast to ``dtype`` if given."""
+    leaves = [None if x is None else x.detach().to(dtype or x.dtype).requires_grad_()
+              for x in (imgs, weight, bias, pos)]
+    out = fn(leaves[0], ids_keep, leaves[1], leaves[2], leaves[3], p, t)
+    wrt = [x for x in leaves if x is not None]
+    return out, torch.autograd.grad(out, wrt, grad_out.to(out.dtype))
+
+
+def kernel(*args):
+    return embed_visible(*args, backend="triton")
+
+
+# (shape, patch, tubelet, D, pos_embed kind, bias, mask ratio): small P/D for the interpreter, odd sizes, video
+CASES = {
+    "16px_p4_D32_cls": ((2, 3, 16, 16), 4, None, 32, "cls", True, 0.75),
+    "odd_p3_D40_nocls": ((3, 3, 12, 15), 3, None, 40, "nocls", True, 0.5),
+    "D48_no_bias": ((2, 3, 16, 16), 4, None, 48, "cls", False, 0.5),
+    "no_pos": ((2, 3, 16, 16), 4, None, 32, None, True, 0.5),
+    "L196_p2_D16": ((2, 3, 28, 28), 2, None, 16, "cls", True, 0.75),
+    "L256_batch1": ((1, 3, 64, 64), 4, None, 32, "cls", True, 0.75),
+    "video_t2_p4": ((2, 3, 4, 8, 8), 4, 2, 32, "nocls", True, 0.5),
+    "video_t3_C2_cls": ((1, 2, 3, 8, 12), 4, 3, 24, "cls", True, 0.5),
+    "keep_none": ((2, 3, 16, 16), 4, None, 32, "cls", True, 0.99),
+    "keep_all": ((2, 3, 16, 16), 4, None, 32, "cls", True, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_forward_and_gradients_match_float64(case, poison):
+    shape, p, t, D = case[:4]
+    imgs, ids_keep, weight, bias, pos = make(*case)
+    grad_out = torch.randn(shape[0], ids_keep.shape[1], D)
+    args = (imgs, ids_keep, weight, bias, pos, p, t, grad_out)
+    out, g = run(kernel, *args)
+    out32, g32 = run(embed_visible_ref, *args)
+    out64, g64 = run(embed_visible_ref, *args, dtype=torch.float64)
+    assert out.shape == (shape[0], ids_keep.shape[1], D) and out.dtype == torch.float32
+    assert not out.isnan().any()
+    assert_by_error_ratio(out, out32, out64)
+    for a, b, c in zip(g, g32, g64):  # imgs, weight, bias, pos_embed
+        assert a.dtype == b.dtype
+        assert_by_error_ratio(a, b, c)
+
+
+def test_fp16_weights():
+    imgs, ids_keep, weight, bias, pos = make((2, 3, 16, 16), 4, None, 32, "cls", True, 0.5)
+    grad_out = torch.randn(2, 8, 32)
+    args = (imgs, ids_keep, weight, bias, pos, 4, None, grad_out)
+    out, g = run(kernel, *args, dtype=torch.float16)
+    out16, g16 = run(embed_visible_ref, *args, dtype=torch.float16)
+    out64, g64 = run(embed_visible_ref, *args, dtype=torch.float64)
+    assert out.dtype == torch.float16
+    assert_by_error_ratio(out, out16, out64, rel_atol=1e-3)
+    for a, b, c in zip(g[1:], g16[1:], g64[1:]):  # weight, bias, pos_embed
+        assert_by_error_ratio(a, b, c, rel_atol=1e-3)
+
+
+def test_fp32_images_fp16_weights_promote_with_pos():
+    imgs, ids_keep, weight, bias, pos = make((2, 3, 16, 16), 4, None, 32, "cls", True, 0.5)
+    out = embed_visible(imgs, ids_keep, weight.half(), bias.half(), pos, 4, backend="triton")
+    ref = embed_visible_ref(imgs, ids_keep, weight.half(), bias.half(), pos, 4)
+    ref64 = embed_visible_ref(imgs.half().double(), ids_keep, weight.half().double(), bias.half().double(),
+                              pos.double(), 4)
+    assert out.dtype == ref.dtype == torch.float32  # fp16 conv output + fp32 pos_embed, as in the reference
+    assert_by_error_ratio(out, ref, ref64)
+
+
+def noncontiguous():
+    return {
+        "channels_last": (torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last), 4, None),
+        "sliced": (torch.randn(2, 3, 20, 19)[:, :, 2:18, 1:17], 4, None),
+        "video_channels_last_3d": (torch.randn(2, 3, 4, 8, 8).contiguous(memory_format=torch.channels_last_3d),
+                                   4, 2),
+    }
+
+
+@pytest.mark.parametrize("name", noncontiguous().keys())
+def test_noncontiguous_images(name):
+    imgs, p, t = noncontiguous()[name]
+    assert not imgs.is_contiguous()
+    _, ids_keep, weight, bias, pos = make(imgs.shape, p, t, 32, "cls", True, 0.5)
+    grad_out = torch.randn(imgs.shape[0], ids_keep.shape[1], 32)
+    args = (imgs, ids_keep, weight, bias, pos, p, t, grad_out)
+    out, g = run(kernel, *args)
+    out32, g32 = run(embed_visible_ref, *args)
+    out64, g64 = run(embed_visible_ref, *args, dtype=torch.float64)
+    assert_by_error_ratio(out, out32, out64)
+    for a, b, c in zip(g, g32, g64):
+        assert_by_error_ratio(a, b, c)
+
+
+def test_deterministic_forward_and_backward():
+    # M = 128 kept rows: the weight gradient is split over two row chunks, then added up
+    imgs, ids_keep, weight, bias, pos = make((4, 3, 32, 32), 4, None, 32, "cls", True, 0.5)
+    grad_out = torch.randn(4, 32, 32)
+    first = run(kernel, imgs, ids_keep, weight, bias, pos, 4, None, grad_out)
+    second = run(kernel, imgs, ids_keep, weight, bias, pos, 4, None, grad_out)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+def test_frozen_weight_and_images_give_only_bias_and_pos_grads():
+    imgs, ids_keep, weight, bias, pos = make((2, 3, 16, 16), 4, None, 32, "cls", True, 0.5)
+    b, pe = bias.clone().requires_grad_(), pos.clone().requires_grad_()
+    out = embed_visible(imgs, ids_keep, weight, b, pe, 4, backend="triton")
+    grad_out = torch.randn_like(out)
+    gb, gpe = torch.autograd.grad(out, (b, pe), grad_out)
+    assert torch.allclose(gb, grad_out.sum((0, 1)), rtol=1e-6, atol=1e-6)
+    expected = torch.zeros_like(pos)
+    for n in range(2):
+        expected[0, 1 + ids_keep[n]] += grad_out[n]
+    assert torch.allclose(gpe, expected, rtol=1e-6, atol=1e-6)
+    assert (gpe[0, 0] == 0).all()  # the cls row gets no gradient from patch tokens
+
+
+def test_opcheck():
+    imgs, ids_keep, weight, bias, pos = make((2, 3, 8, 8), 4, None, 16, "cls", True, 0.5)
+    args = (imgs, ids_keep, weight.requires_grad_(), bias.requires_grad_(), pos.requires_grad_(), 4, 1)
+    torch.library.opcheck(torch.ops.mimfast.embed_visible.default, args)
+
+
+def test_compiles_without_graph_break():
+    imgs, ids_keep, weight, bias, pos = make((2, 3, 8, 8), 4, None, 16, "cls", True, 0.5)
+    fn = torch.compile(lambda *a: embed_visible(*a, backend="triton") * 2, backend="aot_eager", fullgraph=True)
+    out = fn(imgs, ids_keep, weight, bias, pos, 4, None)
+    ref = embed_visible_ref(imgs, ids_keep, weight, bias, pos, 4) * 2
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_inputs_raise_clear_errors(backend):
+    imgs, ids_keep, weight, bias, pos = make((2, 3, 16, 16), 4, None, 32, "cls", True, 0.5)
+    with pytest.raises(ValueError, match=r"conv weight \[D, 3, 4, 4\]"):
+        embed_visible(imgs, ids_keep, weight[:, :2], bias, pos, 4, backend=backend)
+    with pytest.raises(ValueError, match=r"conv weight \[D, 3, 2, 4, 4\]"):
+        embed_visible(imgs.unsqueeze(2).expand(-1, -1, 2, -1, -1), ids_keep, weight, bias, pos, 4, 2,
+                      backend=backend)
+    with pytest.raises(ValueError, match=r"bias must be \[D\]"):
+        embed_visible(imgs, ids_keep, weight, bias[:-1], pos, 4, backend=backend)
+    with pytest.raises(ValueError, match="pos_embed must be"):
+        embed_visible(imgs, ids_keep, weight, bias, torch.randn(1, 18, 32), 4, backend=backend)
+    with pytest.raises(ValueError, match="pos_embed must be"):
+        embed_visible(imgs, ids_keep, weight, bias, pos[:, :, :16], 4, backend=backend)
+    with pytest.raises(TypeError, match="int64"):
+        embed_visible(imgs, ids_keep.int(), weight, bias, pos, 4, backend=backend)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        embed_visible(imgs, ids_keep + 16, weight, bias, pos, 4, backend=backend)
+    with pytest.raises(ValueError, match="meta"):
+        embed_visible(imgs, ids_keep, weight.to("meta"), bias, pos, 4, backend=backend)
+    with pytest.raises(TypeError, match="weight must be a floating-point"):
+        embed_visible(imgs, ids_keep, weight.long(), bias, pos, 4, backend=backend)
+
+
+def test_triton_refuses_float64_with_reason():
+    imgs, ids_keep, weight, bias, pos = make((1, 3, 8, 8), 4, None, 16, "cls", True, 0.5, torch.float64)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        embed_visible(imgs, ids_keep, weight, bias, pos, 4, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,p,t,D,ratio", [((64, 3, 224, 224), 16, None, 768, 0.75),
+                                               ((32, 3, 224, 224), 14, None, 1280, 0.75),
+                                               ((4, 3, 16, 224, 224), 16, 2, 768, 0.9)],
+                         ids=["mae_b", "mae_h_p14", "videomae_b"])
+def test_gpu_bf16_autocast_real_shapes(shape, p, t, D, ratio):
+    imgs, ids_keep, weight, bias, pos = make(shape, p, t, D, "cls", True, ratio)
+    imgs, ids_keep = imgs.cuda(), ids_keep.cuda()
+    leaves = [x.cuda().requires_grad_() for x in (weight, bias, pos)]
+    grad_out = torch.randn(shape[0], ids_keep.shape[1], D, device="cuda")
+    results = []
+    for fn in (kernel, kernel, embed_visible_ref):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(imgs, ids_keep, *leaves, p, t)
+        results.append((out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))))
+    leaves64 = [x.detach().to(torch.bfloat16).double().requires_grad_() for x in leaves]
+    out64 = embed_visible_ref(imgs.to(torch.bfloat16).double(), ids_keep, *leaves64, p, t)
+    g64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    (out, g), (out_again, g_again), (out_ref, g_ref) = results
+    assert out.dtype == out_ref.dtype == torch.float32
+    assert_by_error_ratio(out, out_ref, out64, rel_atol=1e-3)
+    for a, b, c in zip(g, g_ref, g64):
+        assert_by_error_ratio(a, b, c, rel_atol=1e-3)
+    assert torch.equal(out, out_again) and all(torch.equal(a, b) for a, b in zip(g, g_again))
