@@ -1,7 +1,44 @@
+import math
+import sys
+
 import pytest
 import torch
 
+from mimfast.backend import BackendUnavailableError
 from mimfast.ops import random_masking
+from mimfast.ops.random_masking import num_kept, philox4x32, random_keys_ref
+
+rm_module = sys.modules["mimfast.ops.random_masking"]
+
+
+def assert_valid(info, N, L, K):
+    """Invariants of every MaskInfo: shapes, dtypes, a permutation consistent with ids_keep, exact mask count."""
+    ids_keep, ids_restore, mask = info
+    assert ids_keep.shape == (N, K) and ids_keep.dtype == torch.int64
+    assert ids_restore.shape == (N, L) and ids_restore.dtype == torch.int64
+    assert mask.shape == (N, L) and mask.dtype == torch.float32
+    assert torch.equal(ids_restore.sort(1).values, torch.arange(L).expand(N, L))
+    ids_shuffle = torch.argsort(ids_restore, dim=1)
+    assert torch.equal(ids_shuffle[:, :K], ids_keep)
+    assert torch.equal(torch.gather(ids_restore, 1, ids_keep), torch.arange(K).expand(N, K))
+    expected = torch.ones(N, L).scatter_(1, ids_keep, 0.0)
+    assert torch.equal(mask, expected)
+    assert mask.sum(1).tolist() == [float(L - K)] * N
+
+
+def assert_same(a, b):
+    for x, y, name in zip(a, b, ("ids_keep", "ids_restore", "mask")):
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert torch.equal(x, y), f"{name} differs"
+
+
+def chi2_critical(df: int) -> float:
+    """Upper 0.1% point of chi-square with ``df`` degrees of freedom (Wilson-Hilferty, within 1% for df >= 8)."""
+    z = 3.090232
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+# ------------------------------------------------------------------------------------------------ reference
 
 
 @pytest.mark.parametrize("N,L,ratio", [(1, 196, 0.75), (3, 196, 0.0), (2, 1568, 0.9), (5, 7, 0.5), (2, 1, 0.99)],
@@ -35,9 +72,252 @@ def test_bad_noise_shape_and_nan():
         random_masking(2, 10, 0.5, noise=bad)
 
 
+def test_bad_seed_arguments():
+    with pytest.raises(ValueError, match="seed"):
+        random_masking(2, 10, 0.5, seed=-1)
+    with pytest.raises(ValueError, match="seed"):
+        random_masking(2, 10, 0.5, seed=2**63)
+    with pytest.raises(TypeError, match="seed"):
+        random_masking(2, 10, 0.5, seed=1.5)
+    with pytest.raises(ValueError, match="either noise or seed"):
+        random_masking(2, 10, 0.5, seed=1, noise=torch.rand(2, 10))
+    with pytest.raises(ValueError, match="sample_offset"):
+        random_masking(2, 10, 0.5, sample_offset=3)
+    with pytest.raises(ValueError, match="sample_offset"):
+        random_masking(2, 10, 0.5, seed=1, sample_offset=-1)
+    with pytest.raises(ValueError, match="N >= 0"):
+        random_masking(2, 0, 0.5)
+
+
 def test_generator_reproducible():
     a = random_masking(4, 49, 0.75, generator=torch.Generator().manual_seed(3))
     b = random_masking(4, 49, 0.75, generator=torch.Generator().manual_seed(3))
     c = random_masking(4, 49, 0.75, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a.ids_keep, b.ids_keep)
     assert not torch.equal(a.ids_keep, c.ids_keep)
+
+
+def test_philox_known_answers():
+    # Philox4x32-10 known-answer vectors of the Random123 suite: (counter, key) -> output
+    cases = [
+        ((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, 0xFFFFFFFF_FFFFFFFF, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0x299F31D0 << 32) | 0xA4093822,
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for counter, key, expected in cases:
+        out = philox4x32(key, *(torch.tensor([c], dtype=torch.int64) for c in counter))
+        assert [int(o) for o in out] == list(expected)
+
+
+def test_seeded_keys_distinct_and_depend_on_global_sample_only():
+    keys = random_keys_ref(5, 196, seed=11, sample_offset=40)
+    assert all(len(set(row.tolist())) == 196 for row in keys)
+    assert (keys >= 0).all()
+    tail = random_keys_ref(2, 196, seed=11, sample_offset=43)
+    assert torch.equal(keys[3:], tail)
+    assert not torch.equal(keys[0], keys[1])
+    assert not torch.equal(keys, random_keys_ref(5, 196, seed=12, sample_offset=40))
+
+
+def test_seeded_reference_is_uniform():
+    # per-position keep frequency over many samples of the Philox keys the kernel sorts (bit-equal, tested below)
+    N, L, ratio = 4000, 196, 0.75
+    info = random_masking(N, L, ratio, seed=2024, backend="torch")
+    K = num_kept(L, ratio)
+    counts = (1 - info.mask).sum(0).double()
+    expected = N * K / L
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert stat < chi2_critical(L - 1), stat
+    # the first kept slot (the encoder's first visible token) is uniform over positions too
+    first = torch.bincount(info.ids_keep[:, 0], minlength=L).double()
+    stat_first = float(((first - N / L) ** 2 / (N / L)).sum())
+    assert stat_first < chi2_critical(L - 1), stat_first
+
+
+# ------------------------------------------------------------------------------------------------ triton kernel
+
+
+NOISE_CASES = [
+    (1, 196, 0.75),
+    (2, 196, 0.9),
+    (2, 256, 0.75),
+    (1, 1568, 0.9),
+    (4, 13, 0.5),
+    (3, 5, 0.9),  # K = 0
+    (2, 17, 0.0),  # K = L
+    (1, 1, 0.5),  # K = 0, one patch
+]
+
+
+@pytest.mark.parametrize("N,L,ratio", NOISE_CASES, ids=lambda v: str(v))
+def test_triton_noise_equals_reference(N, L, ratio):
+    noise = torch.rand(N, L)
+    got = random_masking(N, L, ratio, noise=noise, backend="triton")
+    assert_same(got, random_masking(N, L, ratio, noise=noise, backend="torch"))
+    assert_valid(got, N, L, num_kept(L, ratio))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_triton_noise_ties_signs_and_zeros(dtype):
+    # few distinct values: many ties, which the stable argsort breaks by patch index; -0.0 and +0.0 compare equal
+    N, L = 3, 40
+    values = torch.tensor([-0.0, 0.0, -1.5, 2.0, float("-inf"), float("inf"), -1e-3, 3.0], dtype=dtype)
+    noise = values[torch.randint(0, len(values), (N, L))]
+    got = random_masking(N, L, 0.6, noise=noise, backend="triton")
+    assert_same(got, random_masking(N, L, 0.6, noise=noise, backend="torch"))
+
+
+def test_triton_noise_non_contiguous():
+    noise = torch.rand(49, 3).t()
+    assert not noise.is_contiguous()
+    got = random_masking(3, 49, 0.75, noise=noise, backend="triton")
+    assert_same(got, random_masking(3, 49, 0.75, noise=noise.contiguous(), backend="torch"))
+
+
+@pytest.mark.parametrize("N,L,ratio,seed,sample_offset", [
+    (2, 196, 0.75, 0, 0),
+    (1, 256, 0.9, 1, 0),  # an int argument equal to 1 is specialised by triton: must still be a seed
+    (3, 50, 0.5, 2**63 - 1, 2**40 + 7),  # top key bits, high counter word
+    (2, 7, 0.9, 99, 5),  # K = 0
+    (2, 16, 0.0, 3, 1),  # K = L, L a power of two
+], ids=lambda v: str(v))
+def test_triton_seed_equals_reference(N, L, ratio, seed, sample_offset):
+    got = random_masking(N, L, ratio, seed=seed, sample_offset=sample_offset, backend="triton")
+    assert_same(got, random_masking(N, L, ratio, seed=seed, sample_offset=sample_offset, backend="torch"))
+    assert_valid(got, N, L, num_kept(L, ratio))
+
+
+@pytest.mark.slow
+def test_triton_seed_equals_reference_video():
+    got = random_masking(2, 1568, 0.9, seed=5, sample_offset=3, backend="triton")
+    assert_same(got, random_masking(2, 1568, 0.9, seed=5, sample_offset=3, backend="torch"))
+
+
+def test_triton_generator_invariants_and_reproducibility():
+    N, L, ratio = 3, 50, 0.75
+    a = random_masking(N, L, ratio, generator=torch.Generator().manual_seed(7), backend="triton")
+    b = random_masking(N, L, ratio, generator=torch.Generator().manual_seed(7), backend="triton")
+    assert_valid(a, N, L, num_kept(L, ratio))
+    assert_same(a, b)
+    gen = torch.Generator().manual_seed(7)
+    first = random_masking(N, L, ratio, generator=gen, backend="triton")
+    second = random_masking(N, L, ratio, generator=gen, backend="triton")
+    assert_same(first, a)
+    assert not torch.equal(first.ids_keep, second.ids_keep)
+    assert len({tuple(row.tolist()) for row in a.ids_keep}) == N
+    torch.manual_seed(1)
+    c = random_masking(N, L, ratio, backend="triton")
+    torch.manual_seed(1)
+    assert_same(c, random_masking(N, L, ratio, backend="triton"))
+
+
+def test_triton_seed_runs_bit_identical_and_split_independent():
+    a = random_masking(4, 49, 0.75, seed=123, sample_offset=10, backend="triton")
+    b = random_masking(4, 49, 0.75, seed=123, sample_offset=10, backend="triton")
+    assert_same(a, b)
+    # samples 12, 13 drawn in a batch of their own match rows 2, 3 of the batch starting at 10
+    part = random_masking(2, 49, 0.75, seed=123, sample_offset=12, backend="triton")
+    assert torch.equal(part.ids_keep, a.ids_keep[2:]) and torch.equal(part.mask, a.mask[2:])
+    other = random_masking(4, 49, 0.75, seed=124, sample_offset=10, backend="triton")
+    assert not torch.equal(other.ids_keep, a.ids_keep)
+    assert len({tuple(row.tolist()) for row in a.ids_keep}) == 4
+
+
+def test_triton_kernel_is_uniform():
+    # per-position keep frequency of the kernel itself, fixed generator so the test is deterministic
+    N, L, ratio = 160, 16, 0.75
+    info = random_masking(N, L, ratio, generator=torch.Generator().manual_seed(5), backend="triton")
+    K = num_kept(L, ratio)
+    counts = (1 - info.mask).sum(0).double()
+    expected = N * K / L
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert stat < chi2_critical(L - 1), stat
+
+
+def _poisoned_empty(shape, dtype, device):
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, -123456789, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("use_noise", [True, False], ids=["noise", "seed"])
+def test_triton_overwrites_poisoned_outputs(monkeypatch, use_noise):
+    monkeypatch.setattr(rm_module, "_empty", _poisoned_empty)
+    N, L, ratio = 3, 37, 0.6
+    kwargs = {"noise": torch.rand(N, L)} if use_noise else {"seed": 9}
+    got = random_masking(N, L, ratio, backend="triton", **kwargs)
+    assert not torch.isnan(got.mask).any()
+    assert_same(got, random_masking(N, L, ratio, backend="torch", **kwargs))
+
+
+def test_triton_empty_batch():
+    got = random_masking(0, 10, 0.5, seed=1, backend="triton")
+    assert [t.shape for t in got] == [(0, 5), (0, 10), (0, 10)]
+
+
+def test_triton_refusals(monkeypatch):
+    with pytest.raises(BackendUnavailableError, match="float32/float16/bfloat16"):
+        random_masking(2, 10, 0.5, noise=torch.rand(2, 10, dtype=torch.float64), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="L <= 16384"):
+        random_masking(1, 16385, 0.5, seed=0, backend="triton")
+    # float64 noise still works on the torch path, which is what auto picks on CPU
+    noise = torch.rand(2, 10, dtype=torch.float64)
+    assert_same(random_masking(2, 10, 0.5, noise=noise), random_masking(2, 10, 0.5, noise=noise.float()))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        random_masking(2, 10, 0.5, seed=0, backend="triton")
+
+
+def test_custom_op_opcheck():
+    op = torch.ops.mimfast.random_masking.default
+    cpu = torch.device("cpu")
+    torch.library.opcheck(op, (torch.rand(2, 9), 2, 9, 4, 0, 0, cpu))
+    torch.library.opcheck(op, (None, 2, 9, 4, 17, 3, cpu))
+
+
+@pytest.mark.slow
+def test_compiles_without_graph_break():
+    def f(noise):
+        info = random_masking(2, 30, 0.7, noise=noise, backend="triton")
+        seeded = random_masking(2, 30, 0.7, seed=4, sample_offset=2, backend="triton")
+        return info.mask + seeded.mask, info.ids_keep
+    noise = torch.rand(2, 30)
+    compiled = torch.compile(f, fullgraph=True)
+    got, want = compiled(noise), f(noise)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,L,ratio", [(256, 196, 0.75), (64, 1568, 0.9), (256, 256, 0.75), (7, 1, 0.5)],
+                         ids=lambda v: str(v))
+def test_gpu_triton_equals_reference(N, L, ratio):
+    for dtype in (torch.float32, torch.bfloat16):
+        noise = torch.rand(N, L, device="cuda").to(dtype)
+        got = random_masking(N, L, ratio, noise=noise, backend="triton")
+        assert_same(got, random_masking(N, L, ratio, noise=noise, backend="torch"))
+    got = random_masking(N, L, ratio, seed=31, sample_offset=1000, backend="triton")
+    assert_same(got, random_masking(N, L, ratio, seed=31, sample_offset=1000, backend="torch"))
+    assert_valid(tuple(t.cpu() for t in got), N, L, num_kept(L, ratio))
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_and_cuda_generator():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    random_masking(8, 196, 0.75, generator=gen, backend="triton")  # compile outside the sync check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a = random_masking(8, 196, 0.75, generator=gen, backend="triton")
+        b = random_masking(8, 196, 0.75, generator=gen, backend="triton")
+        c = random_masking(8, 196, 0.75, device="cuda", backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not torch.equal(a.ids_keep, b.ids_keep)
+    assert_valid(tuple(t.cpu() for t in c), 8, 196, 49)
+    gen.manual_seed(3)
+    random_masking(8, 196, 0.75, generator=gen, backend="triton")
+    assert_same(random_masking(8, 196, 0.75, generator=gen, backend="triton"), a)

@@ -33,6 +33,7 @@ from mimfast.ops.random_masking import (
     check_sizes,
     draw_seed,
     fold_seed,
+    host_checks,
     key_index_bits,
     num_kept,
     philox4x32,
@@ -102,11 +103,11 @@ def mask_info_from_mask(mask: torch.Tensor, num_keep: Optional[int] = None) -> M
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         raise ValueError(f"mask must be a 2-D [N, L] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
     removed = mask.bool() if mask.dtype == torch.bool else mask != 0
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask must hold only 0 and 1 (or be bool)")
     kept = ~removed
     N, L = mask.shape
     if num_keep is None:
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("mask must hold only 0 and 1 (or be bool)")
         counts = kept.sum(1)
         num_keep = int(counts[0]) if N else 0
         if N and not bool((counts == num_keep).all()):
@@ -422,6 +423,8 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise ValueError("scores must have at least one patch (L > 0)")
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if not host_checks(scores):
+        return
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
     if not torch.isfinite(scores).all() or (scores < 0).any():
@@ -472,10 +475,10 @@ def importance_masking(
     """Score-driven masking: K = int(L * (1 - mask_ratio)) patches kept, drawn without replacement with
     probability proportional to scores**(1 / temperature) (Gumbel-top-k; e.g. pixel variance or attention).
 
-    ``scores`` [N, L] floating, finite, >= 0. temperature -> 0 keeps the top-K scores, large temperatures approach
-    uniform random masking; a zero score is kept only when fewer than K patches have a positive score (those ties
-    go by patch index). ids_keep is in draw order (highest perturbed score first), as random masking's shuffle
-    order. Outputs on the device of ``scores``.
+    ``scores`` [N, L] floating, finite, >= 0 (checked for CPU scores, see ``host_checks``). temperature -> 0
+    keeps the top-K scores, large temperatures approach uniform random masking; a zero score is kept only when
+    fewer than K patches have a positive score (those ties go by patch index). ids_keep is in draw order (highest
+    perturbed score first), as random masking's shuffle order. Outputs on the device of ``scores``.
 
     Equivalent PyTorch::
 
@@ -636,7 +639,7 @@ def ragged_random_masking(
             raise ValueError("pass either noise or seed, not both")
         if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (N, L):
             raise ValueError(f"noise must be a [N, L] = [{N}, {L}] tensor, got {getattr(noise, 'shape', noise)!r}")
-        if noise.is_floating_point() and torch.isnan(noise).any():
+        if noise.is_floating_point() and host_checks(noise) and torch.isnan(noise).any():
             raise ValueError("noise contains NaN")
         seed = 0
     return _ragged_op(N, L, counts, noise=noise, seed=_resolve_seed(seed, generator), sample_offset=sample_offset,
