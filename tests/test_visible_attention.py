@@ -112,6 +112,22 @@ def test_nan_in_unused_tail_does_not_leak(interpret):
     assert_error_ratio([t[:n] for t in got], same, ref)
 
 
+def test_very_negative_scores(interpret):
+    # every query anti-aligned with its sequence's keys: all real scores near -170, so a padded key (score 0)
+    # would dominate, or overflow exp, unless masked
+    lengths, H, d = [7, 20], 1, 32
+    cu = cu_of(lengths)
+    key = torch.randn(d) / math.sqrt(d) * 4
+    k = key.expand(sum(lengths), H, d) + 0.01 * torch.randn(sum(lengths), H, d)
+    q = -60 * key.expand(sum(lengths), H, d).clone()
+    v, g = torch.randn(sum(lengths), H, d), torch.randn(sum(lengths), H, d)
+    got = run(lambda a, b, c: visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=20, backend="triton"),
+              (q, k, v), g)
+    ref = run(lambda a, b, c: visible_attention_ref(a, b, c, cu_seqlens=cu), (q, k, v), g, torch.float64)
+    same = run(lambda a, b, c: visible_attention_ref(a, b, c, cu_seqlens=cu), (q, k, v), g)
+    assert_error_ratio(got, same, ref)
+
+
 def test_every_output_element_is_written(interpret):
     lengths, H, d, tail = [5, 0, 31, 1], 3, 80, 6
     cu = cu_of(lengths)

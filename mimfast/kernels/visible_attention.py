@@ -216,8 +216,9 @@ def _attn_bwd(
                 lse = tl.load(lse_ptr + stat_base + cols, mask=mask_m, other=0.0)
                 delta = tl.load(delta_ptr + stat_base + cols, mask=mask_m, other=0.0)
                 s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+                # no mask needed: a padded query column has q = 0, lse = 0, so p_t = 1, and dO = 0 there, which
+                # zeroes its terms of dK and dV; padded key rows (k = 0) may overflow to inf but are never stored
                 p_t = tl.exp2(s_t * qk_scale - lse[None, :])
-                p_t = tl.where(mask_m[None, :], p_t, 0.0)
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
                 ds_t = p_t * (dp_t - delta[None, :])
@@ -242,8 +243,8 @@ def _attn_bwd(
                 k = tl.load(k_base + rows_n[:, None] * stride_kt, mask=in_mask, other=0.0)
                 v = tl.load(v_base + rows_n[:, None] * stride_vt, mask=in_mask, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-                p = tl.exp2(s * qk_scale - lse[:, None])
-                p = tl.where(mask_n[None, :], p, 0.0)
+                # padded keys score 0, and exp2(0 - lse) overflows when every real score is very negative: mask
+                p = tl.exp2(tl.where(mask_n[None, :], s * qk_scale - lse[:, None], float("-inf")))
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
