@@ -1,0 +1,187 @@
+"""Masking + visible patch embedding (forward + backward), and decoder-input restore (forward + backward).
+
+    python -m benchmarks.bench_masking                       # MAE ViT-B/L/H and VideoMAE-B shapes, on the GPU
+    TRITON_INTERPRET=1 python -m benchmarks.bench_masking --quick --no-save   # tiny shapes, CPU smoke run
+
+Providers: ``mimfast`` (random_masking + embed_visible / restore_tokens kernels), ``reference`` (the official
+path: torch.rand + two argsorts, conv over all L patches + pos_embed, gather; cat + gather + add for restore) and
+``reference+compile`` (torch.compile of the same function). Bytes count what must move: the kept pixels (read
+forward and again for the weight gradient), embeddings and their gradient, indices and mask; restore: visible
+rows in, decoder input out, and the same backward. Flops: the kept-patch GEMMs (forward and weight gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import Case, common_args, default_device, run, write_results
+from mimfast.ops import embed_visible, random_masking, restore_tokens
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    img: int
+    patch: int
+    width: int  # encoder width D
+    decoder_width: int
+    mask_ratio: float
+    frames: Optional[int] = None  # video: frames and tubelet size
+    tubelet: Optional[int] = None
+    channels: int = 3
+
+    @property
+    def grid(self) -> int:
+        spatial = (self.img // self.patch) ** 2
+        return spatial * (self.frames // self.tubelet if self.frames else 1)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.patch * self.patch * (self.tubelet or 1)
+
+    @property
+    def kept(self) -> int:
+        return int(self.grid * (1 - self.mask_ratio))
+
+    def image_shape(self) -> tuple[int, ...]:
+        if self.frames:
+            return (self.batch, self.channels, self.frames, self.img, self.img)
+        return (self.batch, self.channels, self.img, self.img)
+
+
+FULL = [
+    Shape("mae_vit_b16", 256, 224, 16, 768, 512, 0.75),
+    Shape("mae_vit_l16", 256, 224, 16, 1024, 512, 0.75),
+    Shape("mae_vit_h14", 256, 224, 14, 1280, 512, 0.75),
+    Shape("videomae_b16", 64, 224, 16, 768, 384, 0.9, frames=16, tubelet=2),
+]
+QUICK = [
+    Shape("quick_img", 2, 16, 4, 32, 16, 0.75),
+    Shape("quick_video", 1, 16, 4, 32, 16, 0.9, frames=4, tubelet=2),
+]
+
+
+def reference_embed(imgs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor,
+                    s: Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The official path: random_masking by argsort of uniform noise, conv over every patch, + pos, gather."""
+    N, L, K = s.batch, s.grid, s.kept
+    noise = torch.rand(N, L, device=imgs.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :K]
+    if s.tubelet:
+        x = F.conv3d(imgs, weight, bias, stride=(s.tubelet, s.patch, s.patch))
+    else:
+        x = F.conv2d(imgs, weight, bias, stride=s.patch)
+    x = x.flatten(2).transpose(1, 2) + pos_embed[:, 1:]
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    mask = torch.ones(N, L, device=imgs.device)
+    mask[:, :K] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x, mask, ids_restore
+
+
+def mimfast_embed(imgs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor,
+                  s: Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    info = random_masking(s.batch, s.grid, s.mask_ratio, device=imgs.device)
+    x = embed_visible(imgs, info.ids_keep, weight, bias, pos_embed, s.patch, s.tubelet, backend="triton")
+    return x, info.mask, info.ids_restore
+
+
+def reference_restore(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                      pos_embed: torch.Tensor) -> torch.Tensor:
+    """The MAE decoder's unshuffle: cat mask tokens, gather by ids_restore, put the cls row back, + pos."""
+    N, L = ids_restore.shape
+    D = x_vis.shape[-1]
+    mask_tokens = mask_token.repeat(N, L + 1 - x_vis.shape[1], 1)
+    x_ = torch.cat([x_vis[:, 1:], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
+    return torch.cat([x_vis[:, :1], x_], dim=1) + pos_embed
+
+
+def mimfast_restore(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                    pos_embed: torch.Tensor) -> torch.Tensor:
+    return restore_tokens(x_vis, ids_restore, mask_token, pos_embed, backend="triton")
+
+
+def embed_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case, dict[str, Callable[[], Any]]]:
+    N, L, K, P, D = s.batch, s.grid, s.kept, s.patch_dim, s.width
+    imgs = torch.randn(s.image_shape(), device=device)  # data arrives as fp32
+    kernel = (s.patch, s.patch) if not s.tubelet else (s.tubelet, s.patch, s.patch)
+    weight = (torch.randn(D, s.channels, *kernel, device=device) * P**-0.5).requires_grad_()
+    bias = torch.zeros(D, device=device, requires_grad=True)
+    pos_embed = torch.randn(1, 1 + L, D, device=device)  # fixed sin-cos table in MAE / VideoMAE: no gradient
+    low = torch.tensor([], dtype=dtype).element_size()
+    out_bytes = 4  # bf16 conv output + fp32 pos_embed promotes to fp32, as in the MAE encoder
+    moved = (2 * N * K * P * 4  # kept pixels, read forward and for the weight gradient
+             + 2 * N * K * D * out_bytes  # embeddings written, their gradient read
+             + N * K * D * 4  # pos_embed rows read
+             + D * P * (low + 4)  # weight read, its gradient written
+             + N * K * 8 + N * L * 12)  # ids_keep, ids_restore, mask
+    case = Case(f"{s.name}/mask+embed fwd+bwd", bytes=moved, flops=4.0 * N * K * P * D,
+                meta={"N": N, "L": L, "K": K, "P": P, "D": D})
+
+    grad_out = torch.ones(N, K, D, device=device)
+
+    def provider(fn: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[[], Any]:
+        def step() -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                x, _, _ = fn(imgs, weight, bias, pos_embed, s)
+            x.backward(grad_out)
+            weight.grad = bias.grad = None
+
+        return step
+
+    compiled = torch.compile(reference_embed)
+    return case, {"mimfast": provider(mimfast_embed), "reference": provider(reference_embed),
+                  "reference+compile": provider(compiled)}
+
+
+def restore_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case, dict[str, Callable[[], Any]]]:
+    N, L, K, D = s.batch, s.grid, s.kept, s.decoder_width
+    x_vis = torch.randn(N, 1 + K, D, device=device, dtype=dtype, requires_grad=True)  # decoder_embed output
+    mask_token = torch.randn(1, 1, D, device=device, requires_grad=True)
+    pos_embed = torch.randn(1, 1 + L, D, device=device)
+    ids_restore = random_masking(N, L, s.mask_ratio, device=device).ids_restore
+    vis = N * (1 + K) * D * x_vis.element_size()
+    full = N * (1 + L) * D * 4  # fp32 result (bf16 tokens meet fp32 parameters), as in the MAE decoder
+    moved = 2 * vis + 2 * full + N * L * 8 + 2 * (1 + L) * D * 4
+    case = Case(f"{s.name}/restore fwd+bwd", bytes=moved, meta={"N": N, "L": L, "K": K, "D": D})
+
+    grad_out = torch.ones(N, 1 + L, D, device=device)
+
+    def provider(fn: Callable[..., torch.Tensor]) -> Callable[[], Any]:
+        def step() -> None:
+            out = fn(x_vis, ids_restore, mask_token, pos_embed)
+            out.backward(grad_out)
+            x_vis.grad = mask_token.grad = None
+
+        return step
+
+    compiled = torch.compile(reference_restore)
+    return case, {"mimfast": provider(mimfast_restore), "reference": provider(reference_restore),
+                  "reference+compile": provider(compiled)}
+
+
+def main() -> None:
+    ap = common_args(__doc__.splitlines()[0])
+    args = ap.parse_args()
+    device = default_device()
+    dtype = getattr(torch, args.dtype)
+    shapes = QUICK if args.quick else FULL
+    cases = []
+    for s in shapes:
+        cases.append(embed_case(s, device, dtype))
+        cases.append(restore_case(s, device, dtype))
+    rows = run(cases, device, args.providers)
+    if not args.no_save:
+        write_results("bench_masking", rows, device, {"dtype": args.dtype})
+
+
+if __name__ == "__main__":
+    main()
