@@ -38,3 +38,7 @@ from mimfast.ops.random_masking import draw_seed, fold_seed  # noqa: E402
 
 __all__ += ["RaggedMaskInfo", "block_masking", "draw_seed", "fold_seed", "importance_masking", "mask_info_from_mask",
             "ragged_random_masking", "ratio_schedule", "simmim_masking", "tube_masking"]
+
+from mimfast.ops.visible_attention import visible_attention, visible_attention_ref  # noqa: E402
+
+__all__ += ["visible_attention", "visible_attention_ref"]
