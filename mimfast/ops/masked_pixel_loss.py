@@ -123,7 +123,9 @@ def masked_pixel_loss_ref(
     return (loss * weights).sum() / torch.where(total == 0, torch.ones_like(total), total)
 
 
-def _weights_sum(mask: Optional[torch.Tensor], ids: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+def weights_sum(mask: Optional[torch.Tensor], ids: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    """Sum of the row weights, fp32: mask[n, ids[n, r]] over the rows (all of mask without ids; ``rows``
+    without mask)."""
     if mask is None:
         return torch.full((), float(rows), dtype=torch.float32, device=ids.device)
     if ids is not None:
@@ -166,7 +168,7 @@ def pixel_loss_op(
 
     N, R, P = pred.shape
     partials = torch.empty(N * R, dtype=torch.float32, device=pred.device)
-    w_sum = _weights_sum(mask, ids, N * R)
+    w_sum = weights_sum(mask, ids, N * R)
     inv_denom = torch.where(w_sum > 0, 1.0 / (w_sum * P), torch.zeros_like(w_sum)).reshape(1)
     grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if compute_grad else None
     if N * R > 0:

@@ -1,0 +1,230 @@
+"""MAE prediction head fused with the pixel loss: decoder features -> ``decoder_pred`` linear -> masked pixel
+loss, computed chunk by chunk on the masked rows only, so the [N, L, P] prediction is never materialised.
+
+Per chunk of whole samples: gather the masked rows of ``hidden``, one GEMM for their predictions, the fused
+pixel-loss kernel overwrites the predictions with d(loss)/d(pred) in place, then two GEMMs give the chunk's
+share of the hidden and weight gradients (weight and bias gradients accumulated in fp32 in chunk order, so the
+result is deterministic). Every gradient is ready at the end of the forward pass; the backward pass only scales
+them by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from mimfast.backend import get_op
+from mimfast.ops.masked_pixel_loss import (
+    KERNEL_DTYPES,
+    NORM_NONE,
+    NORM_PATCH,
+    check_pixel_loss_args,
+    masked_pixel_loss_ref,
+    pixel_loss_triton_reasons,
+    weights_sum,
+)
+
+__all__ = ["fused_head_masked_pixel_loss", "fused_head_masked_pixel_loss_ref", "masked_ids_from_restore"]
+
+DEFAULT_CHUNK_ROWS = 8192
+
+
+def masked_ids_from_restore(ids_restore: torch.Tensor, num_kept: int) -> torch.Tensor:
+    """[N, L] ids_restore -> [N, L - K] indices of the removed patches, in the shuffled order MAE uses
+    (ids_shuffle[:, K:]); the inverse permutation is one scatter, no sort, no host synchronisation."""
+    N, L = ids_restore.shape
+    ids_shuffle = torch.empty_like(ids_restore)
+    ids_shuffle.scatter_(1, ids_restore, torch.arange(L, device=ids_restore.device).expand(N, L))
+    return ids_shuffle[:, num_kept:]
+
+
+def _rows(hidden: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+    if ids is None:
+        return hidden
+    return hidden.gather(1, ids.long()[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def fused_head_masked_pixel_loss_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    patch_size: int,
+    *,
+    ids_masked: Optional[torch.Tensor] = None,
+    norm_pix: bool = False,
+    kind: str = "mse",
+    eps: float = 1e-6,
+    tubelet_size: Optional[int] = None,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`fused_head_masked_pixel_loss` (``chunk_size`` is ignored).
+
+    Equivalent PyTorch::
+
+        pred = F.linear(hidden, weight, bias)          # [N, L, P] (only the ids_masked rows when given)
+        loss = masked_pixel_loss_ref(pred, imgs, mask, p, norm_pix=norm_pix, kind=kind, ids_masked=ids_masked)
+    """
+    pred = F.linear(_rows(hidden, ids_masked), weight, bias)
+    return masked_pixel_loss_ref(pred, imgs, mask, patch_size, norm_pix=norm_pix, kind=kind, eps=eps,
+                                 ids_masked=ids_masked, tubelet_size=tubelet_size)
+
+
+@torch.library.custom_op("mimfast::fused_head_pixel_loss", mutates_args=())
+def fused_head_pixel_loss_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    ids: Optional[torch.Tensor],
+    patch_size: int,
+    tubelet_size: int,
+    norm: int,
+    l1: bool,
+    eps: float,
+    chunk_rows: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_hidden [N,L,D], grad_weight [P,D], grad_bias [P]); the gradients are empty without
+    ``compute_grad`` (grad_bias also without bias)."""
+    from mimfast.kernels.pixel_loss import launch_pixel_loss
+
+    N, L, D = hidden.shape
+    P = weight.shape[0]
+    R = L if ids is None else ids.shape[1]
+    partials = torch.empty(N * R, dtype=torch.float32, device=hidden.device)
+    w_sum = weights_sum(mask, ids, N * R)
+    inv_denom = torch.where(w_sum > 0, 1.0 / (w_sum * P), torch.zeros_like(w_sum)).reshape(1)
+    if compute_grad:
+        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+        grad_w32 = torch.zeros(P, D, dtype=torch.float32, device=hidden.device)
+        grad_b32 = torch.zeros(P, dtype=torch.float32, device=hidden.device)
+    per_chunk = max(1, chunk_rows // max(R, 1))
+    for n0 in range(0, N if R > 0 else 0, per_chunk):
+        n1 = min(N, n0 + per_chunk)
+        chunk_ids = None if ids is None else ids[n0:n1]
+        h = _rows(hidden[n0:n1], chunk_ids).reshape(-1, D)
+        buf = F.linear(h, weight, bias).view(n1 - n0, R, P)
+        launch_pixel_loss(buf, imgs[n0:n1], chunk_ids, None if mask is None else mask[n0:n1], inv_denom,
+                          partials[n0 * R:n1 * R], buf if compute_grad else None, patch_size, tubelet_size, norm,
+                          l1, eps)
+        if compute_grad:
+            grad_pred = buf.view(-1, P)
+            grad_h = (grad_pred @ weight).view(n1 - n0, R, D)
+            if chunk_ids is None:
+                grad_hidden[n0:n1] = grad_h
+            else:
+                grad_hidden[n0:n1].scatter_(1, chunk_ids.long()[..., None].expand(-1, -1, D), grad_h)
+            grad_w32 += (grad_pred.t() @ h).float()
+            grad_b32 += grad_pred.sum(0, dtype=torch.float32)
+    loss = (partials.sum() * inv_denom[0]).to(torch.promote_types(hidden.dtype, imgs.dtype))
+    if not compute_grad:
+        empty = hidden.new_empty((0,))
+        return loss, empty, empty.clone(), empty.clone()
+    grad_bias = grad_b32.to(bias.dtype) if bias is not None else hidden.new_empty((0,))
+    return loss, grad_hidden, grad_w32.to(weight.dtype), grad_bias
+
+
+@fused_head_pixel_loss_op.register_fake
+def _fused_head_fake(hidden, weight, bias, imgs, mask, ids, patch_size, tubelet_size, norm, l1, eps, chunk_rows,
+                     compute_grad):
+    loss = hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, imgs.dtype))
+    if not compute_grad:
+        return loss, hidden.new_empty((0,)), hidden.new_empty((0,)), hidden.new_empty((0,))
+    grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
+    return loss, torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device), torch.empty_like(weight), \
+        grad_bias
+
+
+def _fused_head_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[1:])
+
+
+def _fused_head_backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple:
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    return (grad_hidden * grad_loss, grad_weight * grad_loss, grad_bias * grad_loss if ctx.has_bias else None) \
+        + (None,) * 10
+
+
+fused_head_pixel_loss_op.register_autograd(_fused_head_backward, setup_context=_fused_head_setup)
+
+
+def _fused_head_triton(hidden, weight, bias, imgs, mask, patch_size, *, ids_masked=None, norm_pix=False,
+                       kind="mse", eps=1e-6, tubelet_size=None, chunk_size=DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    loss, *_ = fused_head_pixel_loss_op(hidden, weight, bias, imgs, mask, ids_masked, patch_size, tubelet_size or 1,
+                                        NORM_PATCH if norm_pix else NORM_NONE, kind == "l1", float(eps),
+                                        int(chunk_size), compute_grad)
+    return loss
+
+
+def _fused_head_reasons(hidden, weight, bias, imgs, mask, patch_size, *, tubelet_size=None, **_: Any) -> list[str]:
+    reasons = []
+    if hidden.dtype not in KERNEL_DTYPES:
+        reasons.append(f"hidden dtype {hidden.dtype} is not one of fp16/bf16/fp32 (use backend='torch')")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        reasons.append(f"weight/bias dtypes differ from hidden's {hidden.dtype}")
+    pred_like = torch.empty(0, dtype=hidden.dtype, device="meta")
+    return reasons + [r for r in pixel_loss_triton_reasons(pred_like, imgs, mask, patch_size, tubelet_size)
+                      if not r.startswith("pred dtype")]
+
+
+_op = get_op("fused_head_masked_pixel_loss")
+_op.register("torch")(fused_head_masked_pixel_loss_ref)
+_op.register("triton", reasons=_fused_head_reasons)(_fused_head_triton)
+
+
+def fused_head_masked_pixel_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    patch_size: int,
+    *,
+    ids_masked: Optional[torch.Tensor] = None,
+    norm_pix: bool = False,
+    kind: str = "mse",
+    eps: float = 1e-6,
+    tubelet_size: Optional[int] = None,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+    return_pred: bool = False,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """MAE loss straight from the decoder features: ``masked_pixel_loss(F.linear(hidden, weight, bias), ...)``
+    without the [N, L, P] prediction.
+
+    hidden: [N, L, D] decoder_norm output without the cls row; weight [P, D], bias [P] or None (decoder_pred).
+    imgs, mask, norm_pix, kind, eps, tubelet_size: as in :func:`~mimfast.ops.masked_pixel_loss`. With
+    ``ids_masked`` [N, R] only those rows are projected and scored (mask may then be None: every row weighs 1);
+    without it all L rows are, weighted by ``mask``. ``chunk_size``: rows per chunk, rounded down to whole
+    samples (at least one). Gradients flow to hidden, weight and bias (not to imgs or mask).
+
+    ``return_pred=True`` also returns the full prediction [N, L, P] = F.linear(hidden, weight, bias), detached
+    (for visualisation; it costs the GEMM and the memory the fused loss saves).
+    Equivalent PyTorch: see :func:`fused_head_masked_pixel_loss_ref`.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be [N, L, D], got {getattr(hidden, 'shape', type(hidden))}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2] or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ValueError(f"weight must be [P, D={hidden.shape[2]}] and bias [P], got {tuple(weight.shape)} and "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    rows = hidden.shape[1] if ids_masked is None else ids_masked.shape[1]
+    pred_shape = torch.empty((hidden.shape[0], rows, weight.shape[0]), device="meta")
+    if ids_masked is not None and ids_masked.shape[0] != hidden.shape[0]:
+        raise ValueError(f"ids_masked must be [N={hidden.shape[0]}, R], got {tuple(ids_masked.shape)}")
+    check_pixel_loss_args(pred_shape, imgs, mask, patch_size, ids_masked, tubelet_size, kind, eps)
+    loss = _op(hidden, weight, bias, imgs, mask, patch_size, ids_masked=ids_masked, norm_pix=norm_pix, kind=kind,
+               eps=eps, tubelet_size=tubelet_size, chunk_size=chunk_size, backend=backend)
+    if not return_pred:
+        return loss
+    with torch.no_grad():
+        return loss, F.linear(hidden, weight, bias)
