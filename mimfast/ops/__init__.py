@@ -42,3 +42,7 @@ __all__ += ["RaggedMaskInfo", "block_masking", "draw_seed", "fold_seed", "import
 from mimfast.ops.visible_attention import visible_attention, visible_attention_ref  # noqa: E402
 
 __all__ += ["visible_attention", "visible_attention_ref"]
+
+from mimfast.ops.fused_head_loss import fused_head_masked_pixel_loss, fused_head_masked_pixel_loss_ref  # noqa: E402
+
+__all__ += ["fused_head_masked_pixel_loss", "fused_head_masked_pixel_loss_ref"]
