@@ -334,11 +334,14 @@ def _block_args(grid, num_masking_patches, min_num_patches, max_num_patches, min
         raise ValueError(f"num_masking_patches must be an int in [0, {L}], got {num_masking_patches!r}")
     if not isinstance(min_num_patches, int) or min_num_patches < 1:
         raise ValueError(f"min_num_patches must be a positive int, got {min_num_patches!r}")
-    max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
-    if not isinstance(max_num_patches, int) or max_num_patches < min_num_patches:
-        raise ValueError(f"max_num_patches must be an int >= min_num_patches, got {max_num_patches!r}")
+    if max_num_patches is None:
+        max_num_patches = num_masking_patches
+    elif not isinstance(max_num_patches, int) or max_num_patches < 1:
+        raise ValueError(f"max_num_patches must be a positive int, got {max_num_patches!r}")
+    if not min_aspect > 0:
+        raise ValueError(f"min_aspect must be positive, got {min_aspect}")
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
-    if not 0 < min_aspect <= max_aspect:
+    if not min_aspect <= max_aspect:
         raise ValueError(f"need 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}")
     return height, width, max_num_patches, (math.log(min_aspect), math.log(max_aspect))
 
@@ -527,7 +530,13 @@ def _ragged_counts(N: int, L: int, mask_ratios: Union[torch.Tensor, Sequence[flo
             raise ValueError(f"mask_ratios must be a 1-D [N] tensor, got shape {tuple(mask_ratios.shape)}")
         if mask_ratios.is_floating_point() and torch.isnan(mask_ratios).any():
             raise ValueError("mask_ratios contain NaN")
-        ratios = [float(r) for r in mask_ratios.double().tolist()]
+        values = mask_ratios.detach().cpu()
+        if values.dtype == torch.float64:
+            ratios = values.tolist()
+        else:
+            # shortest decimal that rounds to each float32 value (0.3, not 0.30000001192...), so a tensor and a list
+            # of the same ratios give the same counts
+            ratios = [float(str(v)) for v in values.float().numpy()]
     else:
         ratios = [float(r) for r in mask_ratios]
     if len(ratios) != N:
@@ -618,8 +627,9 @@ def ragged_random_masking(
 ) -> RaggedMaskInfo:
     """Random masking with a ratio per sample, packed for a variable-length encoder (``visible_attention``).
 
-    Sample n keeps K_n = int(L * (1 - mask_ratios[n])) patches (computed on the host in float64 from the given
-    values; a CUDA ``mask_ratios`` tensor is read back once, pass a list to avoid that sync): the first K_n of its
+    Sample n keeps K_n = int(L * (1 - mask_ratios[n])) patches (computed on the host in float64; float32 values
+    are read as their shortest decimal; a CUDA ``mask_ratios`` tensor is read back once, pass a list to avoid that
+    sync): the first K_n of its
     random order, exactly as :func:`~mimfast.ops.random_masking.random_masking` with the same ``noise`` or
     ``seed`` (so with equal ratios, ``ids_keep_packed.view(N, K)`` equals random masking's ids_keep). Returns
     :class:`RaggedMaskInfo` (ids_keep_packed [T], cu_seqlens [N+1] int32, max_seqlen, ids_restore [N, L], mask
