@@ -173,3 +173,25 @@ def test_mlp_shapes_and_keys():
     mlp = Mlp(8, 32, 4)
     assert set(mlp.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     assert mlp(torch.randn(2, 3, 8)).shape == (2, 3, 4)
+
+
+def test_loss_modules_forward_their_configuration():
+    from mimfast.nn import MaskedPixelLoss, SimMIMPixelLoss, VideoMAEPixelLoss
+    from mimfast.ops import masked_pixel_loss_ref, simmim_pixel_loss_ref, videomae_pixel_loss_ref
+
+    imgs = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    pred = torch.randn(2, 4, 48, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    for norm_pix, kind in ((False, "mse"), (True, "l1")):
+        got = MaskedPixelLoss(4, norm_pix=norm_pix, kind=kind)(pred, imgs, mask)
+        torch.testing.assert_close(got, masked_pixel_loss_ref(pred, imgs, mask, 4, norm_pix=norm_pix, kind=kind))
+    pred_imgs = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(SimMIMPixelLoss(4)(pred_imgs, imgs, mask),
+                               simmim_pixel_loss_ref(pred_imgs, imgs, mask, 4))
+    videos = torch.randn(2, 3, 4, 8, 8, dtype=torch.float64)
+    video_mask = torch.tensor([[True] * 3 + [False] * 5, [False] * 5 + [True] * 3])
+    video_pred = torch.randn(2, 3, 96, dtype=torch.float64)
+    for norm_target in (True, False):
+        got = VideoMAEPixelLoss(4, 2, norm_target=norm_target)(video_pred, videos, video_mask)
+        expected = videomae_pixel_loss_ref(video_pred, videos, video_mask, 4, 2, norm_target=norm_target)
+        torch.testing.assert_close(got, expected)

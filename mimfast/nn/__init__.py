@@ -2,6 +2,8 @@
 
 from mimfast.nn.attention import Attention, attention_ref
 from mimfast.nn.block import Block, Mlp
+from mimfast.nn.loss import MaskedPixelLoss, SimMIMPixelLoss, VideoMAEPixelLoss
 from mimfast.nn.patch_embed import PatchEmbed, TubeletEmbed
 
-__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "TubeletEmbed", "attention_ref"]
+__all__ = ["Attention", "Block", "MaskedPixelLoss", "Mlp", "PatchEmbed", "SimMIMPixelLoss", "TubeletEmbed",
+           "VideoMAEPixelLoss", "attention_ref"]
