@@ -1,0 +1,151 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimfast.ops import fused_head_masked_pixel_loss, fused_head_masked_pixel_loss_ref, random_masking
+from mimfast.ops.fused_head_loss import fused_head_pixel_loss_op, masked_ids_from_restore
+from mimfast.ops.masked_pixel_loss import NORM_PATCH
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def assert_by_error_ratio(out, same_dtype, ref64, rel_atol=1e-6):
+    """max|out - ref64| <= 2 * max|torch in the same dtype - ref64| + atol (STYLE.md)."""
+    out, same_dtype = out.double(), same_dtype.double()
+    atol = rel_atol * max(1.0, ref64.abs().max().item())
+    err, base = (out - ref64).abs().max().item(), (same_dtype - ref64).abs().max().item()
+    assert err <= 2 * base + atol, f"error {err:.3e} > 2 * {base:.3e} + {atol:.1e}"
+
+
+def make(N, C, H, W, p, D, dtype=torch.float32, ratio=0.75, device="cpu"):
+    L, P = (H // p) * (W // p), p * p * C
+    imgs = torch.randn(N, C, H, W, device=device)
+    info = random_masking(N, L, ratio, device=device)
+    hidden = torch.randn(N, L, D, device=device).to(dtype)
+    weight = (torch.randn(P, D, device=device) / D**0.5).to(dtype)
+    bias = (0.1 * torch.randn(P, device=device)).to(dtype)
+    ids = masked_ids_from_restore(info.ids_restore, info.ids_keep.shape[1])
+    return imgs, info, hidden, weight, bias, ids
+
+
+def run_case(hidden, weight, bias, imgs, mask, p, **kw):
+    """Fused path vs float64 reference vs torch reference in the inputs' dtype: loss and every gradient."""
+    half = hidden.dtype in (torch.float16, torch.bfloat16)
+    # half precision: a power-of-two grad_output, since the gradients are rounded in the forward pass
+    grad_out = (torch.tensor(0.5) if half else torch.rand(()) + 0.5).to(hidden.device)
+    params = [t for t in (hidden, weight, bias) if t is not None]
+
+    def grads(fn, cast, **extra):
+        xs = [cast(t).requires_grad_() for t in params]
+        h, w, b = xs if bias is not None else (*xs, None)
+        m = mask if mask is None or mask.dtype == torch.bool else cast(mask)
+        loss = fn(h, w, b, cast(imgs), m, p, **kw, **extra)
+        loss.backward(cast(grad_out))
+        return loss.detach(), [x.grad for x in xs]
+
+    loss, g = grads(fused_head_masked_pixel_loss, lambda t: t.detach().clone(), backend="triton")
+    loss_t, g_t = grads(fused_head_masked_pixel_loss_ref, lambda t: t.detach().clone())
+    loss64, g64 = grads(fused_head_masked_pixel_loss_ref, lambda t: t.detach().double())
+    assert torch.isfinite(loss)
+    assert_by_error_ratio(loss, loss_t, loss64)
+    for a, b_, c in zip(g, g_t, g64):
+        assert a.shape == c.shape and a.dtype == b_.dtype and torch.isfinite(a).all()
+        assert_by_error_ratio(a, b_, c)
+    return loss, g
+
+
+@pytest.mark.parametrize("chunk_size", [1, 10, 10_000], ids=["chunk_1_sample", "chunk_10_rows", "one_chunk"])
+@pytest.mark.parametrize("rows", ["ids_masked", "all_rows"])
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
+def test_matches_float64(norm_pix, rows, chunk_size):
+    imgs, info, hidden, weight, bias, ids = make(3, 3, 16, 12, 4, 24)
+    kw = {"ids_masked": ids} if rows == "ids_masked" else {}
+    _, g = run_case(hidden, weight, bias, imgs, info.mask, 4, norm_pix=norm_pix, chunk_size=chunk_size, **kw)
+    visible = info.mask == 0
+    assert (g[0][visible] == 0).all()  # hidden rows of visible patches get no gradient
+
+
+@pytest.mark.filterwarnings("ignore:var\\(\\)")  # the reference's variance over zero rows
+@pytest.mark.parametrize("case", ["l1_no_bias", "no_mask_with_ids", "P768", "fp16", "no_masked_patch"])
+def test_variants(case):
+    if case == "P768":
+        imgs, info, hidden, weight, bias, ids = make(2, 3, 32, 16, 16, 32)
+    elif case == "fp16":
+        imgs, info, hidden, weight, bias, ids = make(2, 3, 16, 16, 4, 32, dtype=torch.float16)
+    elif case == "no_masked_patch":
+        imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 8, 4, 16, ratio=0.0)
+    else:
+        imgs, info, hidden, weight, bias, ids = make(2, 3, 16, 16, 4, 16)
+    if case == "l1_no_bias":
+        run_case(hidden, weight, None, imgs, info.mask, 4, ids_masked=ids, kind="l1", norm_pix=True, chunk_size=5)
+    elif case == "no_mask_with_ids":
+        run_case(hidden, weight, bias, imgs, None, 4, ids_masked=ids, norm_pix=True, chunk_size=12)
+    elif case == "no_masked_patch":
+        loss, g = run_case(hidden, weight, bias, imgs, info.mask, 4, ids_masked=ids, norm_pix=True)
+        assert ids.shape[1] == 0 and loss.item() == 0.0 and all((x == 0).all() for x in g)
+    else:
+        run_case(hidden, weight, bias, imgs, info.mask, 16 if case == "P768" else 4, ids_masked=ids, norm_pix=True,
+                 chunk_size=20)
+
+
+def test_hidden_view_without_cls_row_and_bool_mask():
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 12, 12, 4, 16)
+    with_cls = torch.randn(2, 1 + hidden.shape[1], 16)
+    run_case(with_cls[:, 1:], weight, bias, imgs, info.mask.bool(), 4, ids_masked=ids, chunk_size=9)
+
+
+def test_chunking_does_not_change_the_result_and_runs_are_bit_equal():
+    imgs, info, hidden, weight, bias, ids = make(4, 3, 12, 16, 4, 16)
+
+    def once(chunk_size):
+        xs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss = fused_head_masked_pixel_loss(*xs, imgs, info.mask, 4, ids_masked=ids, norm_pix=True,
+                                            chunk_size=chunk_size, backend="triton")
+        loss.backward()
+        return [loss.detach()] + [x.grad for x in xs]
+
+    a, b, c = once(9), once(9), once(1000)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for x, y in zip(a, c):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_return_pred_no_grad_and_ids_from_restore():
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 12, 4, 16)
+    K = info.ids_keep.shape[1]
+    assert torch.equal(ids, torch.argsort(info.ids_restore, dim=1)[:, K:])
+    assert (info.mask.gather(1, ids) == 1).all()
+    loss, pred = fused_head_masked_pixel_loss(hidden, weight, bias, imgs, info.mask, 4, ids_masked=ids,
+                                              return_pred=True, backend="triton")
+    assert torch.equal(pred, F.linear(hidden, weight, bias)) and not pred.requires_grad
+    with torch.no_grad():
+        loss_ng = fused_head_masked_pixel_loss(hidden, weight, bias, imgs, info.mask, 4, ids_masked=ids,
+                                               backend="triton")
+    assert torch.equal(loss, loss_ng)
+    out = fused_head_pixel_loss_op(hidden, weight, bias, imgs, info.mask, ids, 4, 1, NORM_PATCH, False, 1e-6, 64,
+                                   False)
+    assert all(t.numel() == 0 for t in out[1:])
+
+
+def test_opcheck_and_errors():
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 8, 4, 8)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), imgs, info.mask, ids, 4, 1,
+            NORM_PATCH, False, 1e-6, 3, True)
+    torch.library.opcheck(fused_head_pixel_loss_op, args)
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_head_masked_pixel_loss(hidden, weight[:, :-1], bias, imgs, info.mask, 4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_head_masked_pixel_loss(hidden, weight, bias, imgs, info.mask, 4, chunk_size=0)
+    with pytest.raises(ValueError, match="ids_masked"):
+        fused_head_masked_pixel_loss(hidden, weight, bias, imgs, info.mask, 4, ids_masked=ids[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
+def test_gpu_bf16_mae_b_decoder_shape(norm_pix):
+    torch.manual_seed(1)
+    imgs, info, hidden, weight, bias, ids = make(16, 3, 224, 224, 16, 512, dtype=torch.bfloat16, device="cuda")
+    run_case(hidden, weight, bias, imgs, info.mask, 16, ids_masked=ids, norm_pix=norm_pix, chunk_size=1024)
