@@ -1,0 +1,152 @@
+"""Image and clip transforms of the MAE recipe, written with PIL and torch only (no torchvision).
+
+Training: RandomResizedCrop (scale (0.2, 1.0), aspect ratio (3/4, 4/3), bicubic), horizontal flip with
+probability 0.5, conversion to float in [0, 1], per-channel normalisation. Every random draw comes from a
+``random.Random`` the caller seeds per sample, so an augmented sample is a function of (seed, epoch, index)
+whatever worker, rank or batch it lands in; that is what makes resumed and data-parallel runs reproduce an
+uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CropBox",
+    "random_resized_crop_box",
+    "center_crop_box",
+    "pil_to_tensor",
+    "ImageTransform",
+    "ClipTransform",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class CropBox:
+    left: int
+    top: int
+    width: int
+    height: int
+
+    def as_pil_box(self) -> tuple[int, int, int, int]:
+        return (self.left, self.top, self.left + self.width, self.top + self.height)
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: random.Random,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> CropBox:
+    """A crop covering a uniform fraction ``scale`` of the area with a log-uniform aspect ratio.
+
+    Ten tries at a box that fits; if none does, the largest centred box whose aspect ratio is within
+    ``ratio`` (the usual RandomResizedCrop fallback).
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return CropBox(rng.randint(0, width - w), rng.randint(0, height - h), w, h)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return CropBox((width - w) // 2, (height - h) // 2, w, h)
+
+
+def center_crop_box(width: int, height: int) -> CropBox:
+    """The largest centred square."""
+    side = min(width, height)
+    return CropBox((width - side) // 2, (height - side) // 2, side, side)
+
+
+def pil_to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
+    """PIL image -> float [C, H, W] in [0, 1], converted to grey (C = 1) or RGB (C = 3)."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    m = torch.tensor(mean, dtype=x.dtype).view(shape)
+    s = torch.tensor(std, dtype=x.dtype).view(shape)
+    return (x - m) / s
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> normalised [C, size, size].
+
+    ``train=True``: random resized crop + horizontal flip (MAE pre-training); ``train=False``: centred square
+    crop resized to ``size`` (evaluation, reconstructions).
+    """
+
+    size: int
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    train: bool = True
+    scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        if self.train:
+            box = random_resized_crop_box(img.width, img.height, rng, self.scale)
+        else:
+            box = center_crop_box(img.width, img.height)
+        out = img.resize((self.size, self.size), Image.BICUBIC, box=box.as_pil_box())
+        if self.train and self.hflip and rng.random() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return _normalize(pil_to_tensor(out, self.channels), self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class ClipTransform:
+    """List of T PIL frames -> normalised [C, T, size, size], one crop and one flip decision for the clip."""
+
+    size: int
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    train: bool = True
+    scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+
+    def __call__(self, frames: Sequence[Image.Image], rng: random.Random) -> torch.Tensor:
+        first = frames[0]
+        if self.train:
+            box = random_resized_crop_box(first.width, first.height, rng, self.scale)
+        else:
+            box = center_crop_box(first.width, first.height)
+        flip = self.train and self.hflip and rng.random() < 0.5
+        out = []
+        for f in frames:
+            g = f.resize((self.size, self.size), Image.BICUBIC, box=box.as_pil_box())
+            if flip:
+                g = g.transpose(Image.FLIP_LEFT_RIGHT)
+            out.append(pil_to_tensor(g, self.channels))
+        return _normalize(torch.stack(out, dim=1), self.mean, self.std)

@@ -1,0 +1,38 @@
+"""Linear probe: multinomial logistic regression on frozen, standardised features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["linear_probe_accuracy", "fit_linear_probe"]
+
+
+def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 1e-4,
+                     max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fit W [D, C], b [C] on features [N, D] standardised per dimension (like the parameter-free BatchNorm in
+    front of MAE's linear probe) by full-batch L-BFGS in float64; deterministic. Returns (W, b, mean, std)."""
+    x = features.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    x = (x - mean) / std
+    W = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ W + b, labels) + l2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach(), b.detach(), mean, std
+
+
+def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                          test_labels: torch.Tensor, l2: float = 1e-4) -> float:
+    """Test accuracy of a logistic-regression probe fitted on the training features."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    W, b, mean, std = fit_linear_probe(train_features, train_labels, num_classes, l2)
+    pred = (((test_features.double() - mean) / std) @ W + b).argmax(1)
+    return float((pred == test_labels).double().mean()) if len(test_labels) else float("nan")

@@ -1,0 +1,192 @@
+"""Configuration of a pretraining run: one frozen dataclass, built from command-line flags (no exec'd files).
+
+Fields left at ``None`` are filled by :func:`resolve`: from the data (the demo gets a small model and a short
+schedule tuned to finish in minutes on a laptop CPU) and from the method (MAE / SimMIM / VideoMAE defaults
+of their papers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+__all__ = ["PretrainConfig", "build_parser", "parse_args", "resolve", "METHODS", "BACKEND_CHOICES"]
+
+METHODS = ("mae", "simmim", "videomae")
+BACKEND_CHOICES = ("reference", "torch", "triton", "cuda", "auto")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+# MAE paper recipe; the demo overrides it (tiny data, minutes of CPU).
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mae": dict(mask_ratio=0.75, blr=1.5e-4, epochs=400, warmup_epochs=40),
+    "simmim": dict(mask_ratio=0.6, blr=2e-4, epochs=100, warmup_epochs=10),
+    "videomae": dict(mask_ratio=0.9, blr=1.5e-4, epochs=800, warmup_epochs=40),
+}
+_DEMO_DEFAULTS: dict[str, Any] = dict(
+    model="mae_vit_micro_patch4", epochs=40, batch_size=64, blr=2e-3, warmup_epochs=4, log_every=5,
+    save_every=500, num_workers=0,
+)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that decides a run. ``epochs`` fixes the learning-rate schedule; ``max_steps`` only stops
+    early, so a run stopped by ``max_steps`` and resumed with a larger one follows the same trajectory."""
+
+    model: Optional[str] = None
+    method: Optional[str] = None
+    data: str = "demo"
+    input_size: Optional[int] = None
+    num_frames: Optional[int] = None
+    sampling_rate: int = 4
+    mask_patch_size: Optional[int] = None
+    epochs: Optional[int] = None
+    max_steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    accum_iter: int = 1
+    blr: Optional[float] = None
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_epochs: Optional[int] = None
+    mask_ratio: Optional[float] = None
+    norm_pix_loss: bool = True
+    clip_grad: Optional[float] = None
+    output_dir: Optional[str] = None
+    resume: Optional[str] = None
+    device: Optional[str] = None
+    seed: int = 0
+    save_every: Optional[int] = None
+    log_every: Optional[int] = None
+    num_workers: Optional[int] = None
+    fsdp: bool = False
+    compile: bool = False
+    backend: str = "auto"
+    precision: str = "bf16"
+    grad_checkpointing: bool = False
+    nvtx: bool = False
+    eval: bool = True
+    eval_max_images: int = 10_000
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m mimfast.pretrain",
+        description="Self-supervised pretraining (MAE, SimMIM, VideoMAE). With no arguments: a small MAE on the "
+                    "embedded handwritten-digits demo data, on whatever device is present.",
+    )
+    a = ap.add_argument
+    a("--model", default=None, help="model factory, e.g. mae_vit_base_patch16 (default: mae_vit_micro_patch4 on "
+                                     "the demo data, mae_vit_base_patch16 otherwise)")
+    a("--method", default=None, choices=METHODS, help="objective and masks (default: inferred from the model)")
+    a("--data", default="demo", help="'demo' (embedded digits), 'synthetic' (random tensors, for benchmarks), or "
+                                     "a folder: images in class sub-folders or flat; for videomae, .npy clips "
+                                     "or folders of frames. A folder with train/ and val/ uses val/ as held out")
+    a("--input-size", type=int, default=None, help="image side in pixels (default: the model's)")
+    a("--num-frames", type=int, default=None, help="frames per clip for videomae (default: the model's)")
+    a("--sampling-rate", type=int, default=4, help="temporal stride between sampled frames (videomae)")
+    a("--mask-patch-size", type=int, default=None, help="SimMIM mask unit in pixels (default 32, or the model "
+                                                        "patch size when 32 does not divide the input)")
+    a("--epochs", type=int, default=None, help="length of the schedule in epochs")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (the schedule still "
+                                                  "spans --epochs)")
+    a("--batch-size", type=int, default=None, help="images per process per micro-step (default 64)")
+    a("--accum-iter", type=int, default=1, help="micro-steps accumulated per optimizer step")
+    a("--blr", type=float, default=None, help="base learning rate: lr = blr * effective batch / 256")
+    a("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
+    a("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases and 1-D parameters)")
+    a("--warmup-epochs", type=int, default=None, help="epochs of linear warm-up")
+    a("--mask-ratio", type=float, default=None, help="fraction of tokens masked (default per method)")
+    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+      help="per-patch normalised pixel targets (MAE; VideoMAE's normalised target)")
+    a("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    a("--output-dir", default=None, help="run folder (default runs/<model>-<timestamp>)")
+    a("--resume", default=None, help="checkpoint path, or 'auto': the newest checkpoint of the run folder "
+                                     "(with no --output-dir: of the newest runs/<model>-* folder); none found "
+                                     "starts fresh")
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present; the local rank's GPU "
+                                     "under torchrun)")
+    a("--seed", type=int, default=0)
+    a("--save-every", type=int, default=None, help="checkpoint every N optimizer steps (and at each epoch end)")
+    a("--log-every", type=int, default=None, help="log metrics every N optimizer steps")
+    a("--num-workers", type=int, default=None, help="DataLoader decoding processes per rank (default 8)")
+    a("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP when distributed")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--backend", default="auto", choices=BACKEND_CHOICES,
+      help="'reference': the pure-PyTorch published formulation; others: mimfast's fused ops on that backend")
+    a("--precision", default="bf16", choices=PRECISIONS, help="autocast dtype on CUDA (CPU always runs fp32)")
+    a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in the backward pass")
+    a("--nvtx", action="store_true", help="NVTX ranges around data, forward, backward, optimizer (CUDA)")
+    a("--eval", action=argparse.BooleanOptionalAction, default=True,
+      help="after training: held-out reconstruction loss, kNN and linear probe vs random init")
+    a("--eval-max-images", type=int, default=10_000, help="cap on images used per evaluation split")
+    return ap
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
+    ns = build_parser().parse_args(None if argv is None else list(argv))
+    return PretrainConfig(**vars(ns))
+
+
+def infer_method(model: str) -> str:
+    for method in METHODS:
+        if model.startswith(method + "_"):
+            return method
+    raise ValueError(f"cannot infer the method from model {model!r}; pass --method {{{','.join(METHODS)}}}")
+
+
+def resolve(config: PretrainConfig) -> PretrainConfig:
+    """Fill the ``None`` fields and check the values; raises ``ValueError`` with a clear message."""
+    demo = config.data == "demo"
+    fill: dict[str, Any] = {}
+
+    def default(name: str, value: Any) -> None:
+        if getattr(config, name) is None and name not in fill:
+            fill[name] = value
+
+    for name, value in (_DEMO_DEFAULTS if demo else {}).items():
+        default(name, value)
+    model = fill.get("model", config.model) or "mae_vit_base_patch16"
+    default("model", model)
+    method = config.method or infer_method(model)
+    default("method", method)
+    for name, value in _METHOD_DEFAULTS[method].items():
+        default(name, value)
+    default("batch_size", 64)
+    default("save_every", 1000)
+    default("log_every", 20)
+    default("num_workers", 8)
+    out = dataclasses.replace(config, **fill)
+    if out.output_dir is None:
+        out = dataclasses.replace(out, output_dir=f"runs/{out.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check(out)
+    return out
+
+
+def _check(c: PretrainConfig) -> None:
+    positive = dict(epochs=c.epochs, batch_size=c.batch_size, accum_iter=c.accum_iter, save_every=c.save_every,
+                    log_every=c.log_every, sampling_rate=c.sampling_rate, eval_max_images=c.eval_max_images)
+    for name, value in positive.items():
+        if value is None or value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("max_steps", "input_size", "num_frames", "mask_patch_size"):
+        value = getattr(c, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if c.warmup_epochs < 0 or c.num_workers < 0:
+        raise ValueError("--warmup-epochs and --num-workers must be >= 0")
+    if not 0.0 <= c.mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio must be in [0, 1), got {c.mask_ratio}")
+    if (c.lr is None and c.blr <= 0) or (c.lr is not None and c.lr <= 0):
+        raise ValueError("the learning rate (--blr / --lr) must be positive")
+    if c.clip_grad is not None and c.clip_grad <= 0:
+        raise ValueError(f"--clip-grad must be positive, got {c.clip_grad}")
+    if c.method not in METHODS:
+        raise ValueError(f"unknown method {c.method!r}; choose one of {', '.join(METHODS)}")

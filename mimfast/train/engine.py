@@ -1,0 +1,556 @@
+"""The pretraining loop behind ``python -m mimfast.pretrain``.
+
+One function, :func:`train`, runs a whole job: data, model, optimizer, resume, the step loop with gradient
+accumulation, autocast, clipping, logging and checkpoints, then the pictures and the evaluation. The same code
+runs as one process or under torchrun (DDP or FSDP2); rank 0 writes every file.
+
+Reproducibility: the data order is a function of (seed, epoch), augmentations and masks of (seed, epoch, sample
+index), and the learning rate of the optimizer step. A checkpoint holds the step; resuming restarts the
+sampler at the same position of the same epoch, so an interrupted and resumed run follows the loss trajectory
+of an uninterrupted one, and a data-parallel run trains on the same global batches, with the same masks, as
+one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from mimfast.data.datasets import DataError, DigitsDemo, ImageFolder, SyntheticData, VideoFolder
+from mimfast.data.loader import Batch, EpochBatchSampler, make_loader
+from mimfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, ImageTransform
+from mimfast.train import checkpoint as ckpt
+from mimfast.train.config import PretrainConfig, resolve
+from mimfast.train.distributed import (
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    shutdown,
+    transformer_blocks,
+    wrap_model,
+)
+from mimfast.train.masks import EVAL_EPOCH
+from mimfast.train.metrics import MetricsLog, mfu, peak_flops, peak_memory_mb, read_metrics, train_flops_per_sample
+from mimfast.train.objectives import Objective, build_model
+from mimfast.train.optim import WarmupCosine, build_optimizer, scaled_lr
+from mimfast.train.visualize import save_loss_curve, save_reconstructions
+
+__all__ = ["train", "RunResult", "build_datasets", "enable_grad_checkpointing"]
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`train` returns: the run folder, the last optimizer step, why it stopped, the evaluation."""
+
+    output_dir: str
+    step: int
+    stopped_by: Optional[str]
+    eval: Optional[dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _channels(config: PretrainConfig) -> int:
+    return 1 if config.data == "demo" else 3
+
+
+def build_datasets(config: PretrainConfig, objective: Objective, device: torch.device) -> tuple[Any, Any, Any, str]:
+    """(training set, the same images with the evaluation transform, held-out set or None, held-out name).
+
+    Folders with ``train/`` and ``val/`` sub-folders use ``val/`` as the held-out set; other folders have none
+    (the evaluation then reads training images and says so)."""
+    shape = objective.input_shape()
+    size = shape[-1]
+    if config.data == "demo":
+        if size != 32 or shape[0] != 1:
+            raise DataError(f"the demo digits are 1-channel {32}x{32} images; model {config.model} expects "
+                            f"{shape[0]}-channel {size}x{size} input (use --input-size 32 and a patch size that "
+                            "divides 32)")
+        return DigitsDemo("train", size), DigitsDemo("train", size), DigitsDemo("heldout", size), "held-out"
+    if config.data == "synthetic":
+        data = SyntheticData(shape, seed=config.seed, device=device)
+        return data, data, None, "train"
+    root = config.data
+    train_root, val_root = os.path.join(root, "train"), os.path.join(root, "val")
+    has_split = os.path.isdir(train_root) and os.path.isdir(val_root)
+    if has_split:
+        root = train_root
+    if objective.method == "videomae":
+        def make(r: str, train: bool) -> VideoFolder:
+            tf = ClipTransform(size, shape[0], IMAGENET_MEAN, IMAGENET_STD, train=train)
+            return VideoFolder(r, tf, objective.num_frames, config.sampling_rate, seed=config.seed)
+    else:
+        def make(r: str, train: bool) -> ImageFolder:
+            return ImageFolder(r, ImageTransform(size, shape[0], IMAGENET_MEAN, IMAGENET_STD, train=train),
+                               seed=config.seed)
+    heldout = make(val_root, False) if has_split else None
+    return make(root, True), make(root, False), heldout, "held-out" if has_split else "train"
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute every transformer block's activations in the backward pass instead of storing them. Only the
+    instances' ``forward`` change; parameters and state-dict keys stay as they are."""
+    for block in transformer_blocks(model):
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------------------- the trainer
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and leaves at the next step boundary. A second
+    signal gets the default behaviour."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._previous[s] = signal.signal(s, self._handler)
+        try:
+            yield
+        finally:
+            for s, h in self._previous.items():
+                signal.signal(s, h)
+
+
+def _nvtx(enabled: bool, name: str) -> Any:
+    return torch.cuda.nvtx.range(name) if enabled else contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, config: PretrainConfig) -> None:
+        self.info, self.device = init_distributed(config.device)
+        self.config = config
+        self.main = self.info.is_main
+        self.out_dir = config.output_dir
+        self.nvtx = config.nvtx and self.device.type == "cuda"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[config.precision]
+        if self.device.type != "cuda":
+            self.amp_dtype = None  # CPU runs fp32
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, _channels(config)).to(self.device)
+        self.objective = Objective(config, self.model)
+        self.train_set, self.train_eval_set, self.heldout_set, self.heldout_name = build_datasets(
+            config, self.objective, self.device)
+        world, B, accum = self.info.world_size, config.batch_size, config.accum_iter
+        self.sampler = EpochBatchSampler(len(self.train_set), B, seed=config.seed, world_size=world,
+                                         rank=self.info.rank)
+        self.steps_per_epoch = len(self.sampler) // accum
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.train_set)} training samples cannot fill one optimizer step of "
+                            f"{B * world * accum} samples (batch {B} x {world} processes x accum {accum}); lower "
+                            "--batch-size / --accum-iter")
+        self.loader = make_loader(self.train_set, self.sampler, config.num_workers,
+                                  pin_memory=self.device.type == "cuda")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, config.max_steps or self.total_steps)
+        self.samples_per_step = B * world * accum
+
+        self.flops_per_sample = self._count_flops()
+        self.peak = peak_flops(self.device, config.precision)
+        self.model_keys = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        if config.grad_checkpointing:
+            enable_grad_checkpointing(self.model)
+        self.ddp_model = wrap_model(self.model, self.info, self.device, config.fsdp)
+        self.step_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
+
+        lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.samples_per_step)
+        self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device)
+        self.schedule = WarmupCosine(self.optimizer, lr, self.total_steps,
+                                     config.warmup_epochs * self.steps_per_epoch, config.min_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.metrics = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), enabled=self.main)
+        self.skipped_total = 0
+        self.stop = _StopFlag()
+
+    # -- set-up helpers
+
+    def _count_flops(self) -> float:
+        x = torch.zeros((1, *self.objective.input_shape()), device=self.device)
+        idx = torch.zeros(1, dtype=torch.long, device=self.device)
+        return train_flops_per_sample(self.model, lambda: self.objective.forward(self.model, x, idx, 0), 1)
+
+    def _log(self, message: str) -> None:
+        if self.main:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    def resume(self) -> None:
+        c = self.config
+        if c.resume is None:
+            return
+        path = ckpt.find_resume_checkpoint(self.out_dir, c.model) if c.resume == "auto" else c.resume
+        if path is None:
+            self._log(f"--resume auto: no checkpoint in {self.out_dir}, starting from scratch")
+            return
+        state = ckpt.load_checkpoint(path)
+        ckpt.check_compatible(state, c.model, c.method, self.model_keys, path)
+        saved = state.get("config", {})
+        for name in ("batch_size", "accum_iter", "epochs", "seed", "mask_ratio", "data", "blr", "lr"):
+            if name in saved and saved[name] != getattr(c, name):
+                self._log(f"warning: resuming with --{name.replace('_', '-')} {getattr(c, name)!r}, the checkpoint "
+                          f"was written with {saved[name]!r}; the run will not reproduce an uninterrupted one")
+        if state.get("world_size", self.info.world_size) != self.info.world_size:
+            self._log(f"note: checkpoint written by {state['world_size']} processes, resuming with "
+                      f"{self.info.world_size}")
+        _load_model_state(self.model, state["model"])
+        self._load_optimizer(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.skipped_total = int(state.get("skipped_total", 0))
+        self.metrics.truncate_after(self.step)
+        self._log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # the implementation flags follow this machine, not the one that wrote the checkpoint
+        impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        for g, flags in zip(self.optimizer.param_groups, impl):
+            g.update(flags)
+
+    def save(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        model_state = _model_state(self.model)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.main:
+            state = {
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": self.step,
+                "epoch": self.step // self.steps_per_epoch,
+                "rng": ckpt.rng_state(),
+                "config": self.config.to_dict(),
+                "world_size": self.info.world_size,
+                "skipped_total": self.skipped_total,
+            }
+            ckpt.atomic_save(state, os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME))
+        barrier(self.info)
+
+    # -- the step
+
+    def _autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _backend(self) -> Any:
+        if self.config.backend == "reference":
+            return contextlib.nullcontext()
+        from mimfast.backend import use
+
+        return use(self.config.backend)
+
+    def _micro_batch(self, it: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Next (images, indices, weight) on the device; an all-unreadable batch becomes one zero sample with
+        weight 0, so every rank still runs the same forward / backward collectives."""
+        with _nvtx(self.nvtx, "data"):
+            batch = next(it)
+        if batch.skipped:
+            self.skipped_total += len(batch.skipped)
+            for path in batch.skipped[:3]:
+                self._log(f"skipped unreadable file {path}")
+        if batch.images.numel() == 0:
+            x = torch.zeros((1, *self.objective.input_shape()), device=self.device)
+            return x, torch.zeros(1, dtype=torch.long, device=self.device), 0.0
+        images = batch.images.to(self.device, non_blocking=True)
+        return images, batch.indices.to(self.device, non_blocking=True), 1.0
+
+    def _sync_context(self, last_micro: bool) -> Any:
+        if self.config.accum_iter == 1 or not self.info.distributed:
+            return contextlib.nullcontext()
+        if isinstance(self.ddp_model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext() if last_micro else self.ddp_model.no_sync()
+        self.model.set_requires_gradient_sync(last_micro)
+        return contextlib.nullcontext()
+
+    def train_step(self, it: Iterator[Batch], epoch: int) -> torch.Tensor:
+        """One optimizer step over ``accum_iter`` micro-batches; returns the mean loss (a device scalar)."""
+        accum = self.config.accum_iter
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            images, indices, weight = self._micro_batch(it)
+            with self._sync_context(micro == accum - 1):
+                with _nvtx(self.nvtx, "forward"), self._autocast(), self._backend():
+                    loss = self.objective.forward(self.step_model, images, indices, epoch).loss
+                with _nvtx(self.nvtx, "backward"), self._backend():
+                    self.scaler.scale(loss.float() * (weight / accum)).backward()
+            total += loss.detach().float() * weight
+        with _nvtx(self.nvtx, "optimizer"):
+            if self.config.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()
+        return total / accum
+
+    def _stop_requested(self) -> bool:
+        if not self.info.distributed:
+            return self.stop.signal is not None
+        flag = torch.tensor(1.0 if self.stop.signal else 0.0, device=self.device)
+        return bool(all_reduce_mean(flag, self.info) > 0)
+
+    # -- the loop
+
+    def fit(self) -> Optional[str]:
+        """Train up to ``last_step``; returns the name of the signal that stopped it early, if any."""
+        c = self.config
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.last_step, initial=self.step, disable=not self.main, dynamic_ncols=True,
+                   unit="step", desc="train")
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_start = 0, time.perf_counter()
+        saved_at = self.step
+        stopped_by = None
+        with self.stop.installed():
+            while self.step < self.last_step and stopped_by is None:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch, start_step=in_epoch * c.accum_iter)
+                it = iter(self.loader)
+                bar.set_description(f"epoch {epoch + 1}/{c.epochs}")
+                for _ in range(in_epoch, self.steps_per_epoch):
+                    window_loss += self.train_step(it, epoch)
+                    self.step += 1
+                    window_steps += 1
+                    bar.update(1)
+                    end_of_epoch = self.step % self.steps_per_epoch == 0
+                    if self.step % c.log_every == 0 or self.step == self.last_step or end_of_epoch:
+                        record = self._log_window(window_loss, window_steps, time.perf_counter() - window_start)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                        img_s=f"{record['img_per_s']:.0f}")
+                        window_loss.zero_()
+                        window_steps, window_start = 0, time.perf_counter()
+                    if self.step % c.save_every == 0 or end_of_epoch or self.step == self.last_step:
+                        self.save()
+                        saved_at = self.step
+                    if self._stop_requested():
+                        stopped_by = self.stop.signal or "signal on another rank"
+                        break
+                    if self.step >= self.last_step:
+                        break
+        bar.close()
+        if stopped_by is not None:
+            if saved_at != self.step:
+                self.save()
+            self._log(f"stopped by {stopped_by} at step {self.step}; checkpoint saved in {self.out_dir} (continue "
+                      f"with --resume auto --output-dir {self.out_dir})")
+        return stopped_by
+
+    def _log_window(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> dict[str, Any]:
+        loss = float(all_reduce_mean(loss_sum / max(steps, 1), self.info))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.step}; lower the learning rate (--blr) or clip "
+                                     "gradients (--clip-grad)")
+        img_s = self.samples_per_step * steps / max(seconds, 1e-9)
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": img_s,
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
+        util = mfu(img_s, self.flops_per_sample, self.peak, self.info.world_size)
+        if util is not None:
+            record["mfu"] = util
+        if self.skipped_total:
+            record["skipped_files"] = self.skipped_total
+        self.metrics.write(record)
+        return record
+
+    # -- after training
+
+    def _eval_model(self) -> nn.Module:
+        """An unsharded model holding the trained weights (the training model itself unless FSDP shards it)."""
+        if not (self.config.fsdp and self.info.distributed):
+            return self.model
+        state = _model_state(self.model)
+        torch.manual_seed(self.config.seed)
+        model = build_model(self.config, _channels(self.config)).to(self.device)
+        model.load_state_dict(state)
+        return model
+
+    def _batches(self, dataset: Any, limit: int) -> Iterator[Batch]:
+        n = len(dataset)
+        indices = list(range(n)) if n <= limit else [round(i * n / limit) for i in range(limit)]
+        sampler = EpochBatchSampler(n, self.config.batch_size, shuffle=False, indices=indices)
+        sampler.set_epoch(EVAL_EPOCH)
+        for batch in make_loader(dataset, sampler, self.config.num_workers):
+            if batch.images.numel():
+                yield batch
+
+    def _features(self, model: nn.Module, dataset: Any, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = [], []
+        for batch in self._batches(dataset, limit):
+            with self._autocast(), self._backend():
+                feats.append(self.objective.features(model, batch.images.to(self.device)).cpu())
+            labels.append(batch.labels)
+        return torch.cat(feats), torch.cat(labels)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out reconstruction loss against the per-patch-mean predictor, the reconstruction picture, and
+        kNN / linear-probe accuracy of the trained encoder against the same encoder at its initialisation."""
+        from mimfast.eval.knn import knn_accuracy
+        from mimfast.eval.linear_probe import linear_probe_accuracy
+
+        c = self.config
+        model = self._eval_model()
+        model.eval()
+        data = self.heldout_set if self.heldout_set is not None else self.train_eval_set
+        loss_sum = trivial_sum = 0.0
+        count = 0
+        first: Optional[Batch] = None
+        for batch in self._batches(data, c.eval_max_images):
+            first = first or batch
+            images, indices = batch.images.to(self.device), batch.indices.to(self.device)
+            with self._autocast(), self._backend():
+                out = self.objective.forward(model, images, indices, EVAL_EPOCH)
+                trivial = self.objective.trivial_loss(model, images, out)
+            n = images.shape[0]
+            loss_sum += float(out.loss) * n
+            trivial_sum += float(trivial) * n
+            count += n
+        result: dict[str, Any] = {
+            "split": self.heldout_name,
+            "images": count,
+            "method": c.method,
+            "mask_ratio": c.mask_ratio,
+            "reconstruction_loss": loss_sum / max(count, 1),
+            "trivial_loss": trivial_sum / max(count, 1),
+            "trivial_predictor": "each masked patch predicted by its own mean pixel value",
+        }
+        if first is not None and self.main:
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c.method == "videomae" else (data.mean, data.std)
+            with self._autocast(), self._backend():
+                rec = self.objective.reconstruct(model, first.images.to(self.device), first.indices.to(self.device),
+                                                 EVAL_EPOCH, mean, std)
+            labels = rec.labels or [f"label {int(v)}" if v >= 0 else "" for v in first.labels[:8]]
+            save_reconstructions(rec.original.cpu(), rec.masked.cpu(), rec.reconstruction.cpu(),
+                                 os.path.join(self.out_dir, "reconstructions.png"),
+                                 title=f"{c.model}, {self.heldout_name} images, mask ratio {c.mask_ratio}",
+                                 column_labels=labels)
+        labelled = self.heldout_set is not None and len(getattr(self.heldout_set, "classes", [])) >= 2
+        if labelled:
+            torch.manual_seed(c.seed)
+            init_model = build_model(c, _channels(c)).to(self.device).eval()
+            result["probes"] = {}
+            for name, m in (("trained", model), ("random_init", init_model)):
+                tr_x, tr_y = self._features(m, self.train_eval_set, c.eval_max_images)
+                te_x, te_y = self._features(m, self.heldout_set, c.eval_max_images)
+                result["probes"][name] = {"knn_top1": knn_accuracy(tr_x, tr_y, te_x, te_y),
+                                          "linear_probe_top1": linear_probe_accuracy(tr_x, tr_y, te_x, te_y)}
+            result["probe_train_images"], result["probe_test_images"] = len(tr_y), len(te_y)
+        else:
+            result["probes"] = None
+            result["probes_skipped"] = "no labelled held-out split (class sub-folders in train/ and val/)"
+        model.train()
+        return result
+
+    def finish(self, stopped_by: Optional[str]) -> Optional[dict[str, Any]]:
+        records = read_metrics(self.metrics.path) if self.main and os.path.exists(self.metrics.path) else []
+        if self.main and records:
+            save_loss_curve(records, os.path.join(self.out_dir, "loss_curve.png"),
+                            title=f"{self.config.model} on {self.config.data}")
+        if stopped_by is not None or not self.config.eval:
+            return None
+        result = self.evaluate()
+        if self.main:
+            result["final_train_loss"] = records[-1]["loss"] if records else None
+            with open(os.path.join(self.out_dir, "eval.json"), "w") as f:
+                json.dump(result, f, indent=2)
+            self._log(format_eval(result))
+        return result
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    lines = [f"evaluation on {result['images']} {result['split']} images (mask ratio {result['mask_ratio']}):",
+             f"  masked reconstruction loss  {result['reconstruction_loss']:.4f}",
+             f"  per-patch-mean predictor    {result['trivial_loss']:.4f}"]
+    probes = result.get("probes")
+    if probes:
+        lines.append(f"  {'encoder':<14}{'kNN top-1':>12}{'linear probe':>15}")
+        for name, p in probes.items():
+            lines.append(f"  {name:<14}{p['knn_top1']:>12.3f}{p['linear_probe_top1']:>15.3f}")
+    else:
+        lines.append(f"  probes skipped: {result.get('probes_skipped')}")
+    return "\n".join(lines)
+
+
+def train(config: PretrainConfig) -> RunResult:
+    """Run a whole pretraining job (see the module docstring); ``config`` is resolved first."""
+    config = resolve(config)
+    trainer = Trainer(config)
+    try:
+        if trainer.main:
+            os.makedirs(trainer.out_dir, exist_ok=True)
+            with open(os.path.join(trainer.out_dir, "config.json"), "w") as f:
+                json.dump(config.to_dict(), f, indent=2)
+        trainer.resume()
+        trainer._log(
+            f"{config.model} ({config.method}), {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+            f"{trainer.device} x {trainer.info.world_size}, {len(trainer.train_set)} training samples, "
+            f"{trainer.steps_per_epoch} steps/epoch x {config.epochs} epochs, global batch "
+            f"{trainer.samples_per_step}, lr {trainer.schedule.lr:.2e}, {trainer.flops_per_sample / 1e9:.3f} "
+            f"GFLOP/sample; run folder {trainer.out_dir}")
+        stopped_by = trainer.fit()
+        result = trainer.finish(stopped_by)
+        return RunResult(trainer.out_dir, trainer.step, stopped_by, result)
+    finally:
+        shutdown(trainer.info)

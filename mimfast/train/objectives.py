@@ -1,0 +1,267 @@
+"""Models the engine can build, and per method (MAE, SimMIM, VideoMAE) how a batch becomes masks and a loss,
+how a reconstruction is turned back into pixels, which baseline a held-out loss is compared with, and which
+features the probes read from the encoder."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mimfast.ops.patchify import patchify, unpatchify
+from mimfast.train.config import PretrainConfig
+from mimfast.train.masks import mae_noise, simmim_mask, tube_mask
+
+__all__ = ["MICRO_MODELS", "model_factories", "build_model", "Objective", "Reconstruction", "effective_input_size"]
+
+
+def _mae_micro(**kwargs: Any) -> nn.Module:
+    from mimfast.models import MaskedAutoencoderViT
+
+    config = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=64,
+                  decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0)
+    return MaskedAutoencoderViT(**{**config, **kwargs})
+
+
+def _simmim_micro(**kwargs: Any) -> nn.Module:
+    from mimfast.models import SimMIMViT
+
+    config = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0)
+    return SimMIMViT(**{**config, **kwargs})
+
+
+def _videomae_micro(**kwargs: Any) -> nn.Module:
+    from mimfast.models import VideoMAE
+
+    config = dict(img_size=32, patch_size=4, num_frames=4, tubelet_size=2, embed_dim=128, depth=4, num_heads=4,
+                  decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0)
+    return VideoMAE(**{**config, **kwargs})
+
+
+# Small models for 32-pixel inputs (the demo digits, tests, CPU runs): 4-pixel patches, 128 wide, 4 deep.
+MICRO_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mae_vit_micro_patch4": _mae_micro,
+    "simmim_vit_micro_patch4": _simmim_micro,
+    "videomae_vit_micro_patch4": _videomae_micro,
+}
+
+
+def model_factories() -> dict[str, Callable[..., nn.Module]]:
+    """Every ``--model`` name: the factories of :mod:`mimfast.models` plus :data:`MICRO_MODELS`."""
+    import mimfast.models as models
+
+    found = {name: getattr(models, name) for name in models.__all__
+             if name.startswith(("mae_vit_", "simmim_vit_", "videomae_vit_"))}
+    return {**found, **MICRO_MODELS}
+
+
+def build_model(config: PretrainConfig, channels: int) -> nn.Module:
+    """The model named by ``config.model`` for ``channels``-channel inputs of ``config.input_size`` pixels
+    (default: the model's own size), in reference mode when ``config.backend == "reference"``."""
+    factories = model_factories()
+    if config.model not in factories:
+        raise ValueError(f"unknown model {config.model!r}; choose one of: {', '.join(sorted(factories))}")
+    kwargs: dict[str, Any] = {"in_chans": channels, "fused": config.backend != "reference"}
+    if config.input_size is not None:
+        kwargs["img_size"] = config.input_size
+    if config.method == "mae":
+        kwargs["norm_pix_loss"] = config.norm_pix_loss
+    elif config.method == "videomae":
+        kwargs["norm_target"] = config.norm_pix_loss
+        if config.num_frames is not None:
+            kwargs["num_frames"] = config.num_frames
+    model = factories[config.model](**kwargs)
+    patch = model.patch_size
+    size = model.img_size[0] if isinstance(model.img_size, (tuple, list)) else model.img_size
+    if size % patch:
+        raise ValueError(f"--input-size {size} is not divisible by the patch size {patch} of {config.model}")
+    return model
+
+
+class Reconstruction:
+    """Pixels in [0, 1] for the picture: original and reconstruction [n, C, H, W], masked [n, H, W] bool, and a
+    label per column."""
+
+    def __init__(self, original: torch.Tensor, masked: torch.Tensor, reconstruction: torch.Tensor,
+                 labels: Sequence[str] = ()) -> None:
+        self.original, self.masked, self.reconstruction, self.labels = original, masked, reconstruction, labels
+
+
+def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return x * s + m
+
+
+def _pixel_mask(mask: torch.Tensor, grid: Sequence[int], patch: int) -> torch.Tensor:
+    """[n, h*w] -> [n, h*p, w*p] bool."""
+    h, w = grid
+    m = mask.reshape(-1, h, w).bool()
+    return m.repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+
+
+class Objective:
+    """One method's masks, loss call, reconstruction pictures, trivial baseline and probe features."""
+
+    def __init__(self, config: PretrainConfig, model: nn.Module) -> None:
+        self.method = config.method
+        self.seed = config.seed
+        self.mask_ratio = float(config.mask_ratio)
+        self.patch_size = model.patch_size
+        self.grid = tuple(model.grid_size)
+        self.num_patches = model.num_patches
+        self.channels = model.in_chans
+        self.img_size = tuple(model.img_size)
+        if self.method == "simmim":
+            size = self.img_size[0]
+            default = 32 if size >= 128 and size % 32 == 0 else self.patch_size
+            self.mask_patch_size = config.mask_patch_size or default
+            if self.img_size[0] != self.img_size[1]:
+                raise ValueError("SimMIM masking needs square inputs")
+        if self.method == "videomae":
+            self.tubelet_size = model.tubelet_size
+            self.num_frames = model.num_frames
+            spatial = self.grid[1] * self.grid[2]
+            self.num_keep = self.num_patches - self.grid[0] * int(spatial * self.mask_ratio)
+            if self.num_keep == self.num_patches:
+                raise ValueError(f"--mask-ratio {self.mask_ratio} masks no token of a {self.grid[1]}x{self.grid[2]} "
+                                 "frame grid; VideoMAE needs at least one masked tube")
+
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: (C, H, W), or (C, T, H, W) for VideoMAE."""
+        if self.method == "videomae":
+            return (self.channels, self.num_frames, *self.img_size)
+        return (self.channels, *self.img_size)
+
+    def mask_arg(self, indices: torch.Tensor, epoch: int) -> Any:
+        """The mask input of the model for data-set samples ``indices`` [N] (on the model's device)."""
+        if self.method == "mae":
+            return mae_noise(self.seed, epoch, indices, self.num_patches)
+        if self.method == "simmim":
+            return simmim_mask(self.seed, epoch, indices, self.img_size[0], self.mask_patch_size, self.patch_size,
+                               self.mask_ratio)
+        from mimfast.ops.masking import mask_info_from_mask
+
+        mask = tube_mask(self.seed, epoch, indices, self.grid, self.mask_ratio)
+        return mask_info_from_mask(mask, num_keep=self.num_keep)
+
+    def forward(self, model: Callable[..., Any], images: torch.Tensor, indices: torch.Tensor, epoch: int) -> Any:
+        """The training forward: ``MIMOutput`` of ``model`` (possibly wrapped by DDP / compile)."""
+        arg = self.mask_arg(indices, epoch)
+        if self.method == "mae":
+            return model(images, mask_ratio=self.mask_ratio, noise=arg)
+        return model(images, arg)
+
+    @torch.no_grad()
+    def trivial_loss(self, model: nn.Module, images: torch.Tensor, output: Any) -> torch.Tensor:
+        """The loss of predicting every masked patch (cube) by its own mean: with per-patch normalised targets
+        that is predicting 0 (loss about 1 on textured patches, 0 on flat ones)."""
+        mask = output.mask
+        if self.method == "mae":
+            if model.norm_pix_loss:
+                pred = torch.zeros_like(output.pred)
+            else:
+                pred = patchify(images.float(), self.patch_size).mean(-1, keepdim=True).expand_as(output.pred)
+            return model.forward_loss(images.float(), pred.float(), mask)
+        if self.method == "simmim":
+            from mimfast.ops import simmim_pixel_loss
+
+            p = self.patch_size
+            means = F.avg_pool2d(images.float(), p)
+            pred = means.repeat_interleave(p, 2).repeat_interleave(p, 3)
+            return simmim_pixel_loss(pred, images.float(), mask, p)
+        pred = torch.zeros_like(output.pred, dtype=torch.float32)
+        if not model.norm_target:
+            cubes = self._video_cubes(images.float())
+            N, L, P = cubes.shape
+            means = cubes.view(N, L, -1, self.channels).mean(-2, keepdim=True).expand(-1, -1, P // self.channels, -1)
+            pred = means.reshape(N, L, P)[mask.reshape(N, L)].reshape(N, -1, P)
+        return model.forward_loss(images.float(), pred, mask)
+
+    def _video_cubes(self, videos: torch.Tensor) -> torch.Tensor:
+        return patchify(_denormalize(videos, IMAGENET_MEAN, IMAGENET_STD), self.patch_size, self.tubelet_size)
+
+    @torch.no_grad()
+    def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """[N, D] mean of the encoder's output tokens over the whole, unmasked input (cls token excluded)."""
+        if self.method == "mae":
+            latent, _, _ = model.forward_encoder(images, 0.0)
+            return latent[:, 1:].float().mean(1)
+        if self.method == "simmim":
+            empty = torch.zeros(images.shape[0], self.num_patches, dtype=torch.bool, device=images.device)
+            return model.encoder(images, empty).float().mean((2, 3))
+        encoder = model.encoder
+        x = encoder.patch_embed(images) + encoder.pos_embed.type_as(images)
+        return encoder(x).float().mean(1)
+
+    @torch.no_grad()
+    def reconstruct(self, model: nn.Module, images: torch.Tensor, indices: torch.Tensor, epoch: int,
+                    mean: Sequence[float], std: Sequence[float], max_columns: int = 8) -> Reconstruction:
+        """Model reconstruction of ``images`` with the visible patches pasted back, as pixels in [0, 1].
+
+        With per-patch normalised targets the prediction is mapped back with the mean and standard deviation of
+        each masked patch of the original (as MAE's own visualisation does): the picture shows the structure
+        the model predicted, at the true brightness and contrast of the patch.
+        """
+        out = self.forward(model, images, indices, epoch)
+        x = images.float()
+        p = self.patch_size
+        if self.method == "mae":
+            target = patchify(x, p)
+            pred = out.pred.float()
+            if model.norm_pix_loss:
+                mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+                pred = pred * (var + 1e-6).sqrt() + mu
+            mask = out.mask.bool()
+            merged = torch.where(mask.unsqueeze(-1), pred, target)
+            recon = unpatchify(merged, p, self.grid, self.channels)
+            masked = _pixel_mask(mask, self.grid, p)
+            n = min(max_columns, x.shape[0])
+            return Reconstruction(_denormalize(x, mean, std)[:n].clamp(0, 1), masked[:n],
+                                  _denormalize(recon, mean, std)[:n].clamp(0, 1))
+        if self.method == "simmim":
+            masked = _pixel_mask(out.mask, self.grid, p)
+            recon = torch.where(masked.unsqueeze(1), out.pred.float(), x)
+            n = min(max_columns, x.shape[0])
+            return Reconstruction(_denormalize(x, mean, std)[:n].clamp(0, 1), masked[:n],
+                                  _denormalize(recon, mean, std)[:n].clamp(0, 1))
+        return self._reconstruct_video(model, x, out, max_columns)
+
+    def _reconstruct_video(self, model: nn.Module, videos: torch.Tensor, out: Any, max_columns: int) -> Reconstruction:
+        cubes = self._video_cubes(videos)  # raw pixels [N, L, P]
+        N, L, P = cubes.shape
+        mask = out.mask.reshape(N, L).bool()
+        pred = out.pred.float()
+        if model.norm_target:
+            masked_cubes = cubes[mask].reshape(N, -1, P // self.channels, self.channels)
+            mu = masked_cubes.mean(-2, keepdim=True)
+            sd = masked_cubes.var(-2, keepdim=True).sqrt() + 1e-6
+            pred = (pred.view_as(masked_cubes) * sd + mu).reshape(N, -1, P)
+        merged = cubes.clone()
+        merged[mask] = pred.reshape(-1, P)
+        recon = unpatchify(merged, self.patch_size, self.grid, self.channels, self.tubelet_size)  # [N, C, T, H, W]
+        original = unpatchify(cubes, self.patch_size, self.grid, self.channels, self.tubelet_size)
+        t, h, w = self.grid
+        frames_per_clip = max(1, min(self.num_frames, max_columns // min(N, 2)))
+        clips = min(N, max(1, max_columns // frames_per_clip))
+        step = max(1, self.num_frames // frames_per_clip)
+        frame_ids = list(range(0, self.num_frames, step))[:frames_per_clip]
+        spatial = mask.reshape(N, t, h * w)
+        orig, rec, msk, labels = [], [], [], []
+        for c in range(clips):
+            for f in frame_ids:
+                orig.append(original[c, :, f])
+                rec.append(recon[c, :, f])
+                msk.append(_pixel_mask(spatial[c, f // self.tubelet_size][None], (h, w), self.patch_size)[0])
+                labels.append(f"clip {c} frame {f}")
+        return Reconstruction(torch.stack(orig).clamp(0, 1), torch.stack(msk), torch.stack(rec).clamp(0, 1), labels)
+
+
+def effective_input_size(model: nn.Module) -> int:
+    size = model.img_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+

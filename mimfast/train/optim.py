@@ -1,0 +1,83 @@
+"""AdamW with MAE's parameter groups and the per-iteration warm-up + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["param_groups", "build_optimizer", "WarmupCosine", "scaled_lr"]
+
+
+def scaled_lr(blr: float, effective_batch: int) -> float:
+    """The linear scaling rule of MAE: lr = blr * effective batch / 256."""
+    return blr * effective_batch / 256
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: weight decay on every trainable parameter except 1-D ones (LayerNorm, ...) and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.95), the fused CUDA implementation on GPU."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda")
+
+
+class WarmupCosine:
+    """Sets every group's lr per optimizer step: linear from 0 over ``warmup_steps``, then a half cosine from
+    ``lr`` down to ``min_lr`` at ``total_steps``. :meth:`step` is called after each optimizer step.
+
+    Equivalent::
+
+        lr(s) = lr * s / warmup                                                   s < warmup
+        lr(s) = min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup)))  otherwise
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int,
+                 min_lr: float = 0.0) -> None:
+        self.optimizer = optimizer
+        self.lr, self.min_lr = lr, min_lr
+        self.total_steps, self.warmup_steps = max(1, total_steps), min(warmup_steps, total_steps)
+        self.last_step = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * step / self.warmup_steps
+        span = self.total_steps - self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / span) if span > 0 else 1.0
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def current_lr(self) -> float:
+        return self.lr_at(self.last_step)
+
+    def _apply(self) -> None:
+        value = self.lr_at(self.last_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "min_lr": self.min_lr, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr, self.min_lr = float(state["lr"]), float(state["min_lr"])
+        self.total_steps, self.warmup_steps = int(state["total_steps"]), int(state["warmup_steps"])
+        self.last_step = int(state["last_step"])
+        self._apply()

@@ -1,0 +1,177 @@
+"""Pieces of the training engine on their own: mask noise, schedule, parameter groups, checkpoints, config."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from mimfast.train import checkpoint as ckpt
+from mimfast.train.config import PretrainConfig, parse_args, resolve
+from mimfast.train.masks import hash_noise, mae_noise, simmim_mask, tube_mask
+from mimfast.train.optim import WarmupCosine, param_groups, scaled_lr
+
+
+def test_hash_noise_is_a_function_of_seed_epoch_index_token():
+    idx = torch.tensor([5, 17, 3, 5])
+    a = hash_noise(0, 2, idx, 196)
+    assert a.shape == (4, 196) and a.dtype == torch.float32
+    assert torch.equal(a[0], a[3])  # same sample, same noise
+    # the same sample in another batch / position / split gives the same row
+    b = hash_noise(0, 2, torch.tensor([3]), 196)
+    assert torch.equal(a[2], b[0])
+    assert not torch.equal(hash_noise(1, 2, idx, 196), a)
+    assert not torch.equal(hash_noise(0, 3, idx, 196), a)
+    assert not torch.equal(a[0], a[1])
+    assert float(a.min()) >= 0.0 and float(a.max()) < 1.0
+
+
+def test_hash_noise_is_uniform():
+    x = hash_noise(7, 0, torch.arange(2000), 196).flatten()
+    counts = torch.histc(x, bins=20, min=0, max=1)
+    expected = x.numel() / 20
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 45  # 19 dof: p ~ 1e-3
+    # the rank of a fixed token is uniform over samples too (no token is favoured by the mask)
+    kept = torch.argsort(hash_noise(7, 0, torch.arange(4000), 16), dim=1)[:, :4]
+    freq = torch.bincount(kept.flatten(), minlength=16).double()
+    assert float(((freq - 1000) ** 2 / 1000).sum()) < 40  # 15 dof
+
+
+def test_hash_noise_matches_a_python_integer_reference():
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    seed, epoch, index, L = 12345, 3, 987654, 10
+    key = mix(((seed * 0x9E3779B1) & 0xFFFFFFFF) ^ 0x6D696D66)
+    key = mix(key ^ epoch)
+    h = mix(index ^ key)
+    expected = [(mix(mix(h ^ ((j * 0x85EBCA6B) & 0xFFFFFFFF)) ^ key) >> 8) / 2**24 for j in range(L)]
+    got = hash_noise(seed, epoch, torch.tensor([index]), L)[0].double().tolist()
+    assert got == expected
+
+
+def test_simmim_and_tube_masks():
+    idx = torch.arange(6)
+    m = simmim_mask(0, 0, idx, input_size=64, mask_patch_size=16, model_patch_size=4, mask_ratio=0.6)
+    assert m.shape == (6, 256) and m.dtype == torch.bool
+    units = m.view(6, 4, 4, 4, 4)  # [N, unit row, 4, unit col, 4]
+    per_unit = units.permute(0, 1, 3, 2, 4).reshape(6, 16, 16)
+    assert bool(((per_unit.all(-1)) | (~per_unit).all(-1)).all())  # units masked whole
+    assert per_unit.all(-1).sum(1).tolist() == [math.ceil(16 * 0.6)] * 6
+    t = tube_mask(0, 0, idx, (4, 3, 3), 0.9)
+    assert t.shape == (6, 36)
+    spatial = t.view(6, 4, 9)
+    assert bool((spatial == spatial[:, :1]).all())  # shared over time
+    assert spatial[:, 0].sum(1).tolist() == [int(9 * 0.9)] * 6
+    with pytest.raises(ValueError, match="divisible"):
+        simmim_mask(0, 0, idx, input_size=60, mask_patch_size=16, model_patch_size=4, mask_ratio=0.6)
+
+
+def test_mae_noise_gives_masks_independent_of_batch_split():
+    from mimfast.ops import random_masking
+
+    idx = torch.arange(8)
+    whole = random_masking(8, 64, 0.75, noise=mae_noise(1, 0, idx, 64)).mask
+    halves = torch.cat([random_masking(4, 64, 0.75, noise=mae_noise(1, 0, i, 64)).mask for i in idx.split(4)])
+    assert torch.equal(whole, halves)
+
+
+def test_warmup_cosine_schedule():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = WarmupCosine(opt, lr=0.1, total_steps=100, warmup_steps=10, min_lr=0.001)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs[0] == 0.0
+    assert lrs[5] == pytest.approx(0.05)
+    assert lrs[10] == pytest.approx(0.1)
+    assert lrs[55] == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    again = WarmupCosine(opt, lr=0.5, total_steps=3, warmup_steps=0)
+    again.load_state_dict(sched.state_dict())
+    assert again.current_lr() == sched.current_lr()
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+
+
+def test_param_groups_exclude_biases_and_1d():
+    from mimfast.train.objectives import _mae_micro
+
+    model = _mae_micro(depth=1, decoder_depth=1)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert "blocks.0.attn.qkv.weight" in decayed and "patch_embed.proj.weight" in decayed
+    assert "cls_token" in decayed  # 3-D, as in MAE's add_weight_decay
+    assert {"blocks.0.attn.qkv.bias", "norm.weight", "norm.bias", "decoder_pred.bias"} <= skipped
+    assert "pos_embed" not in decayed | skipped  # frozen
+    assert all(p.ndim <= 1 for p in no_decay["params"])
+
+
+def test_atomic_save_keeps_old_file_when_the_write_dies(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    ckpt.atomic_save({"model": {"w": torch.ones(3)}, "step": 1}, path)
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_save({"model": {"w": torch.zeros(3)}, "step": 2}, path)
+    monkeypatch.undo()
+    state = ckpt.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load_checkpoint(str(tmp_path / "nope.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="cannot read"):
+        ckpt.load_checkpoint(str(bad))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(1)}, other)
+    with pytest.raises(ckpt.CheckpointError, match="not a mimfast"):
+        ckpt.load_checkpoint(str(other))
+
+
+def test_rng_state_round_trip_loads_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    path = str(tmp_path / "rng.pt")
+    torch.save(state, path)
+    a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    ckpt.set_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
+
+
+def test_config_defaults_and_checks():
+    demo = resolve(PretrainConfig())
+    assert (demo.model, demo.method, demo.mask_ratio) == ("mae_vit_micro_patch4", "mae", 0.75)
+    assert demo.epochs == 40 and demo.blr == 2e-3 and demo.output_dir.startswith("runs/mae_vit_micro_patch4-")
+    folder = resolve(parse_args(["--data", "/x", "--model", "simmim_vit_base_patch16"]))
+    assert (folder.method, folder.mask_ratio, folder.epochs) == ("simmim", 0.6, 100)
+    assert resolve(parse_args(["--data", "/x"])).model == "mae_vit_base_patch16"
+    assert parse_args(["--no-norm-pix-loss"]).norm_pix_loss is False
+    with pytest.raises(ValueError, match="mask-ratio"):
+        resolve(parse_args(["--mask-ratio", "1.0"]))
+    with pytest.raises(ValueError, match="batch-size"):
+        resolve(parse_args(["--batch-size", "0"]))
+    with pytest.raises(ValueError, match="infer the method"):
+        resolve(parse_args(["--model", "vit_base"]))
+    with pytest.raises(Exception):
+        PretrainConfig().seed = 3  # frozen
