@@ -149,3 +149,45 @@ def test_gpu_bf16_mae_b_decoder_shape(norm_pix):
     torch.manual_seed(1)
     imgs, info, hidden, weight, bias, ids = make(16, 3, 224, 224, 16, 512, dtype=torch.bfloat16, device="cuda")
     run_case(hidden, weight, bias, imgs, info.mask, 16, ids_masked=ids, norm_pix=norm_pix, chunk_size=1024)
+
+
+def _mae_run(model, imgs, noise):
+    model.zero_grad()
+    out = model(imgs, mask_ratio=0.75, noise=noise)
+    out.loss.backward()
+    return out, {k: v.grad.clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pixels", "norm_pix"])
+def test_mae_fused_head_equals_reference_mode(norm_pix):
+    from mimfast import backend
+    from mimfast.models import MaskedAutoencoderViT
+
+    model = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                                 decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0, norm_pix_loss=norm_pix).double()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.2)
+    imgs, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 16)
+    model.fused = False
+    ref, ref_grads = _mae_run(model, imgs, noise)
+    model.fused = True
+    assert model.fused_head and model.return_pred
+    fused, fused_grads = _mae_run(model, imgs, noise)
+    assert torch.equal(fused.mask, ref.mask) and fused.pred.requires_grad
+    torch.testing.assert_close(fused.pred, ref.pred, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused.loss, ref.loss, rtol=1e-12, atol=0)
+    assert set(fused_grads) == set(ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    # the Triton head (fp32, interpreter) against the unfused fused-mode path, and pred skipped on request
+    model = model.float()
+    model.return_pred = False
+    with backend.use("triton"):
+        tri, tri_grads = _mae_run(model, imgs.float(), noise)
+    assert tri.pred is None
+    model.fused_head = False
+    plain, plain_grads = _mae_run(model, imgs.float(), noise)
+    torch.testing.assert_close(tri.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    for name in plain_grads:
+        torch.testing.assert_close(tri_grads[name], plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -7,7 +7,7 @@ checkpoints load with ``strict=True`` and the encoder keys match timm's ``Vision
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -23,7 +23,9 @@ from mimfast.models.vit import (
 from mimfast.nn.block import Block
 from mimfast.nn.patch_embed import PatchEmbed
 from mimfast.ops.embed_visible import embed_visible
+from mimfast.ops.fused_head_loss import fused_head_masked_pixel_loss, masked_ids_from_restore
 from mimfast.ops.masked_pixel_loss import masked_pixel_loss
+from mimfast.ops.masking import RaggedMaskInfo, ragged_random_masking
 from mimfast.ops.patchify import patchify, unpatchify
 from mimfast.ops.random_masking import check_mask_ratio, random_masking, random_masking_ref
 from mimfast.ops.restore_tokens import restore_tokens
@@ -53,7 +55,10 @@ class MaskedAutoencoderViT(MIMModel):
     ``fused=False`` is the published formulation in plain PyTorch (convolution over every patch, argsort
     masking, gather, concat-and-gather unshuffle); ``fused=True`` calls the :mod:`mimfast.ops` fused ops
     (``random_masking``, ``embed_visible``, ``visible_attention``, ``restore_tokens``, ``masked_pixel_loss``).
-    Both give the same numbers for the same ``noise``.
+    Both give the same numbers for the same ``noise``. In fused mode ``forward`` also runs ``decoder_pred`` and
+    the loss as one op on the masked rows only (``fused_head_masked_pixel_loss``, attribute ``fused_head``,
+    default True); pred [N, L, P] is then an extra GEMM done only while ``return_pred`` is True (the default,
+    for the official ``loss, pred, mask`` contract; set it to False in training loops, pred is then None).
 
     Equivalent PyTorch (``forward``)::
 
@@ -103,6 +108,8 @@ class MaskedAutoencoderViT(MIMModel):
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()
         self.fused = fused
+        self.fused_head = True
+        self.return_pred = True
 
     def initialize_weights(self) -> None:
         """MAE initialisation: sin-cos position tables, xavier-uniform Linears and patch projection (viewed as
@@ -155,6 +162,10 @@ class MaskedAutoencoderViT(MIMModel):
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent [N, 1+K, D], ids_restore [N, L] -> pred [N, L, P] for every patch (cls row dropped)."""
+        return self.decoder_pred(self.forward_decoder_features(x, ids_restore))[:, 1:, :]
+
+    def forward_decoder_features(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent [N, 1+K, D], ids_restore [N, L] -> decoder_norm output [N, 1+L, D_dec] (cls row first)."""
         x = self.decoder_embed(x)
         if self.fused:
             x = restore_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed, has_cls=True)
@@ -166,8 +177,7 @@ class MaskedAutoencoderViT(MIMModel):
             x = torch.cat((x[:, :1, :], unshuffled), dim=1) + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:, :]
+        return self.decoder_norm(x)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean over masked patches of the per-patch mean squared error against the (optionally per-patch
@@ -184,9 +194,80 @@ class MaskedAutoencoderViT(MIMModel):
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None) -> MIMOutput:
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        if self.fused and self.fused_head:
+            hidden = self.forward_decoder_features(latent, ids_restore)[:, 1:, :]
+            ids_masked = masked_ids_from_restore(ids_restore, latent.shape[1] - 1)
+            head = self.decoder_pred
+            loss = fused_head_masked_pixel_loss(hidden, head.weight, head.bias, imgs, mask, self.patch_size,
+                                                ids_masked=ids_masked, norm_pix=self.norm_pix_loss)
+            return MIMOutput(loss, head(hidden) if self.return_pred else None, mask)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return MIMOutput(loss, pred, mask)
+
+    def forward_encoder_packed(
+        self,
+        imgs: torch.Tensor,
+        mask_ratios: Union[torch.Tensor, Sequence[float]],
+        noise: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, RaggedMaskInfo]:
+        """Per-sample mask ratios: sample n keeps K_n = int(L * (1 - mask_ratios[n])) patches and the encoder runs
+        on the packed visible tokens, no padding (``visible_attention`` with ``cu_seqlens``).
+
+        imgs [N, C, H, W], mask_ratios [N] -> (latent [N + T, D], every sample's cls row first, then its K_n
+        visible tokens in the masking order; cu_seqlens [N+1] int32 of the latent; the
+        :class:`~mimfast.ops.masking.RaggedMaskInfo`), T = sum K_n. Equals ``forward_encoder`` run on each sample
+        alone with its own ratio and the same ``noise`` row.
+        """
+        check_model_input(imgs, name="imgs", img_size=self.img_size, patch_size=self.patch_size,
+                          in_chans=self.in_chans, device=self.cls_token.device)
+        N, L = imgs.shape[0], self.num_patches
+        check_noise(noise, N, L, imgs.device)
+        info = ragged_random_masking(N, L, mask_ratios, noise=noise, device=imgs.device,
+                                     backend=None if self.fused else "torch")
+        T, dev = info.ids_keep_packed.shape[0], imgs.device
+        sample = torch.repeat_interleave(torch.arange(N, device=dev), info.num_kept, output_size=T)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        patches = x[sample, info.ids_keep_packed]  # [T, D]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).reshape(1, -1).expand(N, -1)
+        cu_seqlens = info.cu_seqlens + torch.arange(N + 1, device=dev, dtype=torch.int32)
+        # packed row of each token: sample n's cls at cu_seqlens[n], its j-th patch after the n + 1 cls rows so far
+        source = torch.empty(N + T, dtype=torch.int64, device=dev)
+        source[cu_seqlens[:-1].long()] = torch.arange(N, device=dev)
+        source[torch.arange(T, device=dev) + sample + 1] = torch.arange(N, N + T, device=dev)
+        x = torch.cat((cls, patches))[source]
+        for block in self.blocks:
+            x = block(x, cu_seqlens=cu_seqlens, max_seqlen=info.max_seqlen + 1)
+        return self.norm(x), cu_seqlens, info
+
+    def forward_decoder_packed(self, latent: torch.Tensor, cu_seqlens: torch.Tensor,
+                               info: RaggedMaskInfo) -> torch.Tensor:
+        """Packed latent [N + T, D] (from ``forward_encoder_packed``) -> pred [N, L, P]. The decoder is dense: every
+        sample has all 1 + L tokens, the visible ones at their patch positions and the mask token elsewhere."""
+        x = self.decoder_embed(latent)
+        N, L = info.mask.shape
+        T, dev = info.ids_keep_packed.shape[0], latent.device
+        sample = torch.repeat_interleave(torch.arange(N, device=dev), info.num_kept, output_size=T)
+        # row of the table [mask_token; packed decoder tokens] feeding each dense position (0: the mask token)
+        source = torch.zeros(N, 1 + L, dtype=torch.int64, device=dev)
+        source[:, 0] = cu_seqlens[:-1].long() + 1
+        source[sample, 1 + info.ids_keep_packed] = torch.arange(T, device=dev) + sample + 2
+        x = torch.cat((self.mask_token.reshape(1, -1).to(x.dtype), x))[source] + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+    def forward_ragged(
+        self,
+        imgs: torch.Tensor,
+        mask_ratios: Union[torch.Tensor, Sequence[float]],
+        noise: Optional[torch.Tensor] = None,
+    ) -> MIMOutput:
+        """``forward`` with one mask ratio per sample: packed encoder, dense decoder, and the loss averaged over
+        every masked patch of the batch (sum(loss * mask) / sum(mask), whatever each sample's count)."""
+        latent, cu_seqlens, info = self.forward_encoder_packed(imgs, mask_ratios, noise)
+        pred = self.forward_decoder_packed(latent, cu_seqlens, info)
+        return MIMOutput(self.forward_loss(imgs, pred, info.mask), pred, info.mask)
 
 
 def _mae(patch_size: int, embed_dim: int, depth: int, num_heads: int, kwargs: dict) -> MaskedAutoencoderViT:
