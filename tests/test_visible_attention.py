@@ -112,6 +112,8 @@ def test_nan_in_unused_tail_does_not_leak(interpret):
     assert_error_ratio([t[:n] for t in got], same, ref)
 
 
+# padded key rows of the dK/dV loop overflow exp2 in the interpreter's numpy; those rows are never stored
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 def test_very_negative_scores(interpret):
     # every query anti-aligned with its sequence's keys: all real scores near -170, so a padded key (score 0)
     # would dominate, or overflow exp, unless masked
