@@ -1,4 +1,6 @@
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -286,6 +288,40 @@ def test_compiles_without_graph_break():
     compiled = torch.compile(f, fullgraph=True)
     got, want = compiled(noise), f(noise)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+_COMPILE_FOR_H100 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mimfast.kernels.random_masking import random_masking_kernel
+
+has_noise, ragged, block, num_warps = (int(v) for v in sys.argv[1:])
+signature = {"noise_ptr": "*bf16", "ids_keep_ptr": "*i64", "ids_restore_ptr": "*i64", "mask_ptr": "*fp32",
+             "num_keep_ptr": "*i64", "cu_seqlens_ptr": "*i32", "seed": "i64", "sample_offset": "i64",
+             "L": "i32", "K": "i32", "stride_noise_n": "i32", "stride_noise_l": "i32", "HAS_NOISE": "constexpr",
+             "RAGGED": "constexpr", "IDX_BITS": "constexpr", "BLOCK": "constexpr"}
+constexprs = {"HAS_NOISE": bool(has_noise), "RAGGED": bool(ragged), "IDX_BITS": 32 if has_noise else 11,
+              "BLOCK": block}
+src = ASTSource(fn=random_masking_kernel, signature=signature, constexprs=constexprs)
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+assert kernel.asm["cubin"]
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["0 0 2048 8", "1 1 256 4"], ids=["philox-2048", "noise-ragged-256"])
+def test_kernel_compiles_for_h100(config):
+    # full compilation to an sm_90 cubin without a GPU (and without the interpreter, in a subprocess): catches what
+    # the interpreter accepts but the compiler rejects
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, *config.split()], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "compiled"
 
 
 # ------------------------------------------------------------------------------------------------ GPU

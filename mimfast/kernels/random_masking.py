@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-INT64_MAX = 0x7FFFFFFFFFFFFFFF
+INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
 
 @triton.jit
