@@ -112,8 +112,7 @@ def test_nan_in_unused_tail_does_not_leak(interpret):
     assert_error_ratio([t[:n] for t in got], same, ref)
 
 
-# padded key rows of the dK/dV loop overflow exp2 in the interpreter's numpy; those rows are never stored
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no overflow anywhere, not even in rows never stored
 def test_very_negative_scores(interpret):
     # every query anti-aligned with its sequence's keys: all real scores near -170, so a padded key (score 0)
     # would dominate, or overflow exp, unless masked
@@ -359,7 +358,8 @@ def test_gpu_torch_compile_inductor():
     eager = torch.autograd.grad(f(q, k, v), (q, k, v))
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
     for a, b in zip(eager, compiled):
-        assert torch.equal(a, b)
+        # the kernels are the same; inductor may round the fused square-sum around them differently
+        torch.testing.assert_close(a, b)
 
 
 # --------------------------------------------------------------------------------------------------------------

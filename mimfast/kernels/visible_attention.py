@@ -216,9 +216,11 @@ def _attn_bwd(
                 lse = tl.load(lse_ptr + stat_base + cols, mask=mask_m, other=0.0)
                 delta = tl.load(delta_ptr + stat_base + cols, mask=mask_m, other=0.0)
                 s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-                # no mask needed: a padded query column has q = 0, lse = 0, so p_t = 1, and dO = 0 there, which
-                # zeroes its terms of dK and dV; padded key rows (k = 0) may overflow to inf but are never stored
-                p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+                # padded key rows (k = 0, score 0) would overflow exp2 when a query's real scores are all very
+                # negative: their rows are never stored, but masking them keeps inf / NaN out of the accumulators.
+                # Padded query columns need no mask: q = 0 and lse = 0 give p_t = 1, and dO = 0 there zeroes their
+                # terms of dK and dV.
+                p_t = tl.exp2(tl.where(mask_out[:, None], s_t * qk_scale - lse[None, :], float("-inf")))
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
                 ds_t = p_t * (dp_t - delta[None, :])
