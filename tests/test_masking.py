@@ -386,3 +386,12 @@ def test_gpu_generators_match_torch():
     ratios = torch.rand(256).mul(0.5).add(0.4).tolist()
     assert_same(ragged_random_masking(256, 196, ratios, seed=3, device=dev, backend="triton"),
                 ragged_random_masking(256, 196, ratios, seed=3, device=dev, backend="torch"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # device-side generators never wait for the device
+        ragged_random_masking(256, 196, ratios, device=dev, backend="triton")
+        tube_masking(64, (8, 14, 14), 0.9, device=dev, backend="triton")
+        simmim_masking(64, 192, 32, 4, 0.6, device=dev, backend="triton")
+        importance_masking(scores, 0.75, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

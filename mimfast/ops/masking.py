@@ -358,7 +358,8 @@ def block_masking_ref(N: int, grid: Union[int, tuple[int, int]], num_masking_pat
                         min_num_patches, max_num_patches, log_aspect)
         for n in range(N)
     ]
-    mask = torch.tensor(rows, dtype=torch.bool).reshape(N, height * width).to(device)
+    mask = torch.tensor(rows, dtype=torch.bool).reshape(N, height * width)
+    mask = _host_to_device(mask, resolve_device(None, device))
     return mask_info_from_mask(mask, height * width - num_masking_patches)
 
 
@@ -547,12 +548,19 @@ def _ragged_counts(N: int, L: int, mask_ratios: Union[torch.Tensor, Sequence[flo
     return [int(L * (1 - r)) for r in ratios]
 
 
+def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # a blocking copy from pageable memory synchronises the stream; from pinned memory it is queued like a kernel
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _ragged_layout(counts: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     cu = [0]
     for k in counts:
         cu.append(cu[-1] + k)
-    num_kept_t = torch.tensor(counts, dtype=torch.int64).to(device)
-    cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(device)
+    num_kept_t = _host_to_device(torch.tensor(counts, dtype=torch.int64), device)
+    cu_seqlens = _host_to_device(torch.tensor(cu, dtype=torch.int32), device)
     return num_kept_t, cu_seqlens, cu[-1], max(counts, default=0)
 
 
