@@ -12,6 +12,7 @@ from mimfast.ops import (
     ragged_random_masking,
     random_masking,
     ratio_schedule,
+    seeded_noise,
     simmim_masking,
     tube_masking,
 )
@@ -289,6 +290,21 @@ def test_ratio_schedule():
         ratio_schedule(0, 10, 0.5, 0.6, "step")
     with pytest.raises(ValueError, match="total_steps"):
         ratio_schedule(0, 0, 0.5, 0.6)
+
+
+def test_seeded_noise():
+    noise = seeded_noise(6, 196, seed=9, sample_offset=100)
+    assert noise.dtype == torch.float32 and noise.shape == (6, 196)
+    assert (noise > 0).all() and (noise < 1).all()
+    assert torch.equal(noise, seeded_noise(6, 196, seed=9, sample_offset=100))
+    assert torch.equal(noise[4:], seeded_noise(2, 196, seed=9, sample_offset=104))
+    assert not torch.equal(noise, seeded_noise(6, 196, seed=10, sample_offset=100))
+    big = seeded_noise(200, 196, seed=1)
+    assert abs(float(big.double().mean()) - 0.5) < 0.01 and abs(float(big.double().var()) - 1 / 12) < 0.002
+    info = random_masking(6, 196, 0.75, noise=noise)
+    assert_valid(info, 6, 196, 49)
+    with pytest.raises(ValueError, match="seed"):
+        seeded_noise(2, 4, seed=-3)
 
 
 # ---------------------------------------------------------------------------------------------------- ragged

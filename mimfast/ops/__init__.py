@@ -31,13 +31,14 @@ from mimfast.ops.masking import (  # noqa: E402
     mask_info_from_mask,
     ragged_random_masking,
     ratio_schedule,
+    seeded_noise,
     simmim_masking,
     tube_masking,
 )
 from mimfast.ops.random_masking import draw_seed, fold_seed  # noqa: E402
 
 __all__ += ["RaggedMaskInfo", "block_masking", "draw_seed", "fold_seed", "importance_masking", "mask_info_from_mask",
-            "ragged_random_masking", "ratio_schedule", "simmim_masking", "tube_masking"]
+            "ragged_random_masking", "ratio_schedule", "seeded_noise", "simmim_masking", "tube_masking"]
 
 from mimfast.ops.visible_attention import visible_attention, visible_attention_ref  # noqa: E402
 

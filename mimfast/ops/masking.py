@@ -56,11 +56,13 @@ __all__ = [
     "importance_masking_ref",
     "ratio_schedule",
     "ragged_random_masking",
+    "seeded_noise",
     "ragged_random_masking_ref",
 ]
 
-# Philox stream (fourth counter word) of the uniforms behind importance masking; random keys use stream 0.
+# Philox streams (fourth counter word): random keys use 0, importance masking's Gumbel noise 1, seeded_noise 2.
 _GUMBEL_STREAM = 1
+_NOISE_STREAM = 2
 
 
 class RaggedMaskInfo(NamedTuple):
@@ -416,6 +418,20 @@ def philox_uniform(N: int, L: int, seed: int, sample_offset: int = 0, device: De
     r0, _, _, _ = philox4x32(seed, idx, sample & 0xFFFFFFFF, sample >> 32, torch.full_like(idx, stream))
     # 24 random bits centred in their bin: exactly representable in float32, never 0 or 1
     return ((r0 >> 8).to(torch.float32) + 0.5) * 2.0**-24
+
+
+def seeded_noise(N: int, L: int, seed: int, sample_offset: int = 0, device: Device = None) -> torch.Tensor:
+    """[N, L] float32 uniform noise in (0, 1) that is a function of (seed, sample_offset + n, patch) only.
+
+    For code paths that take ``noise=`` (a model's ``forward(imgs, mask_ratio, noise)``): masks then depend on the
+    seed and the global sample index, not on the batch split. Generated on ``device`` with integer tensor ops, no
+    host sync. 24-bit uniforms: equal values in a row are rare and ordered by patch index.
+    """
+    if seed is None:
+        raise ValueError("seeded_noise needs a seed")
+    check_sizes(N, L)
+    check_seed(seed, sample_offset, N)
+    return philox_uniform(N, L, seed, sample_offset, device, stream=_NOISE_STREAM)
 
 
 def _check_scores(scores: torch.Tensor) -> None:
