@@ -104,7 +104,7 @@ def mask_info_from_mask(mask: torch.Tensor, num_keep: Optional[int] = None) -> M
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         raise ValueError(f"mask must be a 2-D [N, L] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
-    removed = mask.bool() if mask.dtype == torch.bool else mask != 0
+    removed = mask.bool()
     kept = ~removed
     N, L = mask.shape
     if num_keep is None:

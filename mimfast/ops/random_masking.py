@@ -370,7 +370,8 @@ def random_masking(
       + n) only, identical on every backend; fold an epoch or rank into the seed with :func:`fold_seed`.
     - otherwise randomness comes from ``generator`` (torch's default generator when None): see the module
       docstring. The triton backend never syncs the device; under ``torch.compile`` pass ``seed`` or ``noise``,
-      since drawing a seed from a generator is host code.
+      since drawing a seed from a generator is host code. A CUDA graph records the seed as a constant, so every
+      replay repeats the mask: inside captured code pass ``noise`` drawn by captured torch RNG.
 
     Equivalent PyTorch::
 
