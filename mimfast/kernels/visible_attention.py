@@ -201,9 +201,10 @@ def _attn_bwd(
             stat_base = h.to(tl.int64) * stride_lh + lse0
 
             # phase 1: dK, dV of keys [start, start + BLOCK_OUT) over every query block; scores kept transposed
-            # (keys x queries) so no accumulator needs a transpose
-            k = tl.load(k_base + rows_out[:, None] * stride_kt, mask=out_mask, other=0.0)
-            v = tl.load(v_base + rows_out[:, None] * stride_vt, mask=out_mask, other=0.0)
+            # (keys x queries) so no accumulator needs a transpose. *_out: this program's rows, *_in: the loop's
+            # (distinct names: the compiler rejects a loop-carried name that changes shape)
+            k_out = tl.load(k_base + rows_out[:, None] * stride_kt, mask=out_mask, other=0.0)
+            v_out = tl.load(v_base + rows_out[:, None] * stride_vt, mask=out_mask, other=0.0)
             dk = tl.zeros([BLOCK_OUT, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_OUT, BLOCK_D], dtype=tl.float32)
             for start_m in range(0, seqlen, BLOCK_IN):
@@ -211,20 +212,20 @@ def _attn_bwd(
                 mask_m = cols < seqlen
                 rows_m = (tok0 + cols).to(tl.int64)
                 in_mask = mask_m[:, None] & mask_d[None, :]
-                q = tl.load(q_base + rows_m[:, None] * stride_qt, mask=in_mask, other=0.0)
-                do = tl.load(do_base + rows_m[:, None] * stride_gt, mask=in_mask, other=0.0)
-                lse = tl.load(lse_ptr + stat_base + cols, mask=mask_m, other=0.0)
-                delta = tl.load(delta_ptr + stat_base + cols, mask=mask_m, other=0.0)
-                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+                q_in = tl.load(q_base + rows_m[:, None] * stride_qt, mask=in_mask, other=0.0)
+                do_in = tl.load(do_base + rows_m[:, None] * stride_gt, mask=in_mask, other=0.0)
+                lse_in = tl.load(lse_ptr + stat_base + cols, mask=mask_m, other=0.0)
+                delta_in = tl.load(delta_ptr + stat_base + cols, mask=mask_m, other=0.0)
+                s_t = tl.dot(k_out, tl.trans(q_in), input_precision=DOT_PRECISION)
                 # padded key rows (k = 0, score 0) would overflow exp2 when a query's real scores are all very
                 # negative: their rows are never stored, but masking them keeps inf / NaN out of the accumulators.
                 # Padded query columns need no mask: q = 0 and lse = 0 give p_t = 1, and dO = 0 there zeroes their
                 # terms of dK and dV.
-                p_t = tl.exp2(tl.where(mask_out[:, None], s_t * qk_scale - lse[None, :], float("-inf")))
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+                p_t = tl.exp2(tl.where(mask_out[:, None], s_t * qk_scale - lse_in[None, :], float("-inf")))
+                dv += tl.dot(p_t.to(do_in.dtype), do_in, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v_out, tl.trans(do_in), input_precision=DOT_PRECISION)
+                ds_t = p_t * (dp_t - delta_in[None, :])
+                dk += tl.dot(ds_t.to(q_in.dtype), q_in, input_precision=DOT_PRECISION)
             dk = dk * scale
             tl.store(dk_ptr + bb * stride_dkb + rows_out[:, None] * stride_dkt + h * stride_dkh
                      + offs_d[None, :] * stride_dkd, dk.to(dk_ptr.dtype.element_ty), mask=out_mask)
@@ -232,24 +233,24 @@ def _attn_bwd(
                      + offs_d[None, :] * stride_dvd, dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
 
             # phase 2: dQ of queries [start, start + BLOCK_OUT) over every key block
-            q = tl.load(q_base + rows_out[:, None] * stride_qt, mask=out_mask, other=0.0)
-            do = tl.load(do_base + rows_out[:, None] * stride_gt, mask=out_mask, other=0.0)
-            lse = tl.load(lse_ptr + stat_base + offs_out, mask=mask_out, other=0.0)
-            delta = tl.load(delta_ptr + stat_base + offs_out, mask=mask_out, other=0.0)
+            q_out = tl.load(q_base + rows_out[:, None] * stride_qt, mask=out_mask, other=0.0)
+            do_out = tl.load(do_base + rows_out[:, None] * stride_gt, mask=out_mask, other=0.0)
+            lse_out = tl.load(lse_ptr + stat_base + offs_out, mask=mask_out, other=0.0)
+            delta_out = tl.load(delta_ptr + stat_base + offs_out, mask=mask_out, other=0.0)
             dq = tl.zeros([BLOCK_OUT, BLOCK_D], dtype=tl.float32)
             for start_n in range(0, seqlen, BLOCK_IN):
                 cols = start_n + offs_in
                 mask_n = cols < seqlen
                 rows_n = (tok0 + cols).to(tl.int64)
                 in_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(k_base + rows_n[:, None] * stride_kt, mask=in_mask, other=0.0)
-                v = tl.load(v_base + rows_n[:, None] * stride_vt, mask=in_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                k_in = tl.load(k_base + rows_n[:, None] * stride_kt, mask=in_mask, other=0.0)
+                v_in = tl.load(v_base + rows_n[:, None] * stride_vt, mask=in_mask, other=0.0)
+                s = tl.dot(q_out, tl.trans(k_in), input_precision=DOT_PRECISION)
                 # padded keys score 0, and exp2(0 - lse) overflows when every real score is very negative: mask
-                p = tl.exp2(tl.where(mask_n[None, :], s * qk_scale - lse[:, None], float("-inf")))
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+                p = tl.exp2(tl.where(mask_n[None, :], s * qk_scale - lse_out[:, None], float("-inf")))
+                dp = tl.dot(do_out, tl.trans(v_in), input_precision=DOT_PRECISION)
+                ds = p * (dp - delta_out[:, None])
+                dq += tl.dot(ds.to(k_in.dtype), k_in, input_precision=DOT_PRECISION)
             dq = dq * scale
             tl.store(dq_ptr + bb * stride_dqb + rows_out[:, None] * stride_dqt + h * stride_dqh
                      + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
