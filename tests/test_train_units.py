@@ -1,5 +1,6 @@
 """Pieces of the training engine on their own: mask noise, schedule, parameter groups, checkpoints, config."""
 
+import dataclasses
 import math
 import os
 
@@ -173,5 +174,5 @@ def test_config_defaults_and_checks():
         resolve(parse_args(["--batch-size", "0"]))
     with pytest.raises(ValueError, match="infer the method"):
         resolve(parse_args(["--model", "vit_base"]))
-    with pytest.raises(Exception):
-        PretrainConfig().seed = 3  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PretrainConfig().seed = 3

@@ -110,7 +110,8 @@ def scan_video_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     samples: list[tuple[str, int]] = [(p, -1) for p in flat]
     classes: list[str] = []
     if not flat:
-        classes = [e for e in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, e)) and not e.startswith(".")]
+        classes = [e for e in sorted(os.listdir(root))
+                   if os.path.isdir(os.path.join(root, e)) and not e.startswith(".")]
         for label, cls in enumerate(classes):
             samples += [(p, label) for p in clips_in(os.path.join(root, cls))]
     if not samples:
@@ -124,7 +125,7 @@ class DigitsDemo:
 
     Shipped inside scikit-learn (no network). A fixed held-out split: every fifth image (the data cycles through
     the ten classes, so the split is close to stratified), 360 images; 1437 for training. Pixels are scaled to
-    [0, 1] and normalised with the training split's mean and standard deviation.
+    [0, 1], upscaled, and normalised with the training split's mean and standard deviation.
     """
 
     channels = 1
@@ -140,11 +141,11 @@ class DigitsDemo:
         digits = load_digits()
         x = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # [1797, 1, 8, 8]
         y = torch.from_numpy(digits.target).long()
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         heldout = torch.arange(len(y)) % 5 == 0
         mean, std = x[~heldout].mean().item(), x[~heldout].std().item()
         keep = heldout if split == "heldout" else ~heldout
-        x = torch.nn.functional.interpolate(x[keep], size=(size, size), mode="bilinear", align_corners=False)
-        self.images = (x - mean) / std
+        self.images = (x[keep] - mean) / std
         self.labels = y[keep]
         self.mean: tuple[float, ...] = (mean,)
         self.std: tuple[float, ...] = (std,)

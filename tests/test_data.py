@@ -1,0 +1,182 @@
+"""Data sets, transforms and sampling of the training engine."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimfast.data import (
+    ClipTransform,
+    DataError,
+    DigitsDemo,
+    EpochBatchSampler,
+    ImageFolder,
+    ImageTransform,
+    Unreadable,
+    VideoFolder,
+    collate,
+    make_loader,
+    scan_image_folder,
+)
+from mimfast.data.datasets import clip_frame_ids, sample_rng
+from mimfast.data.transforms import center_crop_box, random_resized_crop_box
+
+
+def _write_images(folder, names, size=(40, 30), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / name)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_split_the_single_process_batches(world):
+    n, B = 103, 4
+    single = EpochBatchSampler(n, B * world, seed=5)
+    ranks = [EpochBatchSampler(n, B, seed=5, world_size=world, rank=r) for r in range(world)]
+    for s in [single, *ranks]:
+        s.set_epoch(3)
+    per_rank = [list(r) for r in ranks]
+    assert len(single) == n // (B * world) == len(per_rank[0])
+    for step, keys in enumerate(single):
+        union = sorted(k for r in per_rank for k in r[step])
+        assert union == sorted(keys)
+        assert all(e == 3 for e, _ in keys)
+    seen = [i for keys in single for _, i in keys]
+    assert len(set(seen)) == len(seen)  # no sample twice in an epoch
+
+
+def test_sampler_epochs_differ_and_resume_mid_epoch():
+    s = EpochBatchSampler(50, 5, seed=1)
+    s.set_epoch(0)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert [i for _, i in e0[0]] != [i for _, i in e1[0]]
+    s.set_epoch(0, start_step=4)
+    assert list(s) == e0[4:]
+    s.set_epoch(0)
+    assert list(s) == e0  # deterministic
+    ev = EpochBatchSampler(7, 3, shuffle=False)
+    assert [[i for _, i in k] for k in ev] == [[0, 1, 2], [3, 4, 5], [6]]
+    with pytest.raises(ValueError, match="rank"):
+        EpochBatchSampler(10, 2, world_size=2, rank=2)
+
+
+def test_random_resized_crop_box_in_bounds_and_seeded():
+    for trial in range(200):
+        rng = random.Random(trial)
+        w, h = rng.randint(1, 300), rng.randint(1, 300)
+        box = random_resized_crop_box(w, h, rng)
+        assert 0 <= box.left and box.left + box.width <= w and box.width > 0
+        assert 0 <= box.top and box.top + box.height <= h and box.height > 0
+    a = random_resized_crop_box(500, 400, random.Random(3))
+    assert a == random_resized_crop_box(500, 400, random.Random(3))
+    # large crops in the (0.2, 1) area range on a big image
+    areas = [(lambda b: b.width * b.height / 250000)(random_resized_crop_box(500, 500, random.Random(i)))
+             for i in range(300)]
+    assert 0.19 <= min(areas) and max(areas) <= 1.0 and 0.5 < np.mean(areas) < 0.7
+    assert center_crop_box(50, 30) == type(a)(10, 0, 30, 30)
+
+
+def test_image_transform_shapes_and_normalisation():
+    img = Image.fromarray(np.full((30, 50, 3), 255, dtype=np.uint8))
+    tf = ImageTransform(16, 3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = tf(img, random.Random(0))
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25
+    grey = ImageTransform(8, 1, mean=(0.0,), std=(1.0,), train=False)(img, random.Random(0))
+    assert grey.shape == (1, 8, 8)
+    # one flip decision per sample: a left-right gradient is reversed in about half the draws
+    ramp = Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8)[None, :, None], (50, 1, 3)))
+    flat = ImageTransform(10, 1, mean=(0.0,), std=(1.0,), scale=(1.0, 1.0))
+    flips = sum(float(flat(ramp, random.Random(i))[0, 0, 0]) > 0.5 for i in range(200))
+    assert 70 < flips < 130
+
+
+def test_scan_image_folder_layouts(tmp_path):
+    _write_images(tmp_path / "cls" / "b", ["1.png", "2.jpg"])
+    _write_images(tmp_path / "cls" / "a", ["x.png"])
+    (tmp_path / "cls" / "a" / "notes.txt").write_text("not an image")
+    samples, classes = scan_image_folder(str(tmp_path / "cls"))
+    assert classes == ["a", "b"]
+    assert [(p.split("/")[-1], y) for p, y in samples] == [("x.png", 0), ("1.png", 1), ("2.jpg", 1)]
+    _write_images(tmp_path / "flat", ["z.png", "y.png"])
+    samples, classes = scan_image_folder(str(tmp_path / "flat"))
+    assert classes == [] and [y for _, y in samples] == [-1, -1]
+    with pytest.raises(DataError, match="does not exist"):
+        scan_image_folder(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(DataError, match="no image files"):
+        scan_image_folder(str(tmp_path / "empty"))
+
+
+def test_corrupt_images_are_skipped_and_counted_in_workers(tmp_path):
+    root = tmp_path / "imgs"
+    _write_images(root / "a", [f"{i}.png" for i in range(6)])
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "a" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    data = ImageFolder(str(root), ImageTransform(8, 3), seed=0)
+    assert len(data) == 8
+    broken = [i for i, (p, _) in enumerate(data.samples) if "broken" in p][0]
+    assert isinstance(data[(0, broken)], Unreadable)
+    sampler = EpochBatchSampler(len(data), 4, seed=0)
+    sampler.set_epoch(0)
+    batches = list(make_loader(data, sampler, num_workers=1))
+    assert sum(len(b.skipped) for b in batches) == 2
+    assert sum(b.images.shape[0] for b in batches) == 6
+    assert {p.split("/")[-1] for b in batches for p in b.skipped} == {"broken.png", "truncated.jpg"}
+    # the same sample decodes to the same tensor in a worker and here (augmentation seeded per sample)
+    first = batches[0]
+    i = int(first.indices[0])
+    assert torch.equal(first.images[0], data[(0, i)][0])
+    all_bad = collate([Unreadable("x", "bad")])
+    assert all_bad.images.numel() == 0 and all_bad.skipped == ("x",)
+
+
+def test_augmentation_depends_on_seed_epoch_index_only(tmp_path):
+    _write_images(tmp_path / "d", ["a.png", "b.png"], size=(64, 48))
+    data = ImageFolder(str(tmp_path / "d"), ImageTransform(16, 3), seed=3)
+    assert torch.equal(data[(2, 1)][0], data[(2, 1)][0])
+    assert not torch.equal(data[(2, 1)][0], data[(3, 1)][0])
+    assert sample_rng(3, 2, 1).random() == sample_rng(3, 2, 1).random()
+
+
+def test_video_folder_npy_and_frame_folders(tmp_path):
+    root = tmp_path / "videos"
+    (root / "walk").mkdir(parents=True)
+    np.save(root / "walk" / "clip0.npy", np.random.default_rng(0).integers(0, 256, (9, 20, 24, 3), dtype=np.uint8))
+    frames = root / "walk" / "clip1"
+    _write_images(frames, [f"{i:03d}.png" for i in range(3)], size=(24, 20))
+    (root / "run").mkdir()
+    np.save(root / "run" / "bad.npy", np.zeros((2, 3)))  # wrong rank: unreadable
+    data = VideoFolder(str(root), ClipTransform(16, 3), num_frames=4, stride=2, seed=0)
+    assert data.classes == ["run", "walk"] and len(data) == 3
+    labels = {p.split("/")[-1]: y for p, y in data.samples}
+    assert labels == {"bad.npy": 0, "clip0.npy": 1, "clip1": 1}
+    by_name = {p.split("/")[-1]: i for i, (p, _) in enumerate(data.samples)}
+    x, y, _ = data[(0, by_name["clip0.npy"])]
+    assert x.shape == (3, 4, 16, 16) and y == 1
+    x, _, _ = data[(0, by_name["clip1"])]  # 3 frames, 4 wanted: the last repeats
+    assert x.shape == (3, 4, 16, 16)
+    assert isinstance(data[(0, by_name["bad.npy"])], Unreadable)
+    assert clip_frame_ids(9, 4, 2, None) == [1, 3, 5, 7]  # centred
+    assert clip_frame_ids(3, 4, 2, None) == [0, 2, 2, 2]
+    ids = clip_frame_ids(100, 4, 3, random.Random(0))
+    assert np.diff(ids).tolist() == [3, 3, 3] and 0 <= ids[0] <= 91
+    (tmp_path / "novideo").mkdir()
+    with pytest.raises(DataError, match="no clips"):
+        VideoFolder(str(tmp_path / "novideo"), ClipTransform(16), 4, 2)
+
+
+def test_digits_demo_split():
+    train, held = DigitsDemo("train"), DigitsDemo("heldout")
+    assert len(train) == 1437 and len(held) == 360
+    assert train.images.shape == (1437, 1, 32, 32)
+    assert abs(float(train.images.mean())) < 0.05 and abs(float(train.images.std()) - 1) < 0.1
+    assert sorted(set(held.labels.tolist())) == list(range(10))
+    images, labels, idx = held.collate_keys([(0, 3), (0, 7)])
+    assert torch.equal(images[1], held.images[7]) and idx.tolist() == [3, 7]

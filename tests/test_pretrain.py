@@ -1,0 +1,217 @@
+"""End-to-end runs of ``python -m mimfast.pretrain`` on CPU: artifacts, learning, exact resume, surviving kills,
+and clear errors for bad input. Models are tiny and runs a few steps long."""
+
+import functools
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimfast.pretrain import main
+from mimfast.train import checkpoint as ckpt
+from mimfast.train import objectives
+from mimfast.train.config import parse_args
+from mimfast.train.engine import train
+from mimfast.train.metrics import read_metrics
+from mimfast.train.visualize import DPI
+
+
+@pytest.fixture(autouse=True)
+def nano_models(monkeypatch):
+    """Smaller-than-micro models, registered for the tests only."""
+    monkeypatch.setitem(objectives.MICRO_MODELS, "mae_vit_nano_patch4", functools.partial(
+        objectives._mae_micro, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+        decoder_num_heads=2))
+    monkeypatch.setitem(objectives.MICRO_MODELS, "simmim_vit_nano_patch4", functools.partial(
+        objectives._simmim_micro, embed_dim=32, depth=1, num_heads=2))
+    monkeypatch.setitem(objectives.MICRO_MODELS, "videomae_vit_nano_patch4", functools.partial(
+        objectives._videomae_micro, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+        decoder_num_heads=2))
+
+
+def run(tmp, *flags):
+    return train(parse_args(["--output-dir", str(tmp), *flags]))
+
+
+def model_state(out_dir):
+    return ckpt.load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))["model"]
+
+
+def test_demo_style_run_writes_artifacts_and_beats_the_trivial_predictor(tmp_path):
+    out = tmp_path / "run"
+    result = run(out, "--model", "mae_vit_nano_patch4", "--epochs", "2", "--batch-size", "32", "--blr", "8e-3",
+                 "--warmup-epochs", "1", "--log-every", "10")
+    for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "loss_curve.png", "reconstructions.png",
+                 "eval.json"):
+        assert (out / name).is_file(), name
+    state = ckpt.load_checkpoint(str(out / "checkpoint.pt"))
+    assert state["step"] == result.step == 88 and state["epoch"] == 2
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
+    assert json.loads((out / "config.json").read_text())["model"] == "mae_vit_nano_patch4"
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records][-2:] == [80, 88]
+    for r in records:
+        assert {"step", "epoch", "loss", "lr", "img_per_s", "peak_mem_mb"} <= set(r)
+        assert np.isfinite(r["loss"]) and r["img_per_s"] > 0
+    assert "mfu" not in records[0]  # no GPU, no MFU
+    assert records[-1]["loss"] < records[0]["loss"]
+    with Image.open(out / "loss_curve.png") as img:
+        assert img.size == (640, 400)
+        assert np.asarray(img.convert("L")).std() > 10
+    with Image.open(out / "reconstructions.png") as img:
+        assert img.size == (round((1.0 + 1.3 * 8) * DPI), round((0.5 + 1.3 * 3) * DPI))
+        assert np.asarray(img.convert("L")).std() > 10
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["split"] == "held-out" and ev["images"] == 360
+    # the model learned something the per-patch mean cannot: the held-out loss is clearly below it
+    assert ev["reconstruction_loss"] < 0.97 * ev["trivial_loss"]
+    for name in ("trained", "random_init"):
+        for metric in ("knn_top1", "linear_probe_top1"):
+            assert 0.1 < ev["probes"][name][metric] <= 1.0
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--accum-iter", "2",
+             "--log-every", "1", "--no-eval", "--clip-grad", "1.0"]
+    run(tmp_path / "straight", *flags, "--max-steps", "6")
+    run(tmp_path / "split", *flags, "--max-steps", "3")
+    assert ckpt.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 3
+    run(tmp_path / "split", *flags, "--max-steps", "6", "--resume", "auto")
+    a = read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))
+    b = read_metrics(str(tmp_path / "split" / "metrics.jsonl"))
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    sa, sb = model_state(tmp_path / "straight"), model_state(tmp_path / "split")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--save-every", "1",
+             "--no-eval", "--log-every", "1"]
+    real_save = torch.save
+    calls = []
+
+    def save_then_die(obj, f, *args, **kwargs):
+        calls.append(obj["step"])
+        if len(calls) == 3:
+            f.write(b"PK\x03\x04 the first bytes of a zip")
+            raise KeyboardInterrupt("killed mid-write")
+        real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(ckpt.torch, "save", save_then_die)
+        run(out, *flags, "--max-steps", "5")
+    assert calls == [1, 2, 3]
+    assert ckpt.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 2
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    result = run(out, *flags, "--max-steps", "5", "--resume", "auto")
+    assert result.step == 5
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
+
+    def send_sigterm_after_first_log():
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), 15)
+
+    thread = threading.Thread(target=send_sigterm_after_first_log, daemon=True)
+    thread.start()
+    result = run(out, "--model", "mae_vit_nano_patch4", "--epochs", "50", "--batch-size", "8", "--log-every", "1")
+    thread.join()
+    assert result.stopped_by == "SIGTERM" and result.eval is None
+    assert 1 <= result.step < 50 * (1437 // 8)
+    assert ckpt.load_checkpoint(str(out / "checkpoint.pt"))["step"] == result.step
+    assert (out / "loss_curve.png").is_file()
+
+
+def test_backends_and_grad_checkpointing_give_the_same_run(tmp_path):
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--max-steps", "2",
+             "--log-every", "1", "--no-eval"]
+    run(tmp_path / "ref", *flags, "--backend", "reference")
+    run(tmp_path / "torch", *flags, "--backend", "torch", "--grad-checkpointing")
+    a = [r["loss"] for r in read_metrics(str(tmp_path / "ref" / "metrics.jsonl"))]
+    b = [r["loss"] for r in read_metrics(str(tmp_path / "torch" / "metrics.jsonl"))]
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    sa, sb = model_state(tmp_path / "ref"), model_state(tmp_path / "torch")
+    assert all(torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-5) for k in sa)
+
+
+def _save_clips(root, count):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        np.save(root / f"clip{i}.npy", rng.integers(0, 256, (8, 36, 40, 3), dtype=np.uint8))
+
+
+def test_simmim_and_videomae_runs(tmp_path):
+    r = run(tmp_path / "simmim", "--model", "simmim_vit_nano_patch4", "--data", "synthetic", "--epochs", "1",
+            "--max-steps", "2", "--batch-size", "4", "--eval-max-images", "8")
+    assert r.step == 2 and r.eval["method"] == "simmim" and r.eval["split"] == "train"
+    assert r.eval["probes"] is None and (tmp_path / "simmim" / "reconstructions.png").is_file()
+    assert np.isfinite(r.eval["reconstruction_loss"]) and np.isfinite(r.eval["trivial_loss"])
+    _save_clips(tmp_path / "clips", 6)
+    r = run(tmp_path / "video", "--model", "videomae_vit_nano_patch4", "--data", str(tmp_path / "clips"),
+            "--epochs", "1", "--batch-size", "3", "--num-workers", "0", "--sampling-rate", "2")
+    assert r.step == 2 and r.eval["method"] == "videomae" and r.eval["mask_ratio"] == 0.9
+    # per-cube normalised targets: the mean predictor scores about 1
+    assert 0.8 < r.eval["trivial_loss"] < 1.1
+    with Image.open(tmp_path / "video" / "reconstructions.png") as img:
+        assert img.size[0] > img.size[1]
+
+
+def _error_of(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_clear_errors_for_bad_input(tmp_path, capsys):
+    base = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "4", "--no-eval", "--output-dir"]
+    assert "does not exist" in _error_of(capsys, *base, str(tmp_path / "o1"), "--data", str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    assert "no image files" in _error_of(capsys, *base, str(tmp_path / "o2"), "--data", str(tmp_path / "empty"))
+    assert "not divisible by the patch size" in _error_of(capsys, *base, str(tmp_path / "o3"), "--data",
+                                                          "synthetic", "--input-size", "30")
+    assert "demo digits are 1-channel 32x32" in _error_of(capsys, *base, str(tmp_path / "o4"), "--input-size", "48")
+    err = _error_of(capsys, *base, str(tmp_path / "o5"), "--batch-size", "2000")
+    assert "cannot fill one optimizer step" in err
+    assert "unknown model" in _error_of(capsys, *base, str(tmp_path / "o6"), "--model", "mae_vit_gigantic_patch3")
+    # a checkpoint from another model
+    run(tmp_path / "mae", "--model", "mae_vit_nano_patch4", "--epochs", "1", "--max-steps", "1", "--batch-size", "4",
+        "--no-eval")
+    err = _error_of(capsys, "--model", "mae_vit_micro_patch4", "--epochs", "1", "--batch-size", "4", "--no-eval",
+                    "--output-dir", str(tmp_path / "mae"), "--resume", "auto")
+    assert "written for model 'mae_vit_nano_patch4'" in err
+    err = _error_of(capsys, "--model", "simmim_vit_nano_patch4", "--data", "synthetic", "--epochs", "1",
+                    "--batch-size", "4", "--no-eval", "--output-dir", str(tmp_path / "s"), "--resume",
+                    str(tmp_path / "mae" / "checkpoint.pt"))
+    assert "written for model" in err and "simmim_vit_nano_patch4" in err
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    root = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            arr = np.random.default_rng(i).integers(0, 256, (40, 44, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    (root / "a" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "b" / "empty.png").write_bytes(b"")
+    r = run(tmp_path / "run", "--model", "mae_vit_nano_patch4", "--data", str(root), "--input-size", "16",
+            "--epochs", "1", "--batch-size", "5", "--num-workers", "1", "--log-every", "1", "--eval-max-images", "4")
+    assert r.step == 2
+    records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert records[-1]["skipped_files"] == 2
