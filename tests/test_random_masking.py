@@ -179,7 +179,7 @@ def test_triton_noise_non_contiguous():
 
 @pytest.mark.parametrize("N,L,ratio,seed,sample_offset", [
     (2, 196, 0.75, 0, 0),
-    (1, 256, 0.9, 1, 0),  # an int argument equal to 1 is specialised by triton: must still be a seed
+    (1, 256, 0.9, 1, 0),  # small seed and offset: 32-bit kernel arguments
     (3, 50, 0.5, 2**63 - 1, 2**40 + 7),  # top key bits, high counter word
     (2, 7, 0.9, 99, 5),  # K = 0
     (2, 16, 0.0, 3, 1),  # K = L, L a power of two

@@ -1,5 +1,5 @@
-"""Triton kernel for random masking: one program per sample builds sort keys, sorts them in registers and writes
-ids_keep, ids_restore and mask in a single launch.
+"""Triton kernel for random masking: one program per sample builds sort keys, sorts them on chip (bitonic
+``tl.sort``) and writes ids_keep, ids_restore and mask in a single launch.
 
 Keys are int64 with the patch index in the low ``IDX_BITS`` bits, so every key in a row is distinct and the
 ascending order of the keys is a permutation that breaks ties by patch index (the order of a stable argsort).
@@ -13,19 +13,24 @@ ascending order of the keys is a permutation that breaks ties by patch index (th
 
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
 
-@triton.jit
+# a fresh seed every call: specialising on its value (divisibility, == 1) would recompile at random
+@triton.jit(do_not_specialize=["seed", "sample_offset"])
 def random_masking_kernel(
     noise_ptr,  # [N, L] float32/float16/bfloat16 noise (read only when HAS_NOISE)
     ids_keep_ptr,  # [N, K] int64 out, or [T] int64 packed by cu_seqlens when RAGGED
     ids_restore_ptr,  # [N, L] int64 out
     mask_ptr,  # [N, L] float out, 1 = removed
-    num_keep_ptr,  # [N] int32 kept count per sample (read only when RAGGED)
+    num_keep_ptr,  # [N] int64 kept count per sample (read only when RAGGED)
     cu_seqlens_ptr,  # [N + 1] int32 packed row starts (read only when RAGGED)
     seed,  # 64-bit Philox key (used only without noise)
     sample_offset,  # global index of sample 0 (used only without noise)
@@ -77,13 +82,13 @@ def random_masking_kernel(
 
 
 def launch_random_masking(
-    ids_keep,
-    ids_restore,
-    mask,
+    ids_keep: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask: torch.Tensor,
     *,
-    noise=None,
-    num_keep=None,
-    cu_seqlens=None,
+    noise: Optional[torch.Tensor] = None,
+    num_keep: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
     seed: int = 0,
     sample_offset: int = 0,
     K: int = 0,
@@ -101,22 +106,24 @@ def launch_random_masking(
     idx_bits = 32 if has_noise else index_bits
     ragged = num_keep is not None
     num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-    random_masking_kernel[(N,)](
-        noise if has_noise else ids_restore,
-        ids_keep,
-        ids_restore,
-        mask,
-        num_keep if ragged else ids_restore,
-        cu_seqlens if ragged else ids_restore,
-        seed,
-        sample_offset,
-        L,
-        K,
-        noise.stride(0) if has_noise else 0,
-        noise.stride(1) if has_noise else 0,
-        HAS_NOISE=has_noise,
-        RAGGED=ragged,
-        IDX_BITS=idx_bits,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    # triton launches on the current CUDA device: make it the outputs' device
+    with torch.cuda.device(ids_restore.device) if ids_restore.is_cuda else contextlib.nullcontext():
+        random_masking_kernel[(N,)](
+            noise if has_noise else ids_restore,
+            ids_keep,
+            ids_restore,
+            mask,
+            num_keep if ragged else ids_restore,
+            cu_seqlens if ragged else ids_restore,
+            seed,
+            sample_offset,
+            L,
+            K,
+            noise.stride(0) if has_noise else 0,
+            noise.stride(1) if has_noise else 0,
+            HAS_NOISE=has_noise,
+            RAGGED=ragged,
+            IDX_BITS=idx_bits,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
