@@ -163,7 +163,7 @@ def test_rng_state_round_trip_loads_weights_only(tmp_path):
 def test_config_defaults_and_checks():
     demo = resolve(PretrainConfig())
     assert (demo.model, demo.method, demo.mask_ratio) == ("mae_vit_micro_patch4", "mae", 0.75)
-    assert demo.epochs == 40 and demo.blr == 2e-3 and demo.output_dir.startswith("runs/mae_vit_micro_patch4-")
+    assert demo.epochs == 30 and demo.blr == 4e-3 and demo.output_dir.startswith("runs/mae_vit_micro_patch4-")
     folder = resolve(parse_args(["--data", "/x", "--model", "simmim_vit_base_patch16"]))
     assert (folder.method, folder.mask_ratio, folder.epochs) == ("simmim", 0.6, 100)
     assert resolve(parse_args(["--data", "/x"])).model == "mae_vit_base_patch16"

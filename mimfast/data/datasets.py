@@ -123,8 +123,8 @@ def scan_video_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
 class DigitsDemo:
     """scikit-learn's 1797 handwritten digits (8x8, 16 grey levels), bilinearly upscaled to ``size`` pixels.
 
-    Shipped inside scikit-learn (no network). A fixed held-out split: every fifth image (the data cycles through
-    the ten classes, so the split is close to stratified), 360 images; 1437 for training. Pixels are scaled to
+    Shipped inside scikit-learn (no network). A fixed, stratified held-out split: a fifth of each class (359
+    images), chosen by a fixed random permutation; the other 1438 train. Pixels are scaled to
     [0, 1], upscaled, and normalised with the training split's mean and standard deviation.
     """
 
@@ -142,7 +142,12 @@ class DigitsDemo:
         x = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # [1797, 1, 8, 8]
         y = torch.from_numpy(digits.target).long()
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        heldout = torch.arange(len(y)) % 5 == 0
+        # stratified: in a fixed random order, the first fifth of each class is held out
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        heldout = torch.zeros(len(y), dtype=torch.bool)
+        for c in range(10):
+            members = order[y[order] == c]
+            heldout[members[: round(0.2 * len(members))]] = True
         mean, std = x[~heldout].mean().item(), x[~heldout].std().item()
         keep = heldout if split == "heldout" else ~heldout
         self.images = (x[keep] - mean) / std

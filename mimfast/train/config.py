@@ -26,7 +26,7 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "videomae": dict(mask_ratio=0.9, blr=1.5e-4, epochs=800, warmup_epochs=40),
 }
 _DEMO_DEFAULTS: dict[str, Any] = dict(
-    model="mae_vit_micro_patch4", epochs=40, batch_size=64, blr=2e-3, warmup_epochs=4, log_every=5,
+    model="mae_vit_micro_patch4", epochs=30, batch_size=64, blr=4e-3, warmup_epochs=3, log_every=5,
     save_every=500, num_workers=0,
 )
 

@@ -484,7 +484,9 @@ class Trainer:
             labels = rec.labels or [f"label {int(v)}" if v >= 0 else "" for v in first.labels[:8]]
             save_reconstructions(rec.original.cpu(), rec.masked.cpu(), rec.reconstruction.cpu(),
                                  os.path.join(self.out_dir, "reconstructions.png"),
-                                 title=f"{c.model}, {self.heldout_name} images, mask ratio {c.mask_ratio}",
+                                 title=f"{c.model}, {self.heldout_name} images, mask ratio {c.mask_ratio}"
+                                 + ("; predicted patches shown at the original patch's mean and std (normalised "
+                                    "targets)" if c.norm_pix_loss and c.method != "simmim" else ""),
                                  column_labels=labels)
         labelled = self.heldout_set is not None and len(getattr(self.heldout_set, "classes", [])) >= 2
         if labelled:

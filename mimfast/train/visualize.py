@@ -31,6 +31,9 @@ def save_loss_curve(records: Sequence[dict[str, Any]], path: str, title: str = "
     fig, ax = plt.subplots(figsize=(width, height), dpi=DPI)
     steps = [r["step"] for r in records if "loss" in r]
     ax.plot(steps, [r["loss"] for r in records if "loss" in r], color="tab:blue", label="train loss")
+    losses = [r["loss"] for r in records if "loss" in r]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 5:
+        ax.set_yscale("log")  # the first steps would otherwise flatten the rest of the curve
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss", color="tab:blue")
     ax.grid(alpha=0.3)
