@@ -215,3 +215,23 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert r.step == 2
     records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert records[-1]["skipped_files"] == 2
+
+
+def test_resume_auto_without_output_dir_continues_the_newest_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--no-eval"]
+    first = train(parse_args([*flags, "--max-steps", "2"]))
+    assert first.output_dir.startswith("runs/mae_vit_nano_patch4-") and first.step == 2
+    again = train(parse_args([*flags, "--max-steps", "3", "--resume", "auto"]))
+    assert again.output_dir == first.output_dir and again.step == 3
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager(tmp_path):
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--max-steps", "3",
+             "--log-every", "1", "--no-eval"]
+    run(tmp_path / "eager", *flags)
+    run(tmp_path / "compiled", *flags, "--compile")
+    a = [r["loss"] for r in read_metrics(str(tmp_path / "eager" / "metrics.jsonl"))]
+    b = [r["loss"] for r in read_metrics(str(tmp_path / "compiled" / "metrics.jsonl"))]
+    assert b == pytest.approx(a, rel=1e-4)

@@ -32,6 +32,7 @@ from mimfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, 
 from mimfast.train import checkpoint as ckpt
 from mimfast.train.config import PretrainConfig, resolve
 from mimfast.train.distributed import (
+    DistInfo,
     all_reduce_mean,
     barrier,
     init_distributed,
@@ -160,8 +161,8 @@ def _nvtx(enabled: bool, name: str) -> Any:
 
 
 class Trainer:
-    def __init__(self, config: PretrainConfig) -> None:
-        self.info, self.device = init_distributed(config.device)
+    def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device) -> None:
+        self.info, self.device = info, device
         self.config = config
         self.main = self.info.is_main
         self.out_dir = config.output_dir
@@ -535,10 +536,34 @@ def format_eval(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _agree_on_output_dir(config: PretrainConfig, given: bool, info: DistInfo) -> PretrainConfig:
+    """``--resume auto`` without ``--output-dir`` continues the newest run folder of the model; every rank
+    then uses rank 0's folder (a default name holds a timestamp the ranks need not agree on)."""
+    out = config.output_dir
+    if not given and config.resume == "auto":
+        found = ckpt.find_resume_checkpoint(None, config.model)
+        if found is not None:
+            out = os.path.dirname(found)
+    if info.distributed:
+        import torch.distributed as dist
+
+        shared = [out]
+        dist.broadcast_object_list(shared, src=0)
+        out = shared[0]
+    return dataclasses.replace(config, output_dir=out)
+
+
 def train(config: PretrainConfig) -> RunResult:
     """Run a whole pretraining job (see the module docstring); ``config`` is resolved first."""
-    config = resolve(config)
-    trainer = Trainer(config)
+    info, device = init_distributed(config.device)
+    try:
+        resolved = resolve(config)
+        resolved = _agree_on_output_dir(resolved, config.output_dir is not None, info)
+        trainer = Trainer(resolved, info, device)
+    except BaseException:
+        shutdown(info)
+        raise
+    config = resolved
     try:
         if trainer.main:
             os.makedirs(trainer.out_dir, exist_ok=True)
