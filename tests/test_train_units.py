@@ -176,3 +176,33 @@ def test_config_defaults_and_checks():
         resolve(parse_args(["--model", "vit_base"]))
     with pytest.raises(dataclasses.FrozenInstanceError):
         PretrainConfig().seed = 3
+
+
+def test_train_flops_per_sample_counts_every_matmul_of_mae():
+    from mimfast.train.metrics import train_flops_per_sample
+    from mimfast.train.objectives import _mae_micro
+
+    D, Dd, depth, dec_depth, p, C, size = 64, 32, 2, 1, 4, 1, 32
+    model = _mae_micro(in_chans=C, embed_dim=D, depth=depth, num_heads=4, decoder_embed_dim=Dd,
+                       decoder_depth=dec_depth, decoder_num_heads=2, fused=True)
+    L, P = (size // p) ** 2, p * p * C
+    K = int(L * 0.25)
+    x = torch.randn(3, C, size, size)
+
+    def block(T, W):
+        return 2 * T * W * 3 * W + 2 * (2 * T * T * W) + 2 * T * W * W + 2 * (2 * T * W * 4 * W)
+
+    forward = (2 * L * P * D + depth * block(K + 1, D) + 2 * (K + 1) * D * Dd + dec_depth * block(L + 1, Dd)
+               + 2 * (L + 1) * Dd * P)
+    got = train_flops_per_sample(model, lambda: model(x, 0.75), batch=3)
+    assert got == pytest.approx(3 * forward, rel=1e-6)
+    assert model.fused is True  # restored
+
+
+def test_mfu_and_peaks():
+    from mimfast.train.metrics import mfu, peak_flops, peak_memory_mb
+
+    assert peak_flops(torch.device("cpu"), "bf16") is None
+    assert mfu(1000.0, 1e9, None, 1) is None
+    assert mfu(1000.0, 1e9, 1e13, 2) == pytest.approx(0.05)
+    assert peak_memory_mb(torch.device("cpu")) > 10

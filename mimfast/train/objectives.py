@@ -15,7 +15,7 @@ from mimfast.ops.patchify import patchify, unpatchify
 from mimfast.train.config import PretrainConfig
 from mimfast.train.masks import mae_noise, simmim_mask, tube_mask
 
-__all__ = ["MICRO_MODELS", "model_factories", "build_model", "Objective", "Reconstruction", "effective_input_size"]
+__all__ = ["MICRO_MODELS", "model_factories", "build_model", "Objective", "Reconstruction"]
 
 
 def _mae_micro(**kwargs: Any) -> nn.Module:
@@ -259,9 +259,4 @@ class Objective:
                 msk.append(_pixel_mask(spatial[c, f // self.tubelet_size][None], (h, w), self.patch_size)[0])
                 labels.append(f"clip {c} frame {f}")
         return Reconstruction(torch.stack(orig).clamp(0, 1), torch.stack(msk), torch.stack(rec).clamp(0, 1), labels)
-
-
-def effective_input_size(model: nn.Module) -> int:
-    size = model.img_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
