@@ -34,6 +34,7 @@ from mimfast.train.config import PretrainConfig, resolve
 from mimfast.train.distributed import (
     DistInfo,
     all_reduce_mean,
+    all_reduce_sum,
     barrier,
     init_distributed,
     shutdown,
@@ -205,7 +206,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.metrics = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), enabled=self.main)
-        self.skipped_total = 0
+        self.skipped_before = 0  # unreadable files skipped by all ranks before the resumed checkpoint
+        self.skipped_here = 0  # by this rank since this process started
         self.stop = _StopFlag()
 
     # -- set-up helpers
@@ -246,7 +248,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
-        self.skipped_total = int(state.get("skipped_total", 0))
+        self.skipped_before = int(state.get("skipped_total", 0))
         self.metrics.truncate_after(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
 
@@ -262,6 +264,7 @@ class Trainer:
     def save(self) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        skipped = self._skipped_total()
         model_state = _model_state(self.model)
         optim_state = get_optimizer_state_dict(self.model, self.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -276,7 +279,7 @@ class Trainer:
                 "rng": ckpt.rng_state(),
                 "config": self.config.to_dict(),
                 "world_size": self.info.world_size,
-                "skipped_total": self.skipped_total,
+                "skipped_total": skipped,
             }
             ckpt.atomic_save(state, os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME))
         barrier(self.info)
@@ -301,7 +304,7 @@ class Trainer:
         with _nvtx(self.nvtx, "data"):
             batch = next(it)
         if batch.skipped:
-            self.skipped_total += len(batch.skipped)
+            self.skipped_here += len(batch.skipped)
             for path in batch.skipped[:3]:
                 self._log(f"skipped unreadable file {path}")
         if batch.images.numel() == 0:
@@ -339,6 +342,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
         return total / accum
+
+    def _skipped_total(self) -> int:
+        """Unreadable files skipped so far by every rank (a collective call under torchrun)."""
+        here = torch.tensor(float(self.skipped_here), device=self.device)
+        return self.skipped_before + int(all_reduce_sum(here, self.info))
 
     def _stop_requested(self) -> bool:
         if not self.info.distributed:
@@ -410,8 +418,9 @@ class Trainer:
         util = mfu(img_s, self.flops_per_sample, self.peak, self.info.world_size)
         if util is not None:
             record["mfu"] = util
-        if self.skipped_total:
-            record["skipped_files"] = self.skipped_total
+        skipped = self._skipped_total()
+        if skipped:
+            record["skipped_files"] = skipped
         self.metrics.write(record)
         return record
 
