@@ -120,16 +120,24 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
 
+    done = threading.Event()
+
     def send_sigterm_after_first_log():
-        deadline = time.time() + 120
-        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        # never signals a process whose run already ended (the test process itself would die)
+        while not done.is_set():
+            if metrics.exists() and metrics.read_text().strip():
+                os.kill(os.getpid(), 15)
+                return
             time.sleep(0.05)
-        os.kill(os.getpid(), 15)
 
     thread = threading.Thread(target=send_sigterm_after_first_log, daemon=True)
     thread.start()
-    result = run(out, "--model", "mae_vit_nano_patch4", "--epochs", "50", "--batch-size", "8", "--log-every", "1")
-    thread.join()
+    try:
+        result = run(out, "--model", "mae_vit_nano_patch4", "--epochs", "50", "--batch-size", "8", "--log-every",
+                     "1")
+    finally:
+        done.set()
+        thread.join()
     assert result.stopped_by == "SIGTERM" and result.eval is None
     assert 1 <= result.step < 50 * (1438 // 8)
     assert ckpt.load_checkpoint(str(out / "checkpoint.pt"))["step"] == result.step
