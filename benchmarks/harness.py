@@ -60,6 +60,7 @@ def common_args(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run on CPU")
     ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
+    ap.add_argument("--cases", default=None, help="comma-separated substrings: run only cases whose name has one")
     ap.add_argument("--no-save", action="store_true", help="print only, do not write benchmarks/results/")
     return ap
 
@@ -107,10 +108,13 @@ def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.devi
 
 
 def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.device,
-        providers: Optional[str] = None) -> list[Row]:
+        providers: Optional[str] = None, only_cases: Optional[str] = None) -> list[Row]:
     keep = set(providers.split(",")) if providers else None
+    wanted = only_cases.split(",") if only_cases else None
     rows = []
     for case, fns in cases:
+        if wanted is not None and not any(w in case.name for w in wanted):
+            continue
         for name, fn in fns.items():
             if keep is not None and name not in keep:
                 continue
@@ -134,11 +138,14 @@ def format_row(r: Row) -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(RESULTS_DIR)).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    # MIMFAST_COMMIT names the commit where the tree was copied without its git history (a remote GPU machine)
+    commit = os.environ.get("MIMFAST_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(RESULTS_DIR)).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
     try:
         import triton
 

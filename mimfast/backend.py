@@ -40,8 +40,15 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_TRITON_FOUND: Optional[bool] = None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    # looked up once: a module-level answer is also what torch.compile can trace (find_spec is not)
+    global _TRITON_FOUND
+    if _TRITON_FOUND is None:
+        _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def tensors_in(values: Sequence[Any]) -> list[torch.Tensor]:

@@ -7,6 +7,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def interpret(request, monkeypatch):
+    """Default tier: Triton kernels run through the interpreter on CPU tensors. GPU tier: compiled kernels.
+
+    Triton fixes a kernel's mode when its module is first imported, so the two tiers run in separate processes
+    (`make test` and `make test-gpu`)."""
+    if request.node.get_closest_marker("gpu") is not None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:

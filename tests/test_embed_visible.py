@@ -5,13 +5,6 @@ from mimfast.backend import BackendUnavailableError
 from mimfast.ops import embed_visible, embed_visible_ref, random_masking
 from mimfast.ops.patchify import grid_size
 
-pytestmark = pytest.mark.usefixtures("interpret")
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
 
 @pytest.fixture
 def poison(monkeypatch):

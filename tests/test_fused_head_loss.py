@@ -7,11 +7,6 @@ from mimfast.ops.fused_head_loss import fused_head_pixel_loss_op, masked_ids_fro
 from mimfast.ops.masked_pixel_loss import NORM_PATCH
 
 
-@pytest.fixture(autouse=True)
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def assert_by_error_ratio(out, same_dtype, ref64, rel_atol=1e-6):
     """max|out - ref64| <= 2 * max|torch in the same dtype - ref64| + atol (STYLE.md)."""
     out, same_dtype = out.double(), same_dtype.double()

@@ -9,13 +9,6 @@ from mimfast.backend import BackendUnavailableError
 from mimfast.ops import masked_pixel_loss, masked_pixel_loss_ref, random_masking
 from mimfast.ops.masked_pixel_loss import NORM_NONE, NORM_PATCH, pixel_loss_op
 
-pytestmark = pytest.mark.usefixtures("interpret")
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
 
 def assert_by_error_ratio(out, same_dtype, ref64, rel_atol=1e-6):
     """max|out - ref64| <= 2 * max|torch in the same dtype - ref64| + atol (STYLE.md)."""

@@ -4,13 +4,6 @@ import torch
 from mimfast.backend import BackendUnavailableError
 from mimfast.ops import random_masking, restore_tokens, restore_tokens_ref
 
-pytestmark = pytest.mark.usefixtures("interpret")
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
 
 @pytest.fixture
 def poison(monkeypatch):

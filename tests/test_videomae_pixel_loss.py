@@ -5,11 +5,6 @@ from mimfast.ops import IMAGENET_MEAN, IMAGENET_STD, videomae_pixel_loss, videom
 from mimfast.ops.patchify import patchify
 
 
-@pytest.fixture(autouse=True)
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def assert_by_error_ratio(out, same_dtype, ref64, rel_atol=1e-6):
     """max|out - ref64| <= 2 * max|torch in the same dtype - ref64| + atol (STYLE.md)."""
     out, same_dtype = out.double(), same_dtype.double()

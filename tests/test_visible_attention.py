@@ -15,11 +15,6 @@ from mimfast.ops.visible_attention import (
 )
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def cu_of(lengths: list[int], device: str = "cpu") -> torch.Tensor:
     return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32,
                         device=device)

@@ -118,7 +118,8 @@ def fused_head_pixel_loss_op(
             if chunk_ids is None:
                 grad_hidden[n0:n1] = grad_h
             else:
-                grad_hidden[n0:n1].scatter_(1, chunk_ids.long()[..., None].expand(-1, -1, D), grad_h)
+                index = chunk_ids.long()[..., None].expand(-1, -1, D)
+                grad_hidden[n0:n1].scatter_(1, index, grad_h.to(grad_hidden.dtype))
             grad_w32 += (grad_pred.t() @ h).float()
             grad_b32 += grad_pred.sum(0, dtype=torch.float32)
     loss = (partials.sum() * inv_denom[0]).to(torch.promote_types(hidden.dtype, imgs.dtype))

@@ -389,5 +389,7 @@ def random_masking(
         raise ValueError("pass either noise or seed, not both")
     if noise is not None and device is not None and noise.device.type != torch.device(device).type:
         raise ValueError(f"noise is on {noise.device} but device={device}")
+    if device is None and noise is None and generator is not None:
+        device = generator.device  # the masks live where their randomness is drawn
     return _op(N, L, mask_ratio, noise=noise, generator=generator, device=device, seed=seed,
                sample_offset=sample_offset, backend=backend)

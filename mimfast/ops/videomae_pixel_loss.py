@@ -81,7 +81,9 @@ def videomae_pixel_loss_ref(
         cubes = (cubes - cubes.mean(-2, keepdim=True)) / (cubes.var(-2, keepdim=True).sqrt() + STD_EPS)
         cubes = cubes.reshape(N, L, P)
     labels = cubes[mask].reshape(N, -1, P)
-    return F.mse_loss(pred, labels)
+    # one dtype for both sides: mixed-dtype mse_loss has no CUDA backward (autocast runs it in fp32 anyway)
+    dtype = torch.promote_types(pred.dtype, labels.dtype)
+    return F.mse_loss(pred.to(dtype), labels.to(dtype))
 
 
 def masked_ids(mask: torch.Tensor, rows: int) -> torch.Tensor:
