@@ -13,7 +13,9 @@ import torch
 __all__ = ["patchify", "unpatchify", "check_images", "grid_size", "patch_dim"]
 
 
-def grid_size(shape: torch.Size | tuple[int, ...], patch_size: int, tubelet_size: Optional[int] = None) -> tuple[int, ...]:
+def grid_size(
+    shape: torch.Size | tuple[int, ...], patch_size: int, tubelet_size: Optional[int] = None
+) -> tuple[int, ...]:
     """Patch grid of an image [N,C,H,W] -> (h, w), or of a video [N,C,T,H,W] -> (t, h, w)."""
     if len(shape) == 4:
         return (shape[2] // patch_size, shape[3] // patch_size)
