@@ -299,12 +299,16 @@ from mimfast.kernels import visible_attention as kernels
 dtype, packed, d, max_seqlen = sys.argv[1], sys.argv[2] == "packed", int(sys.argv[3]), int(sys.argv[4])
 fp32 = dtype == "fp32"
 fwd, bwd = kernels.fwd_config(d, max_seqlen, fp32), kernels.bwd_config(d, fp32)
+short = kernels.short_config(d, max_seqlen, fp32)
 common = {"HEAD_DIM": d, "PACKED": packed, "DOT_PRECISION": "ieee" if fp32 else "tf32"}
-launches = [
-    (kernels._attn_fwd, {**common, **fwd}),
-    (kernels._attn_bwd_delta, {"HEAD_DIM": d, "BLOCK_D": bwd["BLOCK_D"], "BLOCK_M": 64, "PACKED": packed}),
-    (kernels._attn_bwd, {**common, **bwd}),
-]
+if short is None:
+    launches = [
+        (kernels._attn_fwd, {**common, **fwd}),
+        (kernels._attn_bwd_delta, {"HEAD_DIM": d, "BLOCK_D": bwd["BLOCK_D"], "BLOCK_M": 64, "PACKED": packed}),
+        (kernels._attn_bwd, {**common, **bwd}),
+    ]
+else:
+    launches = [(kernels._attn_fwd_short, {**common, **short}), (kernels._attn_bwd_short, {**common, **short})]
 for fn, config in launches:
     options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
     signature = {}
@@ -327,8 +331,9 @@ print("compiled")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["bf16 packed 64 80", "fp16 dense 128 1568", "bf16 packed 80 197",
-                                    "fp32 dense 96 50"])
+@pytest.mark.parametrize("config", ["bf16 packed 64 80", "bf16 dense 64 50", "fp16 packed 128 64", "fp16 packed 96 128",
+                                    "fp16 dense 128 1568", "bf16 dense 64 1568", "bf16 packed 80 197",
+                                    "fp32 dense 96 50", "fp32 packed 64 100"])
 def test_kernels_compile_for_h100(config):
     # full compilation to sm_90 cubins without a GPU (no interpreter, in a subprocess): catches what the interpreter
     # accepts and the compiler rejects (a loop-carried name changing shape did), and shared memory over the limit

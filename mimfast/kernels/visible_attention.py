@@ -11,9 +11,16 @@ index: cu_seqlens[b] + i packed, b * S + i dense. The log-sum-exp is kept in bas
 (lse2 = log2(sum(exp2(s * scale * log2(e))))), the units the kernels compute in, so the backward recomputes
 exactly the forward's probabilities (a one-key row gets p = 1 exactly, as in the reference).
 
-Forward: one program per (query block, sequence, head), online softmax with fp32 running max / sum / output.
-Backward: a preprocess kernel for delta, then one program per (block, sequence, head) that first accumulates
-dK, dV of the key block over every query block of its sequence, then dQ of the query block over every key block.
+Short sequences (max_seqlen up to SHORT_MAX_SEQLEN): one program per (sequence, head) holds the whole sequence
+in one tile whose size is picked per sequence at run time, the smallest power of two >= max(16, its length), so a
+ragged batch pays for its own lengths, not the longest's. The forward needs no online rescaling; the backward
+computes delta, dQ, dK and dV in one pass over tiles loaded once.
+
+Longer sequences. Forward: one program per (query block, sequence, head), online softmax with fp32 running max /
+sum / output. Backward: a preprocess kernel for delta, then one program per (block, sequence, head) that first
+accumulates dK, dV of the key block over every query block of its sequence, then dQ of the query block over every
+key block.
+
 Each gradient row is written by exactly one program: no atomics, bit-deterministic.
 """
 
@@ -23,6 +30,15 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# the smallest tile of the short path (tl.dot needs 16 rows / columns at least)
+MIN_TILE = tl.constexpr(16)
+# rows a short-path program zeroes per step of the packed tail (stores only: the loop never waits on memory)
+TAIL_ROWS = tl.constexpr(64)
+# longest sequence the short path takes: a 128 x 128 fp32 score tile in registers is the most 8 warps hold without
+# spilling at d 64; IEEE fp32 dots keep their operands in registers too, so fp32 (and d > 64) stops at 64
+# (fp32 with d > 64 at 32)
+SHORT_MAX_SEQLEN = 128
+SHORT_MAX_SEQLEN_FP32 = 64
 
 
 @triton.jit
@@ -256,12 +272,190 @@ def _attn_bwd(
                      + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _tile_level(seqlen, LEVELS: tl.constexpr):
+    """Index i of the tile MIN_TILE * 2**i the short path gives a sequence of ``seqlen`` >= 1 tokens."""
+    level = 0
+    for i in tl.static_range(LEVELS - 1):
+        level += tl.where(seqlen > (MIN_TILE << i), 1, 0)
+    return level
+
+
+@triton.jit
+def _fwd_tile(q_base, k_base, v_base, o_base, lse_base, tok0, seqlen,
+              stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_ot, stride_od, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Attention of one whole sequence (at most BLOCK tokens) for one head: plain softmax, no rescaling loop."""
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs < seqlen
+    mask = mask_s[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = (tok0 + offs).to(tl.int64)[:, None]
+    q = tl.load(q_base + rows * stride_qt + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+    k = tl.load(k_base + rows * stride_kt + offs_d[None, :] * stride_kd, mask=mask, other=0.0)
+    v = tl.load(v_base + rows * stride_vt + offs_d[None, :] * stride_vd, mask=mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(mask_s[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.exp2(s - m[:, None])
+    denom = tl.sum(p, 1)
+    o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION) / denom[:, None]
+    tl.store(o_base + rows * stride_ot + offs_d[None, :] * stride_od, o.to(o_base.dtype.element_ty), mask=mask)
+    tl.store(lse_base + offs, m + tl.log2(denom), mask=mask_s)
+
+
+@triton.jit
+def _attn_fwd_short(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr,  # as in _attn_fwd
+    n_seq, S, T,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_lh,
+    scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LEVELS: tl.constexpr, PACKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # one program per (sequence, head); sequences on axis 0, which has no 65535 limit
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    if PACKED:
+        if b == n_seq:
+            # the extra program row of a packed launch: zero the output and lse rows past cu_seqlens[N]
+            row0 = tl.load(cu_ptr + n_seq)
+            _zero_rows(o_ptr, row0, T, TAIL_ROWS, h, stride_ot, stride_oh, stride_od, HEAD_DIM, BLOCK_D, TAIL_ROWS)
+            for r in range(row0, T, TAIL_ROWS):
+                rows = r + tl.arange(0, TAIL_ROWS)
+                tl.store(lse_ptr + h.to(tl.int64) * stride_lh + rows, tl.zeros([TAIL_ROWS], tl.float32),
+                         mask=rows < T)
+    if b < n_seq:
+        tok0, seqlen, lse0 = _sequence(cu_ptr, b, S, PACKED)
+        if seqlen > 0:
+            bb = b.to(tl.int64)
+            q_base = q_ptr + bb * stride_qb + h * stride_qh
+            k_base = k_ptr + bb * stride_kb + h * stride_kh
+            v_base = v_ptr + bb * stride_vb + h * stride_vh
+            o_base = o_ptr + bb * stride_ob + h * stride_oh
+            lse_base = lse_ptr + h.to(tl.int64) * stride_lh + lse0
+            level = _tile_level(seqlen, LEVELS)
+            for i in tl.static_range(LEVELS):
+                if level == i:
+                    _fwd_tile(q_base, k_base, v_base, o_base, lse_base, tok0, seqlen,
+                              stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_ot, stride_od,
+                              scale * LOG2E, HEAD_DIM, BLOCK_D, MIN_TILE << i, DOT_PRECISION)
+
+
+@triton.jit
+def _bwd_tile(q_base, k_base, v_base, do_base, o_base, dq_base, dk_base, dv_base, lse_base, tok0, seqlen,
+              stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_gt, stride_gd,
+              stride_ot, stride_od, stride_dqt, stride_dqd, stride_dkt, stride_dkd, stride_dvt, stride_dvd,
+              scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ, dK, dV of one whole sequence (at most BLOCK tokens) for one head, delta = rowsum(dO * O) included."""
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    mask_s = offs < seqlen
+    mask = mask_s[:, None] & (offs_d < HEAD_DIM)
+    rows = (tok0 + offs).to(tl.int64)[:, None]
+    q = tl.load(q_base + rows * stride_qt + offs_d * stride_qd, mask=mask, other=0.0)
+    k = tl.load(k_base + rows * stride_kt + offs_d * stride_kd, mask=mask, other=0.0)
+    v = tl.load(v_base + rows * stride_vt + offs_d * stride_vd, mask=mask, other=0.0)
+    do = tl.load(do_base + rows * stride_gt + offs_d * stride_gd, mask=mask, other=0.0)
+    o = tl.load(o_base + rows * stride_ot + offs_d * stride_od, mask=mask, other=0.0)
+    lse = tl.load(lse_base + offs, mask=mask_s, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    # padded keys (k = 0, score 0) would overflow exp2 when a query's real scores are all very negative: mask them.
+    # Padded query rows need no mask: q = 0 and lse = 0 give p = 1, and dO = O = 0 there zeroes their terms.
+    p = tl.exp2(tl.where(mask_s[None, :], s * (scale * LOG2E) - lse[:, None], float("-inf")))
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * scale
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * scale
+    tl.store(dq_base + rows * stride_dqt + offs_d * stride_dqd, dq.to(dq_base.dtype.element_ty), mask=mask)
+    tl.store(dk_base + rows * stride_dkt + offs_d * stride_dkd, dk.to(dk_base.dtype.element_ty), mask=mask)
+    tl.store(dv_base + rows * stride_dvt + offs_d * stride_dvd, dv.to(dv_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_short(
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr,  # [T, H, d] packed or [N, S, H, d] dense: inputs, dO, forward output
+    lse_ptr,  # [H, R] fp32 from the forward
+    dq_ptr, dk_ptr, dv_ptr, cu_ptr,
+    n_seq, S, T,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_gb, stride_gt, stride_gh, stride_gd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    stride_lh,
+    scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LEVELS: tl.constexpr, PACKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    if PACKED:
+        if b == n_seq:
+            row0 = tl.load(cu_ptr + n_seq)
+            _zero_rows(dq_ptr, row0, T, TAIL_ROWS, h, stride_dqt, stride_dqh, stride_dqd, HEAD_DIM, BLOCK_D,
+                       TAIL_ROWS)
+            _zero_rows(dk_ptr, row0, T, TAIL_ROWS, h, stride_dkt, stride_dkh, stride_dkd, HEAD_DIM, BLOCK_D,
+                       TAIL_ROWS)
+            _zero_rows(dv_ptr, row0, T, TAIL_ROWS, h, stride_dvt, stride_dvh, stride_dvd, HEAD_DIM, BLOCK_D,
+                       TAIL_ROWS)
+    if b < n_seq:
+        tok0, seqlen, lse0 = _sequence(cu_ptr, b, S, PACKED)
+        if seqlen > 0:
+            bb = b.to(tl.int64)
+            q_base = q_ptr + bb * stride_qb + h * stride_qh
+            k_base = k_ptr + bb * stride_kb + h * stride_kh
+            v_base = v_ptr + bb * stride_vb + h * stride_vh
+            do_base = do_ptr + bb * stride_gb + h * stride_gh
+            o_base = o_ptr + bb * stride_ob + h * stride_oh
+            dq_base = dq_ptr + bb * stride_dqb + h * stride_dqh
+            dk_base = dk_ptr + bb * stride_dkb + h * stride_dkh
+            dv_base = dv_ptr + bb * stride_dvb + h * stride_dvh
+            lse_base = lse_ptr + h.to(tl.int64) * stride_lh + lse0
+            level = _tile_level(seqlen, LEVELS)
+            for i in tl.static_range(LEVELS):
+                if level == i:
+                    _bwd_tile(q_base, k_base, v_base, do_base, o_base, dq_base, dk_base, dv_base, lse_base,
+                              tok0, seqlen,
+                              stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_gt, stride_gd,
+                              stride_ot, stride_od, stride_dqt, stride_dqd, stride_dkt, stride_dkd,
+                              stride_dvt, stride_dvd, scale, HEAD_DIM, BLOCK_D, MIN_TILE << i, DOT_PRECISION)
+
+
+def short_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int] | None:
+    """Launch options of the short (whole sequence in one tile) kernels, or None when max_seqlen is too long."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    limit = SHORT_MAX_SEQLEN_FP32 if fp32 or block_d > 64 else SHORT_MAX_SEQLEN
+    if max_seqlen > (limit // 2 if fp32 and block_d > 64 else limit):
+        return None
+    top = max(MIN_TILE.value, triton.next_power_of_2(max_seqlen))
+    levels = top.bit_length() - MIN_TILE.value.bit_length() + 1
+    # 8 warps once a tile reaches 128 x 128 scores (64 fp32 registers a thread per score tile, not 128), for d 128
+    # and for fp32 (IEEE dots hold their operands in registers)
+    warps = 8 if top >= 128 or block_d >= 128 or fp32 else 4
+    return dict(BLOCK_D=block_d, LEVELS=levels, num_warps=warps, num_stages=1)
+
+
 def fwd_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int]:
     """Block sizes and launch options of the forward kernel (fp32 runs IEEE dots, so it gets smaller tiles)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if fp32:
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    # short visible sequences (MAE encoder: 40 to 80 tokens) would leave most of a 128-row tile idle
+    if max_seqlen >= 1024 and block_d <= 64:
+        # long sequences (VideoMAE decoder, 1568 tokens): 128 x 128 score tiles over two warpgroups halve the key
+        # loop's trips and online rescales of 128 x 64 tiles on one warpgroup
+        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    # sequences just past the short path's limit would leave most of a 128-row tile idle
     block_m = 64 if max_seqlen <= 128 else 128
     return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=64, num_warps=4 if block_d <= 64 else 8, num_stages=3)
 

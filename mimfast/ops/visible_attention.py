@@ -8,12 +8,13 @@ never crosses a sequence boundary.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from mimfast.backend import get_op, triton_interpret
+from mimfast.backend import get_op, requested_backend, triton_interpret
 
 __all__ = ["visible_attention", "visible_attention_ref", "check_attention_inputs"]
 
@@ -21,6 +22,13 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 # CUDA grids allow 65535 blocks along y, where the kernels put the sequences (plus one column for the tail)
 MAX_SEQUENCES = 65534
+
+
+# Device tensors of cu_seqlens already checked, with (version counter, T, max_seqlen) at the time: one batch's
+# cu_seqlens goes to every attention layer of the encoder, and each device-side check is a dozen small launches
+# (more host time than a short-sequence attention kernel takes on the GPU). An in-place write bumps the version.
+_CHECKED: list[tuple[weakref.ref, tuple[int, int, Optional[int]]]] = []
+_CHECKED_KEPT = 8
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, max_seqlen: Optional[int], device: torch.device) -> None:
@@ -32,6 +40,11 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, max_seqlen: Optional[int
         raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 0, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    on_host = cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
+    remembered = not on_host and not torch.compiler.is_compiling()
+    key = (cu_seqlens._version, T, max_seqlen) if remembered else None
+    if remembered and any(ref() is cu_seqlens and seen == key for ref, seen in _CHECKED):
+        return
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     checks = [
         (cu_seqlens[0] == 0, "cu_seqlens[0] must be 0"),
@@ -40,14 +53,17 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, max_seqlen: Optional[int
     ]
     if max_seqlen is not None and lengths.numel():
         checks.append((lengths.max() <= max_seqlen, f"every sequence must be at most max_seqlen = {max_seqlen} long"))
-    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+    if on_host:
         for ok, msg in checks:
             if not bool(ok):
                 raise ValueError(f"{msg}; got cu_seqlens = {cu_seqlens.tolist()}")
-    else:
-        # checked on the device (and inside compiled graphs): a host read would stall the stream on every call
-        ok = torch.stack([c for c, _ in checks]).all()
-        torch._assert_async(ok, "visible_attention: invalid cu_seqlens (" + "; ".join(m for _, m in checks) + ")")
+        return
+    # checked on the device (and inside compiled graphs): a host read would stall the stream on every call
+    ok = torch.stack([c for c, _ in checks]).all()
+    torch._assert_async(ok, "visible_attention: invalid cu_seqlens (" + "; ".join(m for _, m in checks) + ")")
+    if remembered:
+        _CHECKED.append((weakref.ref(cu_seqlens), key))
+        del _CHECKED[:-_CHECKED_KEPT]
 
 
 def check_attention_inputs(
@@ -185,22 +201,26 @@ def launch_forward(
 ) -> None:
     """Run the forward kernel: ``out`` (layout of q) and ``lse`` [H, R] fp32 (base-2 log-sum-exp of the scores
     times scale * log2(e)) are overwritten everywhere; packed rows past cu_seqlens[-1] get out = 0 and lse = 0."""
-    from mimfast.kernels.visible_attention import _attn_fwd, fwd_config
+    from mimfast.kernels.visible_attention import _attn_fwd, _attn_fwd_short, fwd_config, short_config
 
     packed = cu_seqlens is not None
     N, S, R, cols = _geometry(q, cu_seqlens, max_seqlen)
     H, d = q.shape[-2], q.shape[-1]
     if q.numel() == 0 or cols == 0:
         return
-    cfg = fwd_config(d, max_seqlen, q.dtype == torch.float32)
+    fp32 = q.dtype == torch.float32
+    short = short_config(d, max_seqlen, fp32)
+    args = (N, S, q.shape[0] if packed else R,
+            *_layout(q, packed), *_layout(k, packed), *_layout(v, packed), *_layout(out, packed),
+            lse.stride(0), scale)
+    if short is not None:
+        _attn_fwd_short[(cols, H)](q, k, v, out, lse, cu_seqlens if packed else q, *args, HEAD_DIM=d, PACKED=packed,
+                                   DOT_PRECISION=_dot_precision(q.dtype), **short)
+        return
+    cfg = fwd_config(d, max_seqlen, fp32)
     grid = (max(1, -(-max_seqlen // cfg["BLOCK_M"])), cols, H)
-    _attn_fwd[grid](
-        q, k, v, out, lse, cu_seqlens if packed else q,
-        N, S, q.shape[0] if packed else R,
-        *_layout(q, packed), *_layout(k, packed), *_layout(v, packed), *_layout(out, packed),
-        lse.stride(0), scale,
-        HEAD_DIM=d, PACKED=packed, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
-    )
+    _attn_fwd[grid](q, k, v, out, lse, cu_seqlens if packed else q, *args, HEAD_DIM=d, PACKED=packed,
+                    DOT_PRECISION=_dot_precision(q.dtype), **cfg)
 
 
 def launch_backward(
@@ -219,15 +239,34 @@ def launch_backward(
 ) -> None:
     """Run the backward kernels: dq, dk, dv (layouts of q, k, v) are overwritten everywhere, packed tail rows
     with zeros."""
-    from mimfast.kernels.visible_attention import _attn_bwd, _attn_bwd_delta, bwd_config
+    from mimfast.kernels.visible_attention import (
+        _attn_bwd,
+        _attn_bwd_delta,
+        _attn_bwd_short,
+        bwd_config,
+        short_config,
+    )
 
     packed = cu_seqlens is not None
     N, S, R, cols = _geometry(q, cu_seqlens, max_seqlen)
     H, d = q.shape[-2], q.shape[-1]
     if q.numel() == 0 or cols == 0:
         return
-    cfg = bwd_config(d, q.dtype == torch.float32)
+    fp32 = q.dtype == torch.float32
     cu = cu_seqlens if packed else q
+    short = short_config(d, max_seqlen, fp32)
+    if short is not None:
+        # delta = rowsum(dO * O) is computed inside: one launch, no [H, R] buffer
+        _attn_bwd_short[(cols, H)](
+            q, k, v, grad_out, out, lse, dq, dk, dv, cu,
+            N, S, q.shape[0] if packed else R,
+            *_layout(q, packed), *_layout(k, packed), *_layout(v, packed), *_layout(grad_out, packed),
+            *_layout(out, packed), *_layout(dq, packed), *_layout(dk, packed), *_layout(dv, packed),
+            lse.stride(0), scale,
+            HEAD_DIM=d, PACKED=packed, DOT_PRECISION=_dot_precision(q.dtype), **short,
+        )
+        return
+    cfg = bwd_config(d, fp32)
     delta = torch.empty_like(lse)
     if N > 0:
         block_m = 64
@@ -299,6 +338,27 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _VisibleAttention(torch.autograd.Function):
+    """The eager path: the same launchers without the custom-op dispatch, which costs more host time per call
+    than the short-sequence kernels take on the GPU (about 60 us forward and 75 us backward, measured on CPU)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(_lse_shape(q, cu_seqlens), dtype=torch.float32, device=q.device)
+        launch_forward(q, k, v, cu_seqlens, max_seqlen, scale, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        launch_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, dq, dk, dv)
+        return dq, dk, dv, None, None, None
+
+
 def _visible_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -311,7 +371,10 @@ def _visible_attention_triton(
     if max_seqlen is None:
         # an upper bound read from shapes, not values: no host synchronisation, at the price of idle programs
         max_seqlen = q.shape[0] if cu_seqlens is not None else q.shape[1]
-    return _attention_fwd(q, k, v, cu_seqlens, max_seqlen, _scale(q, scale))[0]
+    if torch.compiler.is_compiling():
+        # the custom op is what compiled graphs trace through without a break
+        return _attention_fwd(q, k, v, cu_seqlens, max_seqlen, _scale(q, scale))[0]
+    return _VisibleAttention.apply(q, k, v, cu_seqlens, max_seqlen, _scale(q, scale))
 
 
 def _triton_reasons(
@@ -361,9 +424,9 @@ def visible_attention(
 
     Backends: ``triton`` runs the fused kernels (fp16/bf16 on CUDA, fp32 too; head dim up to 128, padded to a
     power of two; no host synchronisation; deterministic backward). ``torch`` runs SDPA for dense input (flash
-    or cuDNN on CUDA) and the per-sequence reference for packed input. ``auto`` takes triton on CUDA for both
-    layouts; for dense equal lengths ``backend="torch"`` (SDPA) may be the faster choice:
-    ``python -m benchmarks.bench_attention`` measures both.
+    or cuDNN on CUDA) and the per-sequence reference for packed input. ``auto`` takes triton for packed input on
+    CUDA and SDPA for dense input on CUDA (measured faster or equal there: ``python -m benchmarks.bench_attention``
+    measures both).
 
     Equivalent PyTorch::
 
@@ -373,4 +436,10 @@ def visible_attention(
             ).transpose(0, 1)
     """
     check_attention_inputs(q, k, v, cu_seqlens, max_seqlen, scale)
+    if cu_seqlens is None and q.is_cuda and requested_backend(backend) == "auto":
+        # Dense equal lengths on CUDA go to SDPA. Measured on H100 (bf16, d 64, 12 heads, N 256 / 32; the first run
+        # in benchmarks/results/bench_attention.md), fwd + bwd ms, Triton kernels vs SDPA's best backend: 50 tokens
+        # 1.16 vs 0.33, 197 tokens 0.84 vs 0.84, 1568 tokens 3.11 vs 2.42. Packed input stays on the kernels,
+        # which spend nothing on padding.
+        backend = "torch"
     return _op(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, backend=backend)
