@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -79,6 +83,40 @@ def test_forward_and_backward_match_reference(case, poison):
     for a, b, c in zip(g[1:], g32[1:], g64[1:]):  # mask token and pos_embed: sums over the batch and positions
         assert a.shape == c.shape
         assert_by_error_ratio(a, b, c)
+
+
+@pytest.mark.parametrize("case", [CASES[k] for k in ("mae_L196_D40", "no_cls_L196", "keep_none", "keep_all",
+                                                     "prime_D37_9_samples")],
+                         ids=["mae_L196_D40", "no_cls_L196", "keep_none", "keep_all", "prime_D37_9_samples"])
+def test_frozen_pos_backward_matches_reference(case, poison):
+    # MAE's decoder_pos_embed is a fixed table: the backward then takes the flat-row path (no sum over the batch)
+    N, L, ratio, D, has_cls, _ = case
+    x_vis, ids_restore, mask_token, pos = make(*case)
+    grad_out = torch.randn(N, int(has_cls) + L, D)
+    x, m = x_vis.clone().requires_grad_(), mask_token.clone().requires_grad_()
+    g = torch.autograd.grad(restore_tokens(x, ids_restore, m, pos, has_cls=has_cls, backend="triton"), (x, m),
+                            grad_out)
+    g32 = torch.autograd.grad(restore_tokens_ref(x, ids_restore, m, pos, has_cls=has_cls), (x, m), grad_out)
+    x64, m64 = x_vis.double().requires_grad_(), mask_token.double().requires_grad_()
+    g64 = torch.autograd.grad(restore_tokens_ref(x64, ids_restore, m64, pos.double(), has_cls=has_cls), (x64, m64),
+                              grad_out.double())
+    assert torch.equal(g[0], g32[0])
+    assert_by_error_ratio(g[1], g32[1], g64[1])
+
+
+@pytest.mark.parametrize("pos_grad", [False, True], ids=["frozen_pos", "pos_grad"])
+def test_custom_op_path_equals_eager_path(pos_grad):
+    # eager calls run an autograd.Function, compiled graphs the custom ops: both launch the same kernels
+    x_vis, ids_restore, mask_token, pos = make(3, 40, 0.75, 24, True, True)
+    grad_out = torch.randn(3, 41, 24)
+    results = []
+    for fn in (lambda *a: restore_tokens(*a, backend="triton"),
+               lambda *a: torch.ops.mimfast.restore_tokens(*a, True)):
+        leaves = [t.clone().requires_grad_(pos_grad or i < 2) for i, t in enumerate((x_vis, mask_token, pos))]
+        out = fn(leaves[0], ids_restore, leaves[1], leaves[2])
+        wrt = leaves if pos_grad else leaves[:2]
+        results.append((out, *torch.autograd.grad(out, wrt, grad_out)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("dtype,param_dtype", [(torch.bfloat16, None), (torch.float16, None),
@@ -172,6 +210,55 @@ def test_triton_refuses_float64_with_reason():
     x_vis, ids_restore, mask_token, pos = make(2, 16, 0.5, 8, True, True, torch.float64)
     with pytest.raises(BackendUnavailableError, match="float64"):
         restore_tokens(x_vis, ids_restore, mask_token, pos, backend="triton")
+
+
+_COMPILE_FOR_H100 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mimfast.kernels import restore_tokens as k
+
+which, dtype, D = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = k.flat_config(D) if which != "bwd_pos" else k.pos_config(197, D)
+num_warps = cfg.pop("num_warps")
+if which == "fwd":
+    fn = k.restore_tokens_fwd_kernel
+    sig = {"x_ptr": "*" + dtype, "ids_ptr": "*i64", "mt_ptr": "*fp32", "pos_ptr": "*fp32", "out_ptr": "*fp32",
+           "NR": "i32", "L": "i32", "K": "i32", "D": "i32", "s_xn": "i32", "s_xr": "i32", "s_xd": "i32",
+           "s_idn": "i32"}
+    consts = {"HAS_CLS": True, "HAS_POS": True}
+elif which == "bwd":
+    fn = k.restore_tokens_bwd_kernel
+    sig = {"g_ptr": "*fp32", "ids_ptr": "*i64", "gx_ptr": "*" + dtype, "part_mt_ptr": "*fp32", "NR": "i32",
+           "L": "i32", "K": "i32", "D": "i32", "s_idn": "i32"}
+    consts = {"HAS_CLS": True}
+else:
+    fn = k.restore_tokens_bwd_pos_kernel
+    sig = {"g_ptr": "*fp32", "ids_ptr": "*i64", "gx_ptr": "*" + dtype, "part_mt_ptr": "*fp32",
+           "part_pos_ptr": "*fp32", "N": "i32", "L": "i32", "K": "i32", "D": "i32", "N_PER": "i32", "s_idn": "i32"}
+    consts = {"HAS_CLS": True}
+consts.update(cfg)
+sig.update({name: "constexpr" for name in consts})
+kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": num_warps})
+assert kernel.asm["cubin"]
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fwd bf16 512", "bwd bf16 512", "fwd fp16 384", "bwd fp32 384",
+                                    "bwd_pos bf16 512"])
+def test_kernels_compile_for_h100(config):
+    # full compilation to an sm_90 cubin without a GPU (and without the interpreter, in a subprocess): catches what
+    # the interpreter accepts but the compiler rejects
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, *config.split()], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "compiled"
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -88,10 +88,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-@torch.library.custom_op("mimfast::restore_tokens", mutates_args=())
-def _restore_tokens_op(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                       pos_embed: Optional[torch.Tensor], has_cls: bool) -> torch.Tensor:
-    from mimfast.kernels.restore_tokens import block_config, restore_tokens_fwd_kernel
+def _forward(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+             pos_embed: Optional[torch.Tensor], has_cls: bool) -> torch.Tensor:
+    """Launch the forward kernel: [N, OFF + K, D] -> [N, OFF + L, D]."""
+    from mimfast.kernels.restore_tokens import flat_config, restore_tokens_fwd_kernel
 
     N, L = ids_restore.shape
     D = x_vis.shape[-1]
@@ -99,14 +99,62 @@ def _restore_tokens_op(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_toke
     out = torch.empty(N, off + L, D, dtype=_out_dtype(x_vis, mask_token, pos_embed), device=x_vis.device)
     if out.numel() == 0:
         return out
-    cfg = block_config(off + L, D)
+    cfg = flat_config(D)
     ids = ids_restore.contiguous()
     pos = pos_embed.reshape(off + L, D).contiguous() if pos_embed is not None else out
-    grid = (-(-(off + L) // cfg["BLOCK_R"]), -(-D // cfg["BLOCK_D"]), N)
-    restore_tokens_fwd_kernel[grid](
-        x_vis, ids, mask_token.reshape(D).contiguous(), pos, out, L, x_vis.shape[1] - off, D,
+    NR = N * (off + L)
+    restore_tokens_fwd_kernel[(-(-NR // cfg["BLOCK_R"]), -(-D // cfg["BLOCK_D"]))](
+        x_vis, ids, mask_token.reshape(D).contiguous(), pos, out, NR, L, x_vis.shape[1] - off, D,
         *x_vis.stride(), ids.stride(0), HAS_CLS=has_cls, HAS_POS=pos_embed is not None, **cfg)
     return out
+
+
+def _backward_grads(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int, has_cls: bool,
+                    x_dtype: torch.dtype, pos_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x_vis [N, OFF + K, D] in x_dtype, grad mask token [D] fp32, grad pos [OFF + L, D] fp32 or empty).
+
+    One pass over ``grad``: visible rows go back to x_vis (ids_restore is a permutation, so each x_vis row is
+    written once), masked rows are summed in per-program fp32 partials that a second pass adds up in a fixed order.
+    Without a pos_embed gradient the programs are flat row tiles; with one, each program owns a block of positions
+    and sums them over a chunk of the batch.
+    """
+    from mimfast.kernels import restore_tokens as kernels
+
+    N, L = ids_restore.shape
+    off = int(has_cls)
+    D = grad.shape[-1]
+    R = off + L
+    gx = torch.empty(N, off + num_visible, D, dtype=x_dtype, device=grad.device)
+    if N * R == 0 or D == 0:
+        return gx.zero_(), grad.new_zeros(D, dtype=torch.float32), grad.new_zeros(R if pos_grad else 0, D,
+                                                                                dtype=torch.float32)
+    g = grad.contiguous()
+    ids = ids_restore.contiguous()
+    if not pos_grad:
+        cfg = kernels.flat_config(D)
+        n_rt = -(-N * R // cfg["BLOCK_R"])
+        part_mt = torch.empty(n_rt, D, dtype=torch.float32, device=grad.device)
+        kernels.restore_tokens_bwd_kernel[(n_rt, -(-D // cfg["BLOCK_D"]))](
+            g, ids, gx, part_mt, N * R, L, num_visible, D, ids.stride(0), HAS_CLS=has_cls, **cfg)
+        return gx, part_mt.sum(0), grad.new_empty(0, D, dtype=torch.float32)
+    cfg = kernels.pos_config(R, D)
+    n_rb, n_db = -(-R // cfg["BLOCK_R"]), -(-D // cfg["BLOCK_D"])
+    # split the batch as far as needed to give every SM four programs: each program walks its chunk serially, and
+    # every chunk costs one [OFF + L, D] fp32 partial to add up
+    chunks = max(1, min(N, -(-4 * _sm_count(grad.device) // (n_rb * n_db))))
+    n_per = -(-N // chunks)
+    chunks = -(-N // n_per)
+    part_mt = torch.empty(chunks, n_rb, D, dtype=torch.float32, device=grad.device)
+    part_pos = torch.empty(chunks, R, D, dtype=torch.float32, device=grad.device)
+    kernels.restore_tokens_bwd_pos_kernel[(n_rb, n_db, chunks)](
+        g, ids, gx, part_mt, part_pos, N, L, num_visible, D, n_per, ids.stride(0), HAS_CLS=has_cls, **cfg)
+    return gx, part_mt.sum((0, 1)), part_pos.sum(0)
+
+
+@torch.library.custom_op("mimfast::restore_tokens", mutates_args=())
+def _restore_tokens_op(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                       pos_embed: Optional[torch.Tensor], has_cls: bool) -> torch.Tensor:
+    return _forward(x_vis, ids_restore, mask_token, pos_embed, has_cls)
 
 
 @_restore_tokens_op.register_fake
@@ -121,36 +169,7 @@ def _restore_tokens_backward_op(
     grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int, has_cls: bool, x_dtype: torch.dtype,
     pos_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad x_vis [N, OFF + K, D] in x_dtype, grad mask token [D] fp32, grad pos [OFF + L, D] fp32 or empty).
-
-    One pass over ``grad``: visible rows go back to x_vis (ids_restore is a permutation, so each x_vis row is
-    written once), masked rows and the batch are summed in per-program fp32 partials that a second pass adds up
-    in a fixed order.
-    """
-    from mimfast.kernels.restore_tokens import block_config, restore_tokens_bwd_kernel
-
-    N, L = ids_restore.shape
-    off = int(has_cls)
-    D = grad.shape[-1]
-    R = off + L
-    gx = torch.zeros(N, off + num_visible, D, dtype=x_dtype, device=grad.device)
-    if N == 0 or D == 0:
-        return gx, grad.new_zeros(D, dtype=torch.float32), grad.new_zeros(R if pos_grad else 0, D,
-                                                                          dtype=torch.float32)
-    cfg = block_config(R, D)
-    n_rb, n_db = -(-R // cfg["BLOCK_R"]), -(-D // cfg["BLOCK_D"])
-    # split the batch only as far as needed to give every SM two programs: fewer partials to add up
-    chunks = max(1, min(N, -(-2 * _sm_count(grad.device) // (n_rb * n_db))))
-    n_per = -(-N // chunks)
-    chunks = -(-N // n_per)
-    part_mt = torch.empty(chunks, n_rb, D, dtype=torch.float32, device=grad.device)
-    part_pos = torch.empty(chunks, R, D, dtype=torch.float32, device=grad.device) if pos_grad else part_mt
-    ids = ids_restore.contiguous()
-    restore_tokens_bwd_kernel[(n_rb, n_db, chunks)](
-        grad.contiguous(), ids, gx, part_mt, part_pos, N, L, num_visible, D, n_per, ids.stride(0),
-        HAS_CLS=has_cls, POS_GRAD=pos_grad, **cfg)
-    g_pos = part_pos.sum(0) if pos_grad else grad.new_zeros(0, D, dtype=torch.float32)
-    return gx, part_mt.sum((0, 1)), g_pos
+    return _backward_grads(grad, ids_restore, num_visible, has_cls, x_dtype, pos_grad)
 
 
 @_restore_tokens_backward_op.register_fake
@@ -170,17 +189,35 @@ def _setup(ctx, inputs, output) -> None:
                 None if pos_embed is None else pos_embed.dtype)
 
 
-def _backward(ctx, grad: torch.Tensor):
+def _input_grads(ctx, grad: torch.Tensor, backward: Callable[..., tuple[torch.Tensor, ...]]) -> tuple:
     (ids_restore,) = ctx.saved_tensors
     num_visible, has_cls, x_dtype, mt_dtype, pos_dtype = ctx.meta
     pos_grad = pos_dtype is not None and ctx.needs_input_grad[3]
-    gx, gmt, gpos = torch.ops.mimfast.restore_tokens_backward(grad, ids_restore, num_visible, has_cls, x_dtype,
-                                                              pos_grad)
-    return (gx if ctx.needs_input_grad[0] else None, None, gmt.to(mt_dtype).reshape(1, 1, -1),
+    gx, gmt, gpos = backward(grad, ids_restore, num_visible, has_cls, x_dtype, pos_grad)
+    return (gx if ctx.needs_input_grad[0] else None, None,
+            gmt.to(mt_dtype).reshape(1, 1, -1) if ctx.needs_input_grad[2] else None,
             gpos.to(pos_dtype).unsqueeze(0) if pos_grad else None, None)
 
 
-_restore_tokens_op.register_autograd(_backward, setup_context=_setup)
+_restore_tokens_op.register_autograd(
+    lambda ctx, grad: _input_grads(ctx, grad, torch.ops.mimfast.restore_tokens_backward), setup_context=_setup)
+
+
+class _RestoreTokens(torch.autograd.Function):
+    """The same launchers as the custom ops, for eager calls: an autograd.Function costs a fraction of the
+    custom op's per-call dispatch, which at these sizes is as long as the kernels themselves."""
+
+    @staticmethod
+    def forward(ctx, x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                pos_embed: Optional[torch.Tensor], has_cls: bool) -> torch.Tensor:
+        inputs = (x_vis, ids_restore, mask_token, pos_embed, has_cls)
+        out = _forward(*inputs)
+        _setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _input_grads(ctx, grad, _backward_grads)
 
 
 def _triton_reasons(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
@@ -199,7 +236,9 @@ _op.register("torch")(restore_tokens_ref)
 @_op.register("triton", reasons=_triton_reasons)
 def _restore_tokens_triton(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                            pos_embed: Optional[torch.Tensor] = None, *, has_cls: bool = True) -> torch.Tensor:
-    return torch.ops.mimfast.restore_tokens(x_vis, ids_restore, mask_token, pos_embed, has_cls)
+    if torch.compiler.is_compiling():
+        return torch.ops.mimfast.restore_tokens(x_vis, ids_restore, mask_token, pos_embed, has_cls)
+    return _RestoreTokens.apply(x_vis, ids_restore, mask_token, pos_embed, has_cls)
 
 
 def restore_tokens(
