@@ -182,6 +182,12 @@ def dense_cases(s: Dense, device: torch.device, dtype: torch.dtype) -> list[tupl
     sdpa = {name: sdpa_with(backend) for name, backend in (
         ("sdpa", None), ("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
         ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION))}
+    # the bwd rows time the backward of one saved forward many times (retain_graph=True), which a compiled backward
+    # with donated buffers refuses: compile the reference without them
+    from torch._functorch import config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
     compiled_ref = torch.compile(visible_attention_ref)
     xops = xformers_ops() if device.type == "cuda" else None
 
