@@ -168,21 +168,46 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["separate_grad", "grad_in_pred"])
 def test_poisoned_buffers_fully_overwritten(in_place):
-    from mimfast.kernels.pixel_loss import launch_pixel_loss
+    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_pixel_loss, launch_weight_sums, num_partials
 
     pred, imgs, info = mae_inputs(2, 3, 12, 20, 4)
     N, L, P = pred.shape
-    inv_denom = (1.0 / (P * info.mask.sum())).reshape(1)
-    partials = torch.full((N * L,), float("nan"))
+    wparts = launch_weight_sums(info.mask, None, L)
+    partials = torch.full((num_partials(N * L),), float("nan"))
     buf = pred.clone()
     grad = buf if in_place else torch.full_like(pred, float("nan"))
-    launch_pixel_loss(buf, imgs, None, info.mask, inv_denom, partials, grad, 4, 1, NORM_PATCH, False, 1e-6)
-    assert torch.isfinite(partials).all() and torch.isfinite(grad).all()
+    launch_pixel_loss(buf, imgs, None, info.mask, wparts, N * L, partials, grad, 4, 1, NORM_PATCH, False, 1e-6)
+    assert torch.isfinite(wparts).all() and torch.isfinite(partials).all() and torch.isfinite(grad).all()
     x = pred.clone().requires_grad_()
     loss = masked_pixel_loss(x, imgs, info.mask, 4, norm_pix=True, backend="triton")
     loss.backward()
     assert torch.equal(grad, x.grad)
-    assert torch.equal((partials.sum() * inv_denom[0]), loss.detach())
+    assert torch.equal(launch_loss_finalize(partials, wparts, N * L, P, torch.float32), loss.detach())
+
+
+@pytest.mark.parametrize("grad_out", [1.0, 0.25], ids=["grad_out_1", "grad_out_quarter"])
+def test_backward_twice_with_retained_graph(grad_out):
+    """The stored gradient is scaled in place only by a graph's last backward: retain_graph keeps it intact."""
+    pred, imgs, info = mae_inputs(2, 3, 8, 12, 4)
+    x = pred.clone().requires_grad_()
+    loss = masked_pixel_loss(x, imgs, info.mask, 4, norm_pix=True, backend="triton")
+    (first,) = torch.autograd.grad(loss, x, torch.tensor(grad_out), retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x, torch.tensor(0.5))
+    (third,) = torch.autograd.grad(masked_pixel_loss(x, imgs, info.mask, 4, norm_pix=True, backend="triton"), x)
+    assert torch.equal(first, third * grad_out) and torch.equal(second, third * 0.5)
+
+
+def test_scale_kernel_in_place_and_skipped_at_one():
+    from mimfast.kernels.pixel_loss import launch_scale_
+
+    x = torch.randn(3, 5000)
+    y = x.clone()
+    assert launch_scale_(y, torch.tensor(1.0)) is y and torch.equal(y, x)
+    launch_scale_(y, torch.tensor(-0.375))
+    assert torch.equal(y, x * -0.375)
+    h = x.half()
+    launch_scale_(h, torch.tensor(3.0))
+    assert torch.equal(h, (x.half().float() * 3.0).half())
 
 
 def test_run_to_run_bit_equality():
@@ -262,7 +287,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mimfast.kernels.pixel_loss import pixel_loss_kernel, simmim_loss_kernel
+from mimfast.kernels import pixel_loss as K
 
 which = sys.argv[1]
 if which == "simmim":
@@ -271,18 +296,41 @@ if which == "simmim":
     sig.update({k: "i32" for k in ("s_pn", "s_pc", "s_ph", "s_pw", "s_gn", "s_gc", "s_gh", "s_gw", "s_n", "s_c", "s_h",
                                    "s_w", "s_mn", "s_ml")})
     const = {"C": 3, "PS": 16, "BLOCK_S": 256, "BLOCK_C": 4, "COMPUTE_GRAD": True}
-    fn, warps = simmim_loss_kernel, 4
+    fn, warps = K.simmim_loss_kernel, 4
+elif which == "weight_sum":
+    sig = {"ids_ptr": "*i64", "mask_ptr": "*fp32", "wpart_ptr": "*fp32", "total_rows": "i32", "R": "i32",
+           "s_in": "i32", "s_ir": "i32", "s_mn": "i32", "s_ml": "i32"}
+    const = {"s_ir": 1, "s_ml": 1, "HAS_IDS": True, "BLOCK": K._WEIGHT_BLOCK}
+    fn, warps = K.weight_sum_kernel, 4
+elif which == "finalize":
+    sig = {"partial_ptr": "*fp32", "wpart_ptr": "*fp32", "bad_ptr": "*i32", "loss_ptr": "*fp32", "num_partials": "i32",
+           "num_wparts": "i32", "row_count": "fp32", "num_bad": "i32"}
+    const = {"P": 768, "HAS_MASK": True, "HAS_BAD": True, "BLOCK": K._FINAL_BLOCK, "BLOCK_G": K.MAX_WPARTS}
+    fn, warps = K.loss_finalize_kernel, 8
+elif which == "scale":
+    sig = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "numel": "i64"}
+    const = {"BLOCK": 4096}
+    fn, warps = K.scale_inplace_kernel, 8
+elif which == "masked_ids":
+    sig = {"mask_ptr": "*u8", "ids_ptr": "*i64", "bad_ptr": "*i32", "L": "i32", "R": "i32", "s_mn": "i32",
+           "s_ml": "i32"}
+    const = {"s_ml": 1, "BLOCK_L": 2048}
+    fn, warps = K.masked_ids_kernel, 4
 else:
     video = which == "video"
     sig = {"pred_ptr": "*bf16", "grad_ptr": "*bf16", "img_ptr": "*fp32", "ids_ptr": "*i64", "mask_ptr": "*fp32",
-           "stats_ptr": "*fp32", "inv_denom_ptr": "*fp32", "partial_ptr": "*fp32", "R": "i32", "GH": "i32", "GW": "i32"}
+           "stats_ptr": "*fp32", "wpart_ptr": "*fp32", "partial_ptr": "*fp32", "total_rows": "i32", "R": "i32",
+           "GH": "i32", "GW": "i32", "num_wparts": "i32", "row_count": "fp32"}
     sig.update({k: "i32" for k in ("s_pn", "s_pr", "s_pe", "s_gn", "s_gr", "s_n", "s_c", "s_t", "s_h", "s_w", "s_in",
                                    "s_ir", "s_mn", "s_ml")})
     sig["eps"] = "fp32"
-    const = {"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_S": 512 if video else 256,
-             "BLOCK_C": 4, "NORM": 2 if video else 1, "L1": which == "mae_l1", "UNNORM": video,
-             "HAS_IDS": which != "mae_full", "HAS_MASK": not video, "COMPUTE_GRAD": True}
-    fn, warps = pixel_loss_kernel, 8 if video else 4
+    # the strides a contiguous launch specialises to 1
+    const = {"s_pe": 1, "s_w": 1, "s_ir": 1, "s_ml": 1}
+    const.update({"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_S": 512 if video else 256,
+                  "BLOCK_C": 4, "ROWS": K.ROWS_PER_PROGRAM, "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
+                  "L1": which == "mae_l1", "UNNORM": video, "HAS_IDS": which != "mae_full", "HAS_MASK": not video,
+                  "COMPUTE_GRAD": True})
+    fn, warps = K.pixel_loss_kernel, 8 if video else 4
 for k in const:
     sig[k] = "constexpr"
 kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
@@ -293,7 +341,8 @@ print("compiled")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["mae_full", "mae_l1", "video", "simmim"])
+@pytest.mark.parametrize("config", ["mae_full", "mae_l1", "video", "simmim", "weight_sum", "finalize", "scale",
+                                    "masked_ids"])
 def test_kernels_compile_for_h100(config):
     # a real compilation to an sm_90 cubin without a GPU (no interpreter, in a subprocess): catches what the
     # interpreter accepts but the compiler rejects

@@ -1,11 +1,14 @@
 """Triton kernels for the masked reconstruction losses (MAE, VideoMAE, SimMIM).
 
-One program handles one predicted patch: it loads the prediction row and the matching patch of the image
-(computed from the patch index, no patchified copy of the image), normalises the target in registers with
-fp32 statistics, and writes both the row's weighted error sum (a per-row partial, summed afterwards in a fixed
-order, so the loss is deterministic) and the gradient of the loss for the prediction row (Liger style: the
-backward pass only scales it by the incoming gradient). Rows whose weight is 0 skip every load and write a zero
-gradient.
+A loss call is three launches: ``weight_sum_kernel`` (a few programs sum the row weights of the mask into at
+most MAX_WPARTS fp32 partials; skipped without a mask), ``pixel_loss_kernel`` (each program handles ROWS_PER_PROGRAM
+predicted patches: it loads the prediction row and the matching patch of the image, computed from the patch
+index, no patchified copy of the image, normalises the target in registers with fp32 statistics, writes the
+gradient of the loss for the row, Liger style, and one fp32 partial of the weighted error), and
+``loss_finalize_kernel`` (one program sums the partials in a fixed order: deterministic, no float atomics). Rows
+whose weight is 0 skip every load and write a zero gradient. The backward pass is ``scale_inplace_kernel``, which
+multiplies the stored gradient by the incoming one in place and does nothing when that factor is exactly 1.
+``masked_ids_kernel`` lists the masked tokens of a bool mask (VideoMAE) with one program per sample.
 
 A patch is held as a tile [BLOCK_S, BLOCK_C]: s = (t, row, col) inside the patch (or cube), c = channel, so the
 flattened patch index is s * C + c, the (row, col, channel) order of ``patchify``. The image is read in its own
@@ -42,6 +45,15 @@ def _image_tile(img_ptr, n, l, GH, GW, s_n, s_c, s_t, s_h, s_w,
 
 
 @triton.jit
+def _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexpr, PS: tl.constexpr):
+    """Pointer to the first value (channel 0) of patch ``l`` of image ``n``."""
+    gt = l // (GH * GW)
+    gh = (l // GW) % GH
+    gw = l % GW
+    return img_ptr + n * s_n + gt * PT * s_t + gh * PS * s_h + gw * PS * s_w
+
+
+@triton.jit
 def _error_and_grad(pred, x, valid, w, inv_denom, L1: tl.constexpr):
     """Weighted error sum of one row and its gradient for ``pred`` (fp32)."""
     diff = tl.where(valid, pred - x, 0.0)
@@ -55,6 +67,41 @@ def _error_and_grad(pred, x, valid, w, inv_denom, L1: tl.constexpr):
 
 
 @triton.jit
+def _inv_denom(wpart_ptr, num_wparts, row_count, P: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr):
+    """1 / (P * sum of the row weights), 0 when the weights sum to 0; summed in a fixed order."""
+    if HAS_MASK:
+        g = tl.arange(0, BLOCK_G)
+        w_sum = tl.sum(tl.load(wpart_ptr + g, mask=g < num_wparts, other=0.0), axis=0)
+    else:
+        w_sum = row_count
+    return tl.where(w_sum > 0, 1.0 / tl.where(w_sum > 0, w_sum * P, 1.0), 0.0)
+
+
+@triton.jit
+def weight_sum_kernel(
+    ids_ptr,  # [N, R] int64 patch index of each row (HAS_IDS)
+    mask_ptr,  # [N, L] weight of each patch, float or uint8
+    wpart_ptr,  # [num_programs] fp32 partial sums of the row weights
+    total_rows, R,  # N * R, rows per sample
+    s_in, s_ir, s_mn, s_ml,  # ids and mask strides
+    HAS_IDS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(pid * BLOCK, total_rows, tl.num_programs(0) * BLOCK):
+        i = start + tl.arange(0, BLOCK).to(tl.int64)
+        valid = i < total_rows
+        n = i // R
+        r = i % R
+        if HAS_IDS:
+            l = tl.load(ids_ptr + n * s_in + r * s_ir, mask=valid, other=0)
+        else:
+            l = r
+        acc += tl.load(mask_ptr + n * s_mn + l * s_ml, mask=valid, other=0).to(tl.float32)
+    tl.store(wpart_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
 def pixel_loss_kernel(
     pred_ptr,  # [N, R, P] predicted rows, any strides
     grad_ptr,  # [N, R, P] gradient of the loss for pred, last dim contiguous (may alias pred_ptr)
@@ -62,9 +109,10 @@ def pixel_loss_kernel(
     ids_ptr,  # [N, R] int64 patch index of each pred row (HAS_IDS), else row r is patch r
     mask_ptr,  # [N, L] weight of each patch (HAS_MASK), float or uint8; without it every row weighs 1
     stats_ptr,  # [2, C] fp32 per-channel mean then std to un-normalise the images with (UNNORM)
-    inv_denom_ptr,  # [1] fp32, 1 / denominator of the loss
-    partial_ptr,  # [N * R] fp32 weighted error sum of each row
-    R, GH, GW,  # rows per sample, patch grid height and width
+    wpart_ptr,  # [num_wparts] fp32 partial sums of every row's weight (HAS_MASK), from weight_sum_kernel
+    partial_ptr,  # [cdiv(N * R, ROWS)] fp32 weighted error sum of each program's rows
+    total_rows, R, GH, GW,  # N * R, rows per sample, patch grid height and width
+    num_wparts, row_count,  # weight partials; without mask the number of rows of the whole loss (fp32)
     s_pn, s_pr, s_pe,  # pred strides
     s_gn, s_gr,  # grad strides (last dim contiguous)
     s_n, s_c, s_t, s_h, s_w,  # image strides
@@ -72,55 +120,131 @@ def pixel_loss_kernel(
     s_mn, s_ml,  # mask strides
     eps,
     C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
     NORM: tl.constexpr, L1: tl.constexpr, UNNORM: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    n = row // R
-    r = row % R
-    if HAS_IDS:
-        l = tl.load(ids_ptr + n * s_in + r * s_ir)
-    else:
-        l = r
-    if HAS_MASK:
-        w = tl.load(mask_ptr + n * s_mn + l * s_ml).to(tl.float32)
-    else:
-        w = 1.0
     S: tl.constexpr = PT * PS * PS
+    inv_denom = _inv_denom(wpart_ptr, num_wparts, row_count, S * C, HAS_MASK, BLOCK_G)
     s = tl.arange(0, BLOCK_S)[:, None]
     c = tl.arange(0, BLOCK_C)[None, :]
     valid = (s < S) & (c < C)
     e = s * C + c
-    g_off = n * s_gn + r * s_gr + e
-    if w != 0.0:
-        pred = tl.load(pred_ptr + n * s_pn + r * s_pr + e * s_pe, mask=valid, other=0.0).to(tl.float32)
-        x = _image_tile(img_ptr, n, l, GH, GW, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C)
-        if UNNORM:
-            cc = tl.arange(0, BLOCK_C)
-            mean_c = tl.load(stats_ptr + cc, mask=cc < C, other=0.0)
-            std_c = tl.load(stats_ptr + C + cc, mask=cc < C, other=0.0)
-            x = tl.where(valid, x * std_c[None, :] + mean_c[None, :], 0.0)
-        # Statistics of x - (first value): a constant patch then gives exactly 0 deviation instead of rounding
-        # noise that 1 / (std + eps) would amplify up to 1e6-fold, and large offsets lose no precision.
-        if NORM == 1:
-            x = tl.where(valid, x - tl.sum(tl.sum(tl.where((s == 0) & (c == 0), x, 0.0), axis=1), axis=0), 0.0)
-            d = tl.where(valid, x - tl.sum(tl.sum(x, axis=1), axis=0) / (S * C), 0.0)
-            var = tl.sum(tl.sum(d * d, axis=1), axis=0) / (S * C - 1)
-            x = d / tl.sqrt(var + eps)
-        elif NORM == 2:
-            x = tl.where(valid, x - tl.sum(tl.where(s == 0, x, 0.0), axis=0)[None, :], 0.0)
-            d = tl.where(valid, x - (tl.sum(x, axis=0) / S)[None, :], 0.0)
-            std_c = tl.sqrt(tl.sum(d * d, axis=0) / (S - 1))
-            x = d / (std_c[None, :] + eps)
-        total, g = _error_and_grad(pred, x, valid, w, tl.load(inv_denom_ptr), L1)
-        tl.store(partial_ptr + row, total)
-        if COMPUTE_GRAD:
-            tl.store(grad_ptr + g_off, g.to(grad_ptr.dtype.element_ty), mask=valid)
-    else:
-        tl.store(partial_ptr + row, 0.0)
-        if COMPUTE_GRAD:
-            tl.store(grad_ptr + g_off, tl.zeros([BLOCK_S, BLOCK_C], grad_ptr.dtype.element_ty), mask=valid)
+    cc = tl.arange(0, BLOCK_C)
+    if UNNORM:
+        mean_c = tl.load(stats_ptr + cc, mask=cc < C, other=0.0)
+        std_c = tl.load(stats_ptr + C + cc, mask=cc < C, other=0.0)
+    total = tl.full([], 0.0, tl.float32)
+    # several rows per program: fewer partials for the final sum, and the per-program setup (the weight sum, the
+    # index tiles, the statistics) is paid once per ROWS rows
+    for k in tl.static_range(ROWS):
+        row = tl.program_id(0).to(tl.int64) * ROWS + k
+        if row < total_rows:
+            n = row // R
+            r = row % R
+            if HAS_IDS:
+                l = tl.load(ids_ptr + n * s_in + r * s_ir)
+            else:
+                l = r
+            if HAS_MASK:
+                w = tl.load(mask_ptr + n * s_mn + l * s_ml).to(tl.float32)
+            else:
+                w = 1.0
+            g_off = n * s_gn + r * s_gr + e
+            if w != 0.0:
+                pred = tl.load(pred_ptr + n * s_pn + r * s_pr + e * s_pe, mask=valid, other=0.0).to(tl.float32)
+                x = _image_tile(img_ptr, n, l, GH, GW, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C)
+                if NORM != 0:
+                    # statistics of x - (first value of the patch, or of each channel): a constant patch gives
+                    # exactly 0 deviation instead of rounding noise that 1 / (std + eps) would amplify up to
+                    # 1e6-fold, and large offsets lose no precision; a scalar load, not a reduction
+                    first = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
+                    x0 = tl.load(first + cc * s_c, mask=cc < C, other=0.0).to(tl.float32)
+                if UNNORM:
+                    x = tl.where(valid, x * std_c[None, :] + mean_c[None, :], 0.0)
+                    if NORM != 0:
+                        x0 = x0 * std_c + mean_c
+                if NORM == 1:
+                    x0 = tl.sum(tl.where(cc == 0, x0, 0.0), axis=0)
+                    x = tl.where(valid, x - x0, 0.0)
+                    d = tl.where(valid, x - tl.sum(tl.sum(x, axis=1), axis=0) / (S * C), 0.0)
+                    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / (S * C - 1)
+                    x = d / tl.sqrt(var + eps)
+                elif NORM == 2:
+                    x = tl.where(valid, x - x0[None, :], 0.0)
+                    d = tl.where(valid, x - (tl.sum(x, axis=0) / S)[None, :], 0.0)
+                    std = tl.sqrt(tl.sum(d * d, axis=0) / (S - 1))
+                    x = d / (std[None, :] + eps)
+                err, g = _error_and_grad(pred, x, valid, w, inv_denom, L1)
+                total += err
+                if COMPUTE_GRAD:
+                    tl.store(grad_ptr + g_off, g.to(grad_ptr.dtype.element_ty), mask=valid)
+            elif COMPUTE_GRAD:
+                tl.store(grad_ptr + g_off, tl.zeros([BLOCK_S, BLOCK_C], grad_ptr.dtype.element_ty), mask=valid)
+    tl.store(partial_ptr + tl.program_id(0), total)
+
+
+@triton.jit
+def loss_finalize_kernel(
+    partial_ptr,  # [num_partials] fp32 weighted error sums
+    wpart_ptr,  # [num_wparts] fp32 partial sums of the row weights (HAS_MASK)
+    bad_ptr,  # [num_bad] int32, nonzero: the loss is undefined (HAS_BAD)
+    loss_ptr,  # [] the loss, in its own dtype
+    num_partials, num_wparts, row_count, num_bad,
+    P: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, num_partials, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + i, mask=i < num_partials, other=0.0)
+    loss = tl.sum(acc, axis=0) * _inv_denom(wpart_ptr, num_wparts, row_count, P, HAS_MASK, BLOCK_G)
+    if HAS_BAD:
+        bad = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, num_bad, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            bad += tl.load(bad_ptr + i, mask=i < num_bad, other=0)
+        loss = tl.where(tl.max(bad, axis=0) != 0, float("nan"), loss)
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
+def scale_inplace_kernel(
+    x_ptr,  # [numel] contiguous, scaled in place
+    scale_ptr,  # [] the factor
+    numel,
+    BLOCK: tl.constexpr,
+):
+    # the factor is almost always exactly 1 (loss.backward()): then the pass is skipped on the device, without the
+    # host synchronisation a check on the host would need
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, tl.num_programs(0) * BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + i, mask=i < numel)
+            tl.store(x_ptr + i, (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty), mask=i < numel)
+
+
+@triton.jit
+def masked_ids_kernel(
+    mask_ptr,  # [N, L] bool as uint8
+    ids_ptr,  # [N, R] int64: the first R masked tokens of each sample, ascending
+    bad_ptr,  # [N] int32: 1 where the sample does not mask exactly R tokens
+    L, R, s_mn, s_ml,
+    BLOCK_L: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    count = tl.full([], 0, tl.int32)
+    for start in range(0, L, BLOCK_L):
+        l = start + tl.arange(0, BLOCK_L)
+        m = tl.load(mask_ptr + n * s_mn + l * s_ml, mask=l < L, other=0) != 0
+        pos = count + tl.cumsum(m.to(tl.int32), axis=0) - 1
+        tl.store(ids_ptr + n * R + pos, l.to(tl.int64), mask=m & (pos < R))
+        count += tl.sum(m.to(tl.int32), axis=0)
+    # rows past the sample's own count still hold a valid patch index (the loss is NaN then anyway)
+    for start in range(0, R, BLOCK_L):
+        j = start + tl.arange(0, BLOCK_L)
+        tl.store(ids_ptr + n * R + j, tl.zeros([BLOCK_L], tl.int64), mask=(j >= count) & (j < R))
+    tl.store(bad_ptr + n, (count != R).to(tl.int32))
 
 
 @triton.jit
@@ -173,12 +297,41 @@ def _strides5(imgs: torch.Tensor) -> tuple[int, ...]:
     return tuple(imgs.stride())
 
 
+# rows of the loss kernel per program; weight partials (at most MAX_WPARTS, read by every loss program)
+ROWS_PER_PROGRAM = 4
+MAX_WPARTS = 64
+_WEIGHT_BLOCK = 1024
+_FINAL_BLOCK = 2048
+
+
+def num_partials(rows: int) -> int:
+    """Length of the partials buffer the loss kernel fills for ``rows`` rows."""
+    return triton.cdiv(rows, ROWS_PER_PROGRAM)
+
+
+def launch_weight_sums(mask: torch.Tensor, ids: Optional[torch.Tensor], rows_per_sample: int) -> torch.Tensor:
+    """[G] fp32 partial sums of the row weights mask[n, ids[n, r]] (mask[n, r] without ids), G <= MAX_WPARTS."""
+    N = mask.shape[0]
+    total = N * rows_per_sample
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    grid = max(1, min(MAX_WPARTS, triton.cdiv(total, _WEIGHT_BLOCK)))
+    wparts = torch.empty(grid, dtype=torch.float32, device=mask.device)
+    weight_sum_kernel[(grid,)](
+        ids if ids is not None else mask, mask, wparts, total, max(rows_per_sample, 1),
+        *(ids.stride() if ids is not None else (0, 0)), *mask.stride(),
+        HAS_IDS=ids is not None, BLOCK=_WEIGHT_BLOCK, num_warps=4,
+    )
+    return wparts
+
+
 def launch_pixel_loss(
     pred: torch.Tensor,
     imgs: torch.Tensor,
     ids: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
-    inv_denom: torch.Tensor,
+    wparts: Optional[torch.Tensor],
+    row_count: int,
     partials: torch.Tensor,
     grad: Optional[torch.Tensor],
     patch_size: int,
@@ -188,8 +341,10 @@ def launch_pixel_loss(
     eps: float,
     stats: Optional[torch.Tensor] = None,
 ) -> None:
-    """Fill ``partials`` [N*R] with each row's weighted error sum and ``grad`` [N,R,P] (if given, may be ``pred``
-    itself) with d(loss)/d(pred), where loss = partials.sum() * inv_denom.
+    """Fill ``partials`` [num_partials(N*R)] with the weighted error sums of each program's rows and ``grad``
+    [N,R,P] (if given, may be ``pred`` itself) with d(loss)/d(pred), where loss = partials.sum() / (P * W): W is the
+    sum of ``wparts`` (from :func:`launch_weight_sums`, over every row of the loss) when ``mask`` is given, else
+    ``row_count``.
 
     pred [N,R,P], imgs [N,C,H,W] or [N,C,T,H,W], ids [N,R] int64 or None (row r is patch r), mask [N,L] weights
     or None (all 1), stats [2,C] fp32 mean/std to un-normalise the images with, or None.
@@ -203,23 +358,73 @@ def launch_pixel_loss(
         mask = mask.view(torch.uint8)
     if grad is not None:
         assert grad.stride(2) == 1 and grad.shape == pred.shape
+    assert (mask is None) == (wparts is None)
     dummy = partials
-    pixel_loss_kernel[(N * R,)](
+    pixel_loss_kernel[(num_partials(N * R),)](
         pred, grad if grad is not None else dummy, imgs,
         ids if ids is not None else dummy, mask if mask is not None else dummy,
-        stats if stats is not None else dummy, inv_denom, partials,
-        R, GH, GW,
+        stats if stats is not None else dummy, wparts if wparts is not None else dummy, partials,
+        N * R, max(R, 1), GH, GW, 0 if wparts is None else wparts.numel(), float(row_count),
         *pred.stride(),
         *(grad.stride()[:2] if grad is not None else (0, 0)),
         *_strides5(imgs),
         *(ids.stride() if ids is not None else (0, 0)),
         *(mask.stride() if mask is not None else (0, 0)),
         eps,
-        C=C, PT=PT, PS=PS, BLOCK_S=block_s, BLOCK_C=block_c,
+        C=C, PT=PT, PS=PS, BLOCK_S=block_s, BLOCK_C=block_c, ROWS=ROWS_PER_PROGRAM, BLOCK_G=MAX_WPARTS,
         NORM=norm, L1=l1, UNNORM=stats is not None,
         HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None,
         num_warps=warps,
     )
+
+
+def launch_loss_finalize(partials: torch.Tensor, wparts: Optional[torch.Tensor], row_count: int, P: int,
+                         dtype: torch.dtype, bad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The loss, a 0-dim tensor of ``dtype``: partials.sum() / (P * W) with W as in :func:`launch_pixel_loss`;
+    NaN where ``bad`` (int32) has a nonzero entry."""
+    loss = torch.empty((), dtype=dtype, device=partials.device)
+    dummy = partials
+    loss_finalize_kernel[(1,)](
+        partials, wparts if wparts is not None else dummy, bad if bad is not None else dummy, loss,
+        partials.numel(), 0 if wparts is None else wparts.numel(), float(row_count),
+        0 if bad is None else bad.numel(),
+        P=P, HAS_MASK=wparts is not None, HAS_BAD=bad is not None, BLOCK=_FINAL_BLOCK, BLOCK_G=MAX_WPARTS,
+        num_warps=8,
+    )
+    return loss
+
+
+_sm_count: dict[torch.device, int] = {}
+
+
+def _programs(device: torch.device) -> int:
+    """A grid filling the device a few times over (grid-stride loops)."""
+    if device.type != "cuda":
+        return 4
+    if device not in _sm_count:
+        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _sm_count[device]
+
+
+def launch_scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x *= scale in place (x contiguous, scale a 0-dim tensor on x's device); nothing moves when scale == 1."""
+    block = 4096
+    grid = max(1, min(_programs(x.device), triton.cdiv(x.numel(), block)))
+    scale_inplace_kernel[(grid,)](x, scale, x.numel(), BLOCK=block, num_warps=8)
+    return x
+
+
+def launch_masked_ids(mask: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, L] bool -> ([N, rows] int64 indices of the first ``rows`` masked tokens of each sample, ascending;
+    [N] int32 flags, 1 where a sample does not mask exactly ``rows`` tokens)."""
+    N, L = mask.shape
+    ids = torch.empty(N, rows, dtype=torch.int64, device=mask.device)
+    bad = torch.empty(N, dtype=torch.int32, device=mask.device)
+    if N > 0:
+        block = min(2048, triton.next_power_of_2(max(L, 1)))
+        masked_ids_kernel[(N,)](mask.view(torch.uint8), ids, bad, L, rows, *mask.stride(), BLOCK_L=block,
+                                num_warps=4)
+    return ids, bad
 
 
 def launch_simmim_loss(

@@ -123,16 +123,6 @@ def masked_pixel_loss_ref(
     return (loss * weights).sum() / torch.where(total == 0, torch.ones_like(total), total)
 
 
-def weights_sum(mask: Optional[torch.Tensor], ids: Optional[torch.Tensor], rows: int) -> torch.Tensor:
-    """Sum of the row weights, fp32: mask[n, ids[n, r]] over the rows (all of mask without ids; ``rows``
-    without mask)."""
-    if mask is None:
-        return torch.full((), float(rows), dtype=torch.float32, device=ids.device)
-    if ids is not None:
-        mask = mask.gather(1, ids.long())
-    return mask.sum(dtype=torch.float32)
-
-
 _stats_cache: dict[tuple[str, tuple[float, ...]], torch.Tensor] = {}
 
 
@@ -142,6 +132,81 @@ def _stats_tensor(stats: list[float], device: torch.device) -> torch.Tensor:
     if key not in _stats_cache:
         _stats_cache[key] = torch.tensor(stats, dtype=torch.float32, device=device).view(2, -1)
     return _stats_cache[key]
+
+
+def pixel_loss_forward(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    ids: Optional[torch.Tensor],
+    patch_size: int,
+    tubelet_size: int,
+    norm: int,
+    l1: bool,
+    eps: float,
+    stats: Optional[torch.Tensor],
+    compute_grad: bool,
+    bad: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(loss, d loss / d pred or None) with loss = sum_rows w * sum_P err / (P * sum_rows w): at most three launches
+    (row-weight sums, the fused loss kernel, the final sum). ``bad``: int32 flags turning the loss to NaN."""
+    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_pixel_loss, launch_weight_sums, num_partials
+
+    N, R, P = pred.shape
+    wparts = None if mask is None else launch_weight_sums(mask, ids, R)
+    partials = torch.empty(num_partials(N * R), dtype=torch.float32, device=pred.device)
+    grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if compute_grad else None
+    if N * R > 0:
+        launch_pixel_loss(pred, imgs, ids, mask, wparts, N * R, partials, grad, patch_size, tubelet_size, norm, l1,
+                          eps, stats)
+    loss = launch_loss_finalize(partials, wparts, N * R, P, torch.promote_types(pred.dtype, imgs.dtype), bad)
+    return loss, grad
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad * grad_loss for a gradient the forward pass stored: in place when this backward is the graph's last
+    (nothing moves when grad_loss is exactly 1, the usual case), out of place when the graph is kept for another
+    backward (retain_graph=True) and the stored gradient must stay as it is."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or keep_graph() or not grad.is_contiguous() or grad.numel() == 0:
+        return grad * grad_loss
+    from mimfast.kernels.pixel_loss import launch_scale_
+
+    return launch_scale_(grad, grad_loss)
+
+
+class _PixelLoss(torch.autograd.Function):
+    """Eager autograd for the fused loss: calling the custom op through the dispatcher costs tens of microseconds
+    per call on the host, as much as the kernels take on the device, so eager calls come here and only
+    ``torch.compile`` goes through ``mimfast::pixel_loss``."""
+
+    @staticmethod
+    def forward(ctx: Any, pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor],
+                ids: Optional[torch.Tensor], patch_size: int, tubelet_size: int, norm: int, l1: bool, eps: float,
+                stats: Optional[torch.Tensor], bad: Optional[torch.Tensor]) -> torch.Tensor:
+        loss, grad = pixel_loss_forward(pred, imgs, mask, ids, patch_size, tubelet_size, norm, l1, eps, stats, True,
+                                        bad)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple:
+        (grad,) = ctx.saved_tensors
+        return (scale_saved_grad(grad, grad_loss),) + (None,) * 10
+
+
+def pixel_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor], ids: Optional[torch.Tensor],
+               patch_size: int, tubelet_size: int, norm: int, l1: bool, eps: float,
+               stats: Optional[list[float]] = None, bad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused loss, differentiable in ``pred``: the custom op under ``torch.compile``, else a direct autograd
+    Function (no ``bad`` flags under compile: the caller handles them there)."""
+    compute_grad = torch.is_grad_enabled() and pred.requires_grad
+    if torch.compiler.is_compiling():
+        return pixel_loss_op(pred, imgs, mask, ids, patch_size, tubelet_size, norm, l1, eps, stats, compute_grad)[0]
+    stats_t = None if stats is None else _stats_tensor(stats, pred.device)
+    if compute_grad:
+        return _PixelLoss.apply(pred, imgs, mask, ids, patch_size, tubelet_size, norm, l1, eps, stats_t, bad)
+    return pixel_loss_forward(pred, imgs, mask, ids, patch_size, tubelet_size, norm, l1, eps, stats_t, False, bad)[0]
 
 
 @torch.library.custom_op("mimfast::pixel_loss", mutates_args=())
@@ -164,17 +229,9 @@ def pixel_loss_op(
     index of each pred row or None (R = L), stats: per-channel mean then std to un-normalise the images with.
     Without ``compute_grad`` the second output is empty.
     """
-    from mimfast.kernels.pixel_loss import launch_pixel_loss
-
-    N, R, P = pred.shape
-    partials = torch.empty(N * R, dtype=torch.float32, device=pred.device)
-    w_sum = weights_sum(mask, ids, N * R)
-    inv_denom = torch.where(w_sum > 0, 1.0 / (w_sum * P), torch.zeros_like(w_sum)).reshape(1)
-    grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if compute_grad else None
-    if N * R > 0:
-        launch_pixel_loss(pred, imgs, ids, mask, inv_denom, partials, grad, patch_size, tubelet_size, norm, l1, eps,
-                          None if stats is None else _stats_tensor(stats, pred.device))
-    loss = (partials.sum() * inv_denom[0]).to(torch.promote_types(pred.dtype, imgs.dtype))
+    stats_t = None if stats is None else _stats_tensor(stats, pred.device)
+    loss, grad = pixel_loss_forward(pred, imgs, mask, ids, patch_size, tubelet_size, norm, l1, eps, stats_t,
+                                    compute_grad)
     return loss, grad if grad is not None else pred.new_empty((0,))
 
 
@@ -190,6 +247,7 @@ def _pixel_loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 
 def _pixel_loss_backward(ctx: Any, grad_loss: torch.Tensor, _grad_of_grad: Any) -> tuple:
+    # out of place: under torch.compile the multiplication fuses into the consumer of the gradient
     (grad,) = ctx.saved_tensors
     return (grad * grad_loss,) + (None,) * 10
 
@@ -217,10 +275,8 @@ def pixel_loss_triton_reasons(pred: torch.Tensor, imgs: torch.Tensor, mask: Opti
 
 def _masked_pixel_loss_triton(pred, imgs, mask, patch_size, *, norm_pix=False, kind="mse", eps=1e-6,
                               ids_masked=None, tubelet_size=None) -> torch.Tensor:
-    compute_grad = torch.is_grad_enabled() and pred.requires_grad
-    loss, _ = pixel_loss_op(pred, imgs, mask, ids_masked, patch_size, tubelet_size or 1,
-                            NORM_PATCH if norm_pix else NORM_NONE, kind == "l1", float(eps), None, compute_grad)
-    return loss
+    return pixel_loss(pred, imgs, mask, ids_masked, patch_size, tubelet_size or 1,
+                      NORM_PATCH if norm_pix else NORM_NONE, kind == "l1", float(eps))
 
 
 def _masked_pixel_loss_reasons(pred, imgs, mask, patch_size, *, tubelet_size=None, **_: Any) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mimfast.backend import get_op
-from mimfast.ops.masked_pixel_loss import NORM_CHANNEL, NORM_NONE, pixel_loss_op, pixel_loss_triton_reasons
+from mimfast.ops.masked_pixel_loss import NORM_CHANNEL, NORM_NONE, pixel_loss, pixel_loss_triton_reasons
 from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "videomae_pixel_loss", "videomae_pixel_loss_ref"]
@@ -95,13 +95,18 @@ def masked_ids(mask: torch.Tensor, rows: int) -> torch.Tensor:
 def _videomae_triton(pred, videos, mask, patch_size, tubelet_size, *, norm_target=True, mean=IMAGENET_MEAN,
                      std=IMAGENET_STD) -> torch.Tensor:
     R = pred.shape[1]
-    compute_grad = torch.is_grad_enabled() and pred.requires_grad
     stats = [float(v) for v in mean] + [float(v) for v in std]
-    loss, _ = pixel_loss_op(pred, videos, None, masked_ids(mask, R), patch_size, tubelet_size,
-                            NORM_CHANNEL if norm_target else NORM_NONE, False, STD_EPS, stats, compute_grad)
+    norm = NORM_CHANNEL if norm_target else NORM_NONE
     # Checking that every sample masks exactly R tokens would need a host sync; a mismatch turns the loss to NaN.
-    consistent = (mask.sum(1) == R).all()
-    return torch.where(consistent, loss, torch.full_like(loss, float("nan")))
+    if torch.compiler.is_compiling():
+        loss = pixel_loss(pred, videos, None, masked_ids(mask, R), patch_size, tubelet_size, norm, False, STD_EPS,
+                          stats)
+        return torch.where((mask.sum(1) == R).all(), loss, torch.full_like(loss, float("nan")))
+    from mimfast.kernels.pixel_loss import launch_masked_ids
+
+    # one launch lists the masked tokens and flags the samples with another count, instead of a sort
+    ids, bad = launch_masked_ids(mask, R)
+    return pixel_loss(pred, videos, None, ids, patch_size, tubelet_size, norm, False, STD_EPS, stats, bad)
 
 
 def _videomae_reasons(pred, videos, mask, patch_size, tubelet_size, **_: Any) -> list[str]:
