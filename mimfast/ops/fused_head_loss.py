@@ -1,11 +1,14 @@
 """MAE prediction head fused with the pixel loss: decoder features -> ``decoder_pred`` linear -> masked pixel
 loss, computed chunk by chunk on the masked rows only, so the [N, L, P] prediction is never materialised.
 
-Per chunk of whole samples: gather the masked rows of ``hidden``, one GEMM for their predictions, the fused
-pixel-loss kernel overwrites the predictions with d(loss)/d(pred) in place, then two GEMMs give the chunk's
-share of the hidden and weight gradients (weight and bias gradients accumulated in fp32 in chunk order, so the
-result is deterministic). Every gradient is ready at the end of the forward pass; the backward pass only scales
-them by the incoming gradient.
+Per chunk of whole samples (as few, equal chunks as ``chunk_size`` allows; the default takes an MAE-B batch of
+256 in two): gather the masked rows of ``hidden`` once, one GEMM in the input dtype (fp32 accumulation) for their
+predictions, the fused pixel-loss kernel overwrites the predictions with d(loss)/d(pred) in place, then the weight
+gradient GEMM reads the gathered rows and the hidden gradient GEMM writes over them (or straight into the hidden
+gradient when every row is scored), and one scatter puts those rows in place. Across chunks the weight and bias
+gradients accumulate in fp32 in chunk order, so the result is deterministic. Every gradient is ready at the end
+of the forward pass; the backward pass only scales them by the incoming gradient (in place, and not at all when
+it is 1).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from mimfast.ops.masked_pixel_loss import (
     check_pixel_loss_args,
     masked_pixel_loss_ref,
     pixel_loss_triton_reasons,
-    weights_sum,
+    scale_saved_grad,
 )
 
 __all__ = ["fused_head_masked_pixel_loss", "fused_head_masked_pixel_loss_ref", "masked_ids_from_restore"]
 
-DEFAULT_CHUNK_ROWS = 8192
+# rows per chunk: 20480 splits an MAE batch of 256 x 147 masked rows in two, so the working buffers (the gathered
+# rows and the predictions, 2.5 KB per row in bf16 for D = 512, P = 768) stay under 50 MB
+DEFAULT_CHUNK_ROWS = 20480
 
 
 def masked_ids_from_restore(ids_restore: torch.Tensor, num_kept: int) -> torch.Tensor:
@@ -73,6 +78,95 @@ def fused_head_masked_pixel_loss_ref(
                                  ids_masked=ids_masked, tubelet_size=tubelet_size)
 
 
+def fused_head_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    ids: Optional[torch.Tensor],
+    patch_size: int,
+    tubelet_size: int,
+    norm: int,
+    l1: bool,
+    eps: float,
+    chunk_rows: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(loss, grad_hidden [N,L,D], grad_weight [P,D], grad_bias [P]); the gradients are None without
+    ``compute_grad`` (grad_bias also without bias)."""
+    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_pixel_loss, launch_weight_sums, num_partials
+
+    N, L, D = hidden.shape
+    P = weight.shape[0]
+    R = L if ids is None else ids.shape[1]
+    wparts = None if mask is None else launch_weight_sums(mask, ids, R)
+    # as few chunks as chunk_rows allows, of equal numbers of whole samples
+    chunks = 0 if N * R == 0 else -(-N // max(1, chunk_rows // max(R, 1)))
+    per_chunk = -(-N // chunks) if chunks else N
+    bounds = [(n0, min(N, n0 + per_chunk)) for n0 in range(0, N if chunks else 0, per_chunk)]
+    offsets = [0]
+    for n0, n1 in bounds:
+        offsets.append(offsets[-1] + num_partials((n1 - n0) * R))
+    partials = torch.empty(offsets[-1], dtype=torch.float32, device=hidden.device)
+    grad_hidden = grad_w = grad_b = None
+    if compute_grad:
+        # rows that are not scored get a zero gradient; with every row scored the GEMMs write all of it
+        alloc = torch.zeros if ids is not None else torch.empty
+        grad_hidden = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    for k, (n0, n1) in enumerate(bounds):
+        chunk_ids = None if ids is None else ids[n0:n1]
+        h = _rows(hidden[n0:n1], chunk_ids).reshape(-1, D)
+        buf = F.linear(h, weight, bias).view(n1 - n0, R, P)
+        launch_pixel_loss(buf, imgs[n0:n1], chunk_ids, None if mask is None else mask[n0:n1], wparts, N * R,
+                          partials[offsets[k]:offsets[k + 1]], buf if compute_grad else None, patch_size,
+                          tubelet_size, norm, l1, eps)
+        if not compute_grad:
+            continue
+        grad_pred = buf.view(-1, P)
+        part_w = grad_pred.t() @ h
+        part_b = grad_pred.sum(0, dtype=torch.float32) if bias is not None else None
+        if len(bounds) == 1:
+            grad_w, grad_b = part_w, part_b
+        elif k == 0:
+            grad_w, grad_b = part_w.float(), part_b
+        else:
+            grad_w.add_(part_w)
+            if bias is not None:
+                grad_b.add_(part_b)
+        if chunk_ids is None:
+            torch.mm(grad_pred, weight, out=grad_hidden[n0:n1].view(-1, D))
+        else:
+            # the gathered rows are not needed any more: their buffer takes the rows' gradient
+            torch.mm(grad_pred, weight, out=h)
+            grad_hidden[n0:n1].scatter_(1, chunk_ids[..., None].expand(-1, -1, D), h.view(n1 - n0, R, D))
+    loss = launch_loss_finalize(partials, wparts, N * R, P, torch.promote_types(hidden.dtype, imgs.dtype))
+    if not compute_grad:
+        return loss, None, None, None
+    if grad_w is None:  # no row at all
+        grad_w = torch.zeros_like(weight)
+        grad_b = torch.zeros_like(bias) if bias is not None else None
+    return loss, grad_hidden, grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype)
+
+
+class _FusedHead(torch.autograd.Function):
+    """Eager autograd (see ``_PixelLoss`` in :mod:`mimfast.ops.masked_pixel_loss`: the custom op's dispatcher
+    round trip is kept for ``torch.compile``)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *rest: Any):
+        loss, grad_hidden, grad_w, grad_b = fused_head_forward(hidden, weight, bias, *rest, True)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(grad_hidden, grad_w, *([grad_b] if bias is not None else []))
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple:
+        grad_hidden, grad_w, *grad_b = ctx.saved_tensors
+        return (scale_saved_grad(grad_hidden, grad_loss), grad_w * grad_loss,
+                grad_b[0] * grad_loss if ctx.has_bias else None) + (None,) * 10
+
+
 @torch.library.custom_op("mimfast::fused_head_pixel_loss", mutates_args=())
 def fused_head_pixel_loss_op(
     hidden: torch.Tensor,
@@ -91,43 +185,9 @@ def fused_head_pixel_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden [N,L,D], grad_weight [P,D], grad_bias [P]); the gradients are empty without
     ``compute_grad`` (grad_bias also without bias)."""
-    from mimfast.kernels.pixel_loss import launch_pixel_loss
-
-    N, L, D = hidden.shape
-    P = weight.shape[0]
-    R = L if ids is None else ids.shape[1]
-    partials = torch.empty(N * R, dtype=torch.float32, device=hidden.device)
-    w_sum = weights_sum(mask, ids, N * R)
-    inv_denom = torch.where(w_sum > 0, 1.0 / (w_sum * P), torch.zeros_like(w_sum)).reshape(1)
-    if compute_grad:
-        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-        grad_w32 = torch.zeros(P, D, dtype=torch.float32, device=hidden.device)
-        grad_b32 = torch.zeros(P, dtype=torch.float32, device=hidden.device)
-    per_chunk = max(1, chunk_rows // max(R, 1))
-    for n0 in range(0, N if R > 0 else 0, per_chunk):
-        n1 = min(N, n0 + per_chunk)
-        chunk_ids = None if ids is None else ids[n0:n1]
-        h = _rows(hidden[n0:n1], chunk_ids).reshape(-1, D)
-        buf = F.linear(h, weight, bias).view(n1 - n0, R, P)
-        launch_pixel_loss(buf, imgs[n0:n1], chunk_ids, None if mask is None else mask[n0:n1], inv_denom,
-                          partials[n0 * R:n1 * R], buf if compute_grad else None, patch_size, tubelet_size, norm,
-                          l1, eps)
-        if compute_grad:
-            grad_pred = buf.view(-1, P)
-            grad_h = (grad_pred @ weight).view(n1 - n0, R, D)
-            if chunk_ids is None:
-                grad_hidden[n0:n1] = grad_h
-            else:
-                index = chunk_ids.long()[..., None].expand(-1, -1, D)
-                grad_hidden[n0:n1].scatter_(1, index, grad_h.to(grad_hidden.dtype))
-            grad_w32 += (grad_pred.t() @ h).float()
-            grad_b32 += grad_pred.sum(0, dtype=torch.float32)
-    loss = (partials.sum() * inv_denom[0]).to(torch.promote_types(hidden.dtype, imgs.dtype))
-    if not compute_grad:
-        empty = hidden.new_empty((0,))
-        return loss, empty, empty.clone(), empty.clone()
-    grad_bias = grad_b32.to(bias.dtype) if bias is not None else hidden.new_empty((0,))
-    return loss, grad_hidden, grad_w32.to(weight.dtype), grad_bias
+    loss, *grads = fused_head_forward(hidden, weight, bias, imgs, mask, ids, patch_size, tubelet_size, norm, l1, eps,
+                                      chunk_rows, compute_grad)
+    return (loss,) + tuple(g if g is not None else hidden.new_empty((0,)) for g in grads)
 
 
 @fused_head_pixel_loss_op.register_fake
@@ -159,10 +219,13 @@ def _fused_head_triton(hidden, weight, bias, imgs, mask, patch_size, *, ids_mask
                        kind="mse", eps=1e-6, tubelet_size=None, chunk_size=DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     params = [t for t in (hidden, weight, bias) if t is not None]
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-    loss, *_ = fused_head_pixel_loss_op(hidden, weight, bias, imgs, mask, ids_masked, patch_size, tubelet_size or 1,
-                                        NORM_PATCH if norm_pix else NORM_NONE, kind == "l1", float(eps),
-                                        int(chunk_size), compute_grad)
-    return loss
+    args = (imgs, mask, ids_masked, patch_size, tubelet_size or 1, NORM_PATCH if norm_pix else NORM_NONE,
+            kind == "l1", float(eps), int(chunk_size))
+    if torch.compiler.is_compiling():
+        return fused_head_pixel_loss_op(hidden, weight, bias, *args, compute_grad)[0]
+    if compute_grad:
+        return _FusedHead.apply(hidden, weight, bias, *args)
+    return fused_head_forward(hidden, weight, bias, *args, False)[0]
 
 
 def _fused_head_reasons(hidden, weight, bias, imgs, mask, patch_size, *, tubelet_size=None, **_: Any) -> list[str]:
