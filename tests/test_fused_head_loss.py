@@ -108,6 +108,19 @@ def test_chunking_does_not_change_the_result_and_runs_are_bit_equal():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
+def test_backward_twice_with_retained_graph():
+    """The stored gradients are scaled in place only by a graph's last backward."""
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 12, 4, 16)
+    xs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = fused_head_masked_pixel_loss(*xs, imgs, info.mask, 4, ids_masked=ids, norm_pix=True, backend="triton")
+    first = torch.autograd.grad(loss, xs, torch.tensor(0.25), retain_graph=True)
+    second = torch.autograd.grad(loss, xs, torch.tensor(2.0))
+    plain = torch.autograd.grad(fused_head_masked_pixel_loss(*xs, imgs, info.mask, 4, ids_masked=ids, norm_pix=True,
+                                                             backend="triton"), xs)
+    for a, b, c in zip(first, second, plain):
+        assert torch.equal(a, c * 0.25) and torch.equal(b, c * 2.0)
+
+
 def test_return_pred_no_grad_and_ids_from_restore():
     imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 12, 4, 16)
     K = info.ids_keep.shape[1]

@@ -168,7 +168,8 @@ def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tenso
     (nothing moves when grad_loss is exactly 1, the usual case), out of place when the graph is kept for another
     backward (retain_graph=True) and the stored gradient must stay as it is."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    if keep_graph is None or keep_graph() or not grad.is_contiguous() or grad.numel() == 0:
+    if (keep_graph is None or torch.compiler.is_compiling() or keep_graph() or not grad.is_contiguous()
+            or grad.numel() == 0):
         return grad * grad_loss
     from mimfast.kernels.pixel_loss import launch_scale_
 
