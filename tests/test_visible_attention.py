@@ -74,6 +74,8 @@ PACKED_CASES = [
     ([33, 17], 1, 96, torch.float32),
     ([40, 9], 1, 128, torch.float16),
     ([5, 20], 2, 16, torch.float32),
+    # every tile of the short path in one batch (16, 32, 64, 128 rows), and the boundaries between them
+    ([1, 16, 17, 32, 33, 64, 65, 100, 128], 2, 32, torch.float16),
 ]
 
 
@@ -240,9 +242,14 @@ def test_compiles_without_graph_breaks(interpret):
     def f(a, b, c):
         return visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=30, backend="triton").sum()
 
-    eager = f(q, k, v)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    # eager calls run an autograd.Function, compiled graphs the custom op: the same kernels, the same bits
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    eager = f(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
     assert torch.equal(eager, compiled)
+    for a, b in zip(eager_grads, torch.autograd.grad(compiled, leaves)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -399,6 +406,32 @@ def test_gpu_mae_encoder_batch_deterministic_and_tail_safe():
     for a, b in zip(first, second):
         assert torch.equal(a, b)
         assert torch.isfinite(a).all() and not a[n:].any()
+
+
+@pytest.mark.gpu
+def test_gpu_auto_sends_dense_to_sdpa_and_packed_to_kernels():
+    q, k, v = (torch.randn(2, 50, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert torch.equal(visible_attention(q, k, v), visible_attention(q, k, v, backend="torch"))
+    cu = cu_of([50, 50], "cuda")
+    packed = [t.reshape(100, 12, 64) for t in (q, k, v)]
+    ours = visible_attention(*packed, cu_seqlens=cu, max_seqlen=50, backend="triton")
+    assert torch.equal(visible_attention(*packed, cu_seqlens=cu, max_seqlen=50), ours)
+
+
+@pytest.mark.gpu
+def test_gpu_cu_seqlens_checked_once_per_version():
+    import importlib
+
+    module = importlib.import_module("mimfast.ops.visible_attention")  # the package exports the function by name
+    cu = cu_of([3, 9], "cuda")
+    q = torch.randn(12, 2, 16, device="cuda", dtype=torch.float16)
+    before = len([1 for ref, _ in module._CHECKED if ref() is cu])
+    visible_attention(q, q, q, cu_seqlens=cu, max_seqlen=9)
+    visible_attention(q, q, q, cu_seqlens=cu, max_seqlen=9)
+    assert len([1 for ref, _ in module._CHECKED if ref() is cu]) == before + 1
+    cu.copy_(cu_of([9, 3], "cuda"))  # an in-place write: checked again
+    visible_attention(q, q, q, cu_seqlens=cu, max_seqlen=9)
+    assert len([1 for ref, _ in module._CHECKED if ref() is cu]) == before + 2
 
 
 @pytest.mark.gpu
