@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -164,6 +168,42 @@ def test_frozen_weight_and_images_give_only_bias_and_pos_grads():
     assert (gpe[0, 0] == 0).all()  # the cls row gets no gradient from patch tokens
 
 
+def test_autocast_rounds_weight_and_bias_keeps_fp32_grads():
+    # under autocast the kernel rounds weight and bias to the autocast dtype (as the conv's casts do) and hands back
+    # fp32 weight/bias gradients straight from its fp32 accumulators
+    imgs, ids_keep, weight, bias, pos = make((2, 3, 16, 16), 4, None, 32, "cls", True, 0.5)
+    grad_out = torch.randn(2, 8, 32)
+    leaves = [x.clone().requires_grad_() for x in (weight, bias)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = embed_visible(imgs, ids_keep, leaves[0], leaves[1], pos, 4, backend="triton")
+    g = torch.autograd.grad(out, leaves, grad_out)
+    leaves16 = [x.half().requires_grad_() for x in (weight, bias)]
+    out16 = embed_visible_ref(imgs.half(), ids_keep, *leaves16, pos.half(), 4)
+    g16 = torch.autograd.grad(out16, leaves16, grad_out.half())
+    leaves64 = [x.half().double().requires_grad_() for x in (weight, bias)]
+    out64 = embed_visible_ref(imgs.half().double(), ids_keep, *leaves64, pos.double(), 4)
+    g64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    assert out.dtype == torch.float32 and all(t.dtype == torch.float32 for t in g)
+    assert_by_error_ratio(out, out16, out64)
+    for a, b, c in zip(g, g16, g64):
+        assert_by_error_ratio(a, b, c)
+
+
+@pytest.mark.parametrize("pos_grad", [False, True], ids=["frozen_pos", "pos_grad"])
+def test_custom_op_path_equals_eager_path(pos_grad):
+    # eager calls run an autograd.Function, compiled graphs the custom ops: both launch the same kernels
+    imgs, ids_keep, weight, bias, pos = make((3, 3, 16, 16), 4, None, 32, "cls", True, 0.75)
+    grad_out = torch.randn(3, 4, 32)
+    results = []
+    for fn in (lambda *a: embed_visible(*a, 4, backend="triton"),
+               lambda *a: torch.ops.mimfast.embed_visible(*a, 4, 1)):
+        leaves = [t.clone().requires_grad_(pos_grad or i < 2) for i, t in enumerate((weight, bias, pos))]
+        out = fn(imgs, ids_keep, *leaves)
+        wrt = leaves if pos_grad else leaves[:2]
+        results.append((out, *torch.autograd.grad(out, wrt, grad_out)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_opcheck():
     imgs, ids_keep, weight, bias, pos = make((2, 3, 8, 8), 4, None, 16, "cls", True, 0.5)
     args = (imgs, ids_keep, weight.requires_grad_(), bias.requires_grad_(), pos.requires_grad_(), 4, 1)
@@ -206,6 +246,58 @@ def test_triton_refuses_float64_with_reason():
     imgs, ids_keep, weight, bias, pos = make((1, 3, 8, 8), 4, None, 16, "cls", True, 0.5, torch.float64)
     with pytest.raises(BackendUnavailableError, match="float64"):
         embed_visible(imgs, ids_keep, weight, bias, pos, 4, backend="triton")
+
+
+_COMPILE_FOR_H100 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mimfast.kernels import embed_visible as k
+
+which, dtype, D, C, PT, PS = sys.argv[1], sys.argv[2], *(int(v) for v in sys.argv[3:])
+P = C * PT * PS * PS
+geometry = {"C": C, "PT": PT, "PS": PS}
+image = {"s_n": "i64", "s_c": "i64", "s_t": "i64", "s_h": "i32", "s_w": "constexpr"}
+if which == "fwd":
+    fn, cfg = k.embed_visible_fwd_kernel, k.gemm_config(D, P)
+    sig = {"x_ptr": "*fp32", "ids_ptr": "*i64", "w_ptr": "*" + dtype, "b_ptr": "*fp32", "pos_ptr": "*fp32",
+           "out_ptr": "*fp32", "M": "i32", "K": "i32", "D": "i32", "GH": "i32", "GW": "i32", "POS_OFF": "i32",
+           **image}
+    consts = {**geometry, "HAS_BIAS": True, "HAS_POS": True, "DOT_PRECISION": "tf32"}
+elif which == "wgrad":
+    fn, cfg = k.embed_visible_bwd_weight_kernel, k.wgrad_config(D, P)
+    sig = {"x_ptr": "*fp32", "ids_ptr": "*i64", "g_ptr": "*fp32", "part_ptr": "*fp32", "M": "i32", "K": "i32",
+           "D": "i32", "GH": "i32", "GW": "i32", "M_PER": "i32", **image}
+    consts = {**geometry, "DOT_DTYPE": getattr(triton.language, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
+              "DOT_PRECISION": "tf32"}
+num_warps = cfg.pop("num_warps")
+consts.update(cfg, s_w=1)
+sig.update({name: "constexpr" for name in consts})
+# what a launch specialises: 16-byte aligned tensors, D and the image strides multiples of 16
+aligned = [n for n in sig if n.endswith("_ptr") or n in ("D", "s_n", "s_c", "s_t", "s_h")]
+attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+assert kernel.asm["cubin"]
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fwd bf16 768 3 1 16", "wgrad bf16 768 3 1 16", "fwd bf16 1280 3 1 14",
+                                    "wgrad bf16 1280 3 1 14", "fwd bf16 768 3 2 16", "wgrad fp16 768 3 2 16"],
+                         ids=["fwd-vit-b16", "wgrad-vit-b16", "fwd-vit-h14", "wgrad-vit-h14", "fwd-videomae",
+                              "wgrad-videomae-fp16"])
+def test_kernels_compile_for_h100(config):
+    # full compilation to an sm_90 cubin without a GPU (and without the interpreter, in a subprocess): catches what
+    # the interpreter accepts but the compiler rejects, and shared-memory overflows of the tile configurations
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, *config.split()], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "compiled"
 
 
 @pytest.mark.gpu

@@ -225,9 +225,9 @@ num_warps = cfg.pop("num_warps")
 if which == "fwd":
     fn = k.restore_tokens_fwd_kernel
     sig = {"x_ptr": "*" + dtype, "ids_ptr": "*i64", "mt_ptr": "*fp32", "pos_ptr": "*fp32", "out_ptr": "*fp32",
-           "NR": "i32", "L": "i32", "K": "i32", "D": "i32", "s_xn": "i32", "s_xr": "i32", "s_xd": "i32",
+           "NR": "i32", "L": "i32", "K": "i32", "D": "i32", "s_xn": "i32", "s_xr": "i32", "s_xd": "constexpr",
            "s_idn": "i32"}
-    consts = {"HAS_CLS": True, "HAS_POS": True}
+    consts = {"HAS_CLS": True, "HAS_POS": True, "s_xd": 1}
 elif which == "bwd":
     fn = k.restore_tokens_bwd_kernel
     sig = {"g_ptr": "*fp32", "ids_ptr": "*i64", "gx_ptr": "*" + dtype, "part_mt_ptr": "*fp32", "NR": "i32",
@@ -240,8 +240,11 @@ else:
     consts = {"HAS_CLS": True}
 consts.update(cfg)
 sig.update({name: "constexpr" for name in consts})
-kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": num_warps})
+# what a launch specialises: 16-byte aligned tensors, and D, N * R and the x_vis strides multiples of 16
+aligned = [n for n in sig if n.endswith("_ptr") or n in ("D", "NR", "s_xn", "s_xr")]
+attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 assert kernel.asm["cubin"]
 print("compiled")
 """

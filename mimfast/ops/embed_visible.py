@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,10 @@ def _num_patches(imgs: torch.Tensor, patch_size: int, tubelet_size: Optional[int
     return L
 
 
-def _out_dtype(weight: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.dtype:
+def _out_dtype(conv_dtype: torch.dtype, pos_embed: Optional[torch.Tensor]) -> torch.dtype:
     # the reference adds pos_embed to the conv output, so torch's promotion decides (fp32 when a bf16 conv output
     # under autocast meets an fp32 pos_embed, as in the MAE encoder)
-    return weight.dtype if pos_embed is None else torch.promote_types(weight.dtype, pos_embed.dtype)
+    return conv_dtype if pos_embed is None else torch.promote_types(conv_dtype, pos_embed.dtype)
 
 
 def embed_visible_ref(
@@ -50,7 +50,7 @@ def embed_visible_ref(
         x = x + pos_embed[:, 1:]                                                   # skip the cls row
         out = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))            # [N, K, D]
     """
-    dtype = _out_dtype(weight, pos_embed)
+    dtype = _out_dtype(weight.dtype, pos_embed)
     if upcast:
         weight = weight.float()
         bias = None if bias is None else bias.float()
@@ -112,9 +112,10 @@ def _geometry(imgs: torch.Tensor, patch_size: int, tubelet_size: int) -> tuple[t
     return x, x.shape[3] // patch_size, x.shape[4] // patch_size
 
 
-@torch.library.custom_op("mimfast::embed_visible", mutates_args=())
-def _embed_visible_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      pos_embed: Optional[torch.Tensor], patch_size: int, tubelet_size: int) -> torch.Tensor:
+def _forward(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             pos_embed: Optional[torch.Tensor], patch_size: int, tubelet_size: int,
+             compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """Launch the forward GEMM: [N, K, D] embeddings, the weight (and bias) rounded to ``compute_dtype`` first."""
     from mimfast.kernels.embed_visible import embed_visible_fwd_kernel, gemm_config
 
     x, gh, gw = _geometry(imgs, patch_size, tubelet_size)
@@ -122,10 +123,11 @@ def _embed_visible_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.
     K = ids_keep.shape[1]
     D = weight.shape[0]
     P = patch_dim(C, patch_size, tubelet_size)
-    out = torch.empty(N, K, D, dtype=_out_dtype(weight, pos_embed), device=imgs.device)
+    w_dtype = compute_dtype or weight.dtype
+    out = torch.empty(N, K, D, dtype=_out_dtype(w_dtype, pos_embed), device=imgs.device)
     if out.numel() == 0:
         return out
-    w = weight.reshape(D, P).contiguous()
+    w = weight.reshape(D, P).to(w_dtype).contiguous()
     pos = pos_embed.reshape(pos_embed.shape[1], D).contiguous() if pos_embed is not None else out
     L = gh * gw * (x.shape[2] // tubelet_size)
     cfg = gemm_config(D, P)
@@ -134,26 +136,19 @@ def _embed_visible_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.
         x, ids_keep.contiguous(), w, bias.contiguous() if bias is not None else w, pos, out,
         N * K, K, D, gh, gw, pos.shape[0] - L if pos_embed is not None else 0, *x.stride(),
         C=C, PT=tubelet_size, PS=patch_size, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
-        DOT_PRECISION=_dot_precision(w.dtype), **cfg)
+        DOT_PRECISION=_dot_precision(w_dtype), **cfg)
     return out
 
 
-@_embed_visible_op.register_fake
-def _(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-      pos_embed: Optional[torch.Tensor], patch_size: int, tubelet_size: int) -> torch.Tensor:
-    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], weight.shape[0], dtype=_out_dtype(weight, pos_embed))
+def _backward_grads(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
+                    patch_size: int, tubelet_size: int, compute_dtype: Optional[torch.dtype], weight_grad: bool,
+                    pos_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad weight then grad bias, [D * P + D] fp32 ([D], the bias only, without ``weight_grad``), grad pos_embed
+    [pos_rows, D] fp32 or empty). One tensor for the weight and the bias: the second pass is one sum.
 
-
-@torch.library.custom_op("mimfast::embed_visible_backward", mutates_args=())
-def _embed_visible_backward_op(
-    grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, patch_size: int,
-    tubelet_size: int, weight_grad: bool, pos_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad weight [D, P] fp32 or empty, grad bias [D] fp32, grad pos_embed [pos_rows, D] fp32 or empty).
-
-    The weight gradient A^T @ grad is split over chunks of rows: each chunk writes an fp32 partial and a second
-    pass adds the chunks in order, so it is deterministic; the bias gradient comes from the same pass. pos_embed
-    rows gather their gradient from each sample that kept them, summed over the batch in sample order.
+    The weight gradient A^T @ grad is split over chunks of rows: each chunk writes an fp32 partial (weight and
+    bias side by side) and one second pass adds the chunks in order, so it is deterministic. pos_embed rows gather
+    their gradient from each sample that kept them, summed over the batch in sample order.
     """
     import triton.language as tl
 
@@ -171,78 +166,122 @@ def _embed_visible_backward_op(
     P = patch_dim(C, patch_size, tubelet_size)
     L = gh * gw * (x.shape[2] // tubelet_size)
     M = N * K
+    w_dtype = compute_dtype or weight.dtype
+    if M == 0 or D == 0:
+        return (grad.new_zeros(D * P * weight_grad + D, dtype=torch.float32),
+                grad.new_zeros(pos_rows, D, dtype=torch.float32))
     g = grad.contiguous()
     ids = ids_keep.contiguous()
-    g_w = grad.new_zeros(D if weight_grad else 0, P, dtype=torch.float32)
-    g_b = grad.new_zeros(D, dtype=torch.float32)
-    g_pos = grad.new_zeros(pos_rows, D, dtype=torch.float32)
-    if M == 0 or D == 0:
-        return g_w, g_b, g_pos
     if weight_grad:
         cfg = wgrad_config(D, P)
         tiles = -(-D // cfg["BLOCK_D"]) * -(-P // cfg["BLOCK_P"])
         blocks = -(-M // cfg["BLOCK_M"])
-        # split the rows only as far as needed to give every SM two programs: fewer partials to add up
-        chunks = max(1, min(blocks, -(-2 * _sm_count(grad.device) // tiles)))
+        # two programs fit an SM: split the rows into as many chunks as fill those slots in one wave, and no more
+        # (every chunk is one more [D, P] fp32 partial to write and add up)
+        chunks = max(1, min(blocks, 2 * _sm_count(grad.device) // tiles))
         m_per = -(-blocks // chunks) * cfg["BLOCK_M"]
         chunks = -(-M // m_per)
-        part_w = torch.empty(chunks, D, P, dtype=torch.float32, device=grad.device)
-        part_b = torch.empty(chunks, D, dtype=torch.float32, device=grad.device)
-        dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[weight.dtype]
+        part = torch.empty(chunks, D * P + D, dtype=torch.float32, device=grad.device)
+        dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[w_dtype]
         embed_visible_bwd_weight_kernel[(-(-D // cfg["BLOCK_D"]), -(-P // cfg["BLOCK_P"]), chunks)](
-            x, ids, g, part_w, part_b, M, K, D, gh, gw, m_per, *x.stride(), C=C, PT=tubelet_size, PS=patch_size,
-            DOT_DTYPE=dot_dtype, DOT_PRECISION=_dot_precision(weight.dtype), **cfg)
-        g_w = part_w.sum(0)
-        g_b = part_b.sum(0)
+            x, ids, g, part, M, K, D, gh, gw, m_per, *x.stride(), C=C, PT=tubelet_size, PS=patch_size,
+            DOT_DTYPE=dot_dtype, DOT_PRECISION=_dot_precision(w_dtype), **cfg)
+        g_wb = part.sum(0)
     else:
-        g_b = g.view(M, D).float().sum(0)
+        g_wb = g.view(M, D).float().sum(0)
+    g_pos = grad.new_empty(pos_rows, D, dtype=torch.float32)
     if pos_rows:
+        g_pos[:pos_rows - L].zero_()  # the cls row: no patch token reaches it
         inv = torch.full((N, L), -1, dtype=torch.int64, device=grad.device)
         inv.scatter_(1, ids, torch.arange(K, device=grad.device).expand(N, K))
         cfg = pos_config(L, D)
         embed_visible_bwd_pos_kernel[(-(-L // cfg["BLOCK_L"]), -(-D // cfg["BLOCK_D"]))](
             g, inv, g_pos, N, L, K, D, pos_rows - L, **cfg)
-    return g_w, g_b, g_pos
+    return g_wb, g_pos
+
+
+@torch.library.custom_op("mimfast::embed_visible", mutates_args=())
+def _embed_visible_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      pos_embed: Optional[torch.Tensor], patch_size: int, tubelet_size: int,
+                      compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return _forward(imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size, compute_dtype)
+
+
+@_embed_visible_op.register_fake
+def _(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+      pos_embed: Optional[torch.Tensor], patch_size: int, tubelet_size: int,
+      compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], weight.shape[0],
+                          dtype=_out_dtype(compute_dtype or weight.dtype, pos_embed))
+
+
+@torch.library.custom_op("mimfast::embed_visible_backward", mutates_args=())
+def _embed_visible_backward_op(
+    grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, patch_size: int,
+    tubelet_size: int, compute_dtype: Optional[torch.dtype], weight_grad: bool, pos_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_grads(grad, imgs, ids_keep, weight, patch_size, tubelet_size, compute_dtype, weight_grad,
+                           pos_rows)
 
 
 @_embed_visible_backward_op.register_fake
 def _(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, patch_size: int,
-      tubelet_size: int, weight_grad: bool, pos_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+      tubelet_size: int, compute_dtype: Optional[torch.dtype], weight_grad: bool,
+      pos_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     D = weight.shape[0]
     P = patch_dim(imgs.shape[1], patch_size, tubelet_size)
-    f32 = torch.float32
-    return (grad.new_empty(D if weight_grad else 0, P, dtype=f32), grad.new_empty(D, dtype=f32),
-            grad.new_empty(pos_rows, D, dtype=f32))
+    return (grad.new_empty(D * P * weight_grad + D, dtype=torch.float32),
+            grad.new_empty(pos_rows, D, dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output) -> None:
-    imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size = inputs
+    imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size, compute_dtype = inputs
     ctx.save_for_backward(imgs, ids_keep, weight)
-    ctx.meta = (patch_size, tubelet_size, None if bias is None else bias.dtype,
+    ctx.meta = (patch_size, tubelet_size, compute_dtype, None if bias is None else bias.dtype,
                 None if pos_embed is None else (pos_embed.dtype, pos_embed.shape[1]))
 
 
-def _backward(ctx, grad: torch.Tensor):
+def _input_grads(ctx, grad: torch.Tensor, backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> tuple:
     imgs, ids_keep, weight = ctx.saved_tensors
-    patch_size, tubelet_size, bias_dtype, pos = ctx.meta
+    patch_size, tubelet_size, compute_dtype, bias_dtype, pos = ctx.meta
     need_imgs, _, need_w, need_b, need_pos = ctx.needs_input_grad[:5]
     pos_rows = pos[1] if pos is not None and need_pos else 0
-    g_w, g_b, g_pos = torch.ops.mimfast.embed_visible_backward(grad, imgs, ids_keep, weight, patch_size,
-                                                               tubelet_size, need_w, pos_rows)
+    g_wb, g_pos = backward(grad, imgs, ids_keep, weight, patch_size, tubelet_size, compute_dtype, need_w, pos_rows)
+    D = weight.shape[0]
     g_imgs = None
     if need_imgs:
         # rarely needed (images are data): a dense matmul back to patch rows, then the gather_patches scatter
-        D = weight.shape[0]
-        w_rows = weight.movedim(1, -1).reshape(D, -1)  # [D, P] in the (t, row, col, channel) patch order
-        patches = (grad.to(weight.dtype) @ w_rows).to(imgs.dtype)
+        w_rows = weight.to(compute_dtype or weight.dtype).movedim(1, -1).reshape(D, -1)  # (t, row, col, channel)
+        patches = (grad.to(w_rows.dtype) @ w_rows).to(imgs.dtype)
         g_imgs = torch.ops.mimfast.gather_patches_backward(patches, ids_keep, list(imgs.shape), patch_size,
                                                            tubelet_size)
-    return (g_imgs, None, g_w.to(weight.dtype).reshape(weight.shape) if need_w else None,
-            g_b.to(bias_dtype) if need_b and bias_dtype is not None else None,
-            g_pos.to(pos[0]).unsqueeze(0) if pos_rows else None, None, None)
+    # the weight and bias gradients stay fp32 until they meet their own dtype (under autocast, the fp32 master
+    # weights): no round trip through the compute dtype
+    return (g_imgs, None, g_wb[:-D].to(weight.dtype).view(weight.shape) if need_w else None,
+            g_wb[-D:].to(bias_dtype) if need_b and bias_dtype is not None else None,
+            g_pos.to(pos[0]).unsqueeze(0) if pos_rows else None, None, None, None)
 
 
-_embed_visible_op.register_autograd(_backward, setup_context=_setup)
+_embed_visible_op.register_autograd(
+    lambda ctx, grad: _input_grads(ctx, grad, torch.ops.mimfast.embed_visible_backward), setup_context=_setup)
+
+
+class _EmbedVisible(torch.autograd.Function):
+    """The same launchers as the custom ops, for eager calls: an autograd.Function costs a fraction of the
+    custom op's per-call dispatch."""
+
+    @staticmethod
+    def forward(ctx, imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                pos_embed: Optional[torch.Tensor], patch_size: int, tubelet_size: int,
+                compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
+        inputs = (imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size, compute_dtype)
+        out = _forward(*inputs)
+        _setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _input_grads(ctx, grad, _backward_grads)
 
 
 def _triton_reasons(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -266,14 +305,13 @@ def _embed_visible_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: to
                           bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor], patch_size: int,
                           tubelet_size: Optional[int] = None) -> torch.Tensor:
     device_type = imgs.device.type
-    if torch.is_autocast_enabled(device_type):
-        # what autocast does to a conv's weight and bias; the images are converted as they are loaded, so the
-        # full-size cast copy of the reference never exists
-        dtype = torch.get_autocast_dtype(device_type)
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return torch.ops.mimfast.embed_visible(imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size or 1)
-
+    # under autocast the conv would run in the autocast dtype: the kernel rounds the weight and bias to it and
+    # converts the pixels as it loads them, so neither a cast copy of the images nor a cast node on the weight exists
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    args = (imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size or 1, compute_dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.mimfast.embed_visible(*args)
+    return _EmbedVisible.apply(*args)
 
 def embed_visible(
     imgs: torch.Tensor,
