@@ -28,29 +28,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _image_tile(img_ptr, n, l, GH, GW, s_n, s_c, s_t, s_h, s_w,
-                C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The patch ``l`` of image ``n`` as fp32 [BLOCK_S, BLOCK_C] (zeros outside the patch)."""
-    gt = l // (GH * GW)
-    gh = (l // GW) % GH
-    gw = l % GW
-    s = tl.arange(0, BLOCK_S)
-    c = tl.arange(0, BLOCK_C)
-    base = n * s_n + gt * PT * s_t + gh * PS * s_h + gw * PS * s_w
-    inner = (s // (PS * PS)) * s_t + ((s // PS) % PS) * s_h + (s % PS) * s_w
-    off = base + c[:, None] * s_c + inner[None, :]
-    valid = (c < C)[:, None] & (s < PT * PS * PS)[None, :]
-    x = tl.load(img_ptr + off, mask=valid, other=0.0).to(tl.float32)
-    return tl.trans(x)
-
-
-@triton.jit
 def _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexpr, PS: tl.constexpr):
-    """Pointer to the first value (channel 0) of patch ``l`` of image ``n``."""
+    """Pointer to the first value (channel 0) of patch ``l`` of image ``n`` (int64 arithmetic, once per patch)."""
     gt = l // (GH * GW)
     gh = (l // GW) % GH
     gw = l % GW
     return img_ptr + n * s_n + gt * PT * s_t + gh * PS * s_h + gw * PS * s_w
+
+
+@triton.jit
+def _image_tile(img_ptr, n, l, GH, GW, s_n, s_c, s_t, s_h, s_w,
+                C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The patch ``l`` of image ``n`` as fp32 [BLOCK_S, BLOCK_C] (zeros outside the patch)."""
+    s = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    # offsets inside a patch fit in int32 (the launchers check): 32-bit per-element arithmetic and registers,
+    # the int64 part is the patch's base pointer only
+    inner = (s // (PS * PS)) * s_t + ((s // PS) % PS) * s_h + (s % PS) * s_w
+    off = c[:, None] * s_c + inner[None, :]
+    valid = (c < C)[:, None] & (s < PT * PS * PS)[None, :]
+    base = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
+    x = tl.load(base + off, mask=valid, other=0.0).to(tl.float32)
+    return tl.trans(x)
 
 
 @triton.jit
@@ -150,9 +149,10 @@ def pixel_loss_kernel(
                 w = tl.load(mask_ptr + n * s_mn + l * s_ml).to(tl.float32)
             else:
                 w = 1.0
-            g_off = n * s_gn + r * s_gr + e
+            grad_row = grad_ptr + n * s_gn + r * s_gr
             if w != 0.0:
-                pred = tl.load(pred_ptr + n * s_pn + r * s_pr + e * s_pe, mask=valid, other=0.0).to(tl.float32)
+                pred_row = pred_ptr + n * s_pn + r * s_pr
+                pred = tl.load(pred_row + e * s_pe, mask=valid, other=0.0).to(tl.float32)
                 x = _image_tile(img_ptr, n, l, GH, GW, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C)
                 if NORM != 0:
                     # statistics of x - (first value of the patch, or of each channel): a constant patch gives
@@ -178,9 +178,9 @@ def pixel_loss_kernel(
                 err, g = _error_and_grad(pred, x, valid, w, inv_denom, L1)
                 total += err
                 if COMPUTE_GRAD:
-                    tl.store(grad_ptr + g_off, g.to(grad_ptr.dtype.element_ty), mask=valid)
+                    tl.store(grad_row + e, g.to(grad_ptr.dtype.element_ty), mask=valid)
             elif COMPUTE_GRAD:
-                tl.store(grad_ptr + g_off, tl.zeros([BLOCK_S, BLOCK_C], grad_ptr.dtype.element_ty), mask=valid)
+                tl.store(grad_row + e, tl.zeros([BLOCK_S, BLOCK_C], grad_ptr.dtype.element_ty), mask=valid)
     tl.store(partial_ptr + tl.program_id(0), total)
 
 
@@ -297,6 +297,12 @@ def _strides5(imgs: torch.Tensor) -> tuple[int, ...]:
     return tuple(imgs.stride())
 
 
+def _in_patch_span(imgs: torch.Tensor, tubelet_size: int, patch_size: int) -> int:
+    """Largest element offset between two values of one patch (the kernels hold it in int32)."""
+    _, s_c, s_t, s_h, s_w = (abs(v) for v in _strides5(imgs))
+    return (imgs.shape[1] - 1) * s_c + (tubelet_size - 1) * s_t + (patch_size - 1) * (s_h + s_w)
+
+
 # rows of the loss kernel per program; weight partials (at most MAX_WPARTS, read by every loss program)
 ROWS_PER_PROGRAM = 4
 MAX_WPARTS = 64
@@ -359,6 +365,7 @@ def launch_pixel_loss(
     if grad is not None:
         assert grad.stride(2) == 1 and grad.shape == pred.shape
     assert (mask is None) == (wparts is None)
+    assert _in_patch_span(imgs, PT, PS) < 2**31 and (P - 1) * abs(pred.stride(2)) < 2**31, "int32 in-patch offsets"
     dummy = partials
     pixel_loss_kernel[(num_partials(N * R),)](
         pred, grad if grad is not None else dummy, imgs,
@@ -444,6 +451,7 @@ def launch_simmim_loss(
     block_s, block_c, warps = _tile(C, PS * PS)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
+    assert max(_in_patch_span(imgs, 1, PS), _in_patch_span(pred_imgs, 1, PS)) < 2**31, "int32 in-patch offsets"
     simmim_loss_kernel[(N * GH * GW,)](
         pred_imgs, grad if grad is not None else partials, imgs, mask, inv_denom, partials,
         GH * GW, GH, GW,
