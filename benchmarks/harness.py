@@ -91,8 +91,12 @@ def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.devi
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+            fn()  # peak memory of one call, before the timer allocates its cache-flush buffer
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            peak = None
         med, p20, p80 = time_fn(fn, device)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
     except Exception as e:  # a provider that cannot run a shape is reported, not fatal
         return Row(case.name, provider, float("nan"), float("nan"), float("nan"), None, None, None, None, None,
                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
