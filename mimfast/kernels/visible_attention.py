@@ -451,10 +451,8 @@ def fwd_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int]:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if fp32:
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if max_seqlen >= 1024 and block_d <= 64:
-        # long sequences (VideoMAE decoder, 1568 tokens): 128 x 128 score tiles over two warpgroups halve the key
-        # loop's trips and online rescales of 128 x 64 tiles on one warpgroup
-        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    # Long sequences keep 128 x 64 tiles on one warpgroup: on an H100 (Triton 3.6, bf16, d 64, 1568 tokens) they ran
+    # the forward at 330 TFLOP/s, 128 x 128 tiles on two warpgroups at 266 (benchmarks/results/bench_attention.md).
     # sequences just past the short path's limit would leave most of a 128-row tile idle
     block_m = 64 if max_seqlen <= 128 else 128
     return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=64, num_warps=4 if block_d <= 64 else 8, num_stages=3)
