@@ -55,10 +55,12 @@ class MaskedAutoencoderViT(MIMModel):
     ``fused=False`` is the published formulation in plain PyTorch (convolution over every patch, argsort
     masking, gather, concat-and-gather unshuffle); ``fused=True`` calls the :mod:`mimfast.ops` fused ops
     (``random_masking``, ``embed_visible``, ``visible_attention``, ``restore_tokens``, ``masked_pixel_loss``).
-    Both give the same numbers for the same ``noise``. In fused mode ``forward`` also runs ``decoder_pred`` and
-    the loss as one op on the masked rows only (``fused_head_masked_pixel_loss``, attribute ``fused_head``,
-    default True); pred [N, L, P] is then an extra GEMM done only while ``return_pred`` is True (the default,
-    for the official ``loss, pred, mask`` contract; set it to False in training loops, pred is then None).
+    Both give the same numbers for the same ``noise``. With ``fused_head = True`` (fused mode only; default False)
+    ``forward`` runs ``decoder_pred`` and the loss as one op on the masked rows only
+    (``fused_head_masked_pixel_loss``), which never keeps the [N, L, P] prediction for backward: less memory, but
+    on an H100 at ViT-B shapes it measured slower than ``decoder_pred`` followed by the fused loss
+    (benchmarks/results/bench_loss.md). pred is then an extra GEMM done only while ``return_pred`` is True (the
+    official ``loss, pred, mask`` contract; set it to False in training loops, pred is then None).
 
     Equivalent PyTorch (``forward``)::
 
@@ -108,7 +110,8 @@ class MaskedAutoencoderViT(MIMModel):
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()
         self.fused = fused
-        self.fused_head = True
+        # opt-in: saves the [N, L, P] activation but measured slower than linear + fused loss (see the docstring)
+        self.fused_head = False
         self.return_pred = True
 
     def initialize_weights(self) -> None:
