@@ -38,7 +38,7 @@ def report() -> str:
         lines.append("cuda      not available")
         device = torch.device("cpu")
     lines.append("")
-    lines.append(f"{'op':<24} {'registered':<22} on {device.type}")
+    lines.append(f"{'op':<30} {'registered':<22} on {device.type}")
     probe = torch.empty(1, device=device)
     for name, op in sorted(backend.registered_ops().items()):
         chosen = []
@@ -50,7 +50,7 @@ def report() -> str:
                 generic += backend.triton_reasons([probe.device])
             if not generic and (device.type != "cpu" or b == "torch"):
                 chosen.append(b)
-        lines.append(f"{name:<24} {','.join(op.available()):<22} {chosen[0] if chosen else '-'}")
+        lines.append(f"{name:<30} {','.join(op.available()):<22} {chosen[0] if chosen else '-'}")
     return "\n".join(lines)
 
 
