@@ -1,9 +1,7 @@
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from compile_check import assert_compiles_for_h100
 
 from mimfast.backend import BackendUnavailableError
 from mimfast.ops import masked_pixel_loss, masked_pixel_loss_ref, random_masking
@@ -346,12 +344,7 @@ print("compiled")
 def test_kernels_compile_for_h100(config):
     # a real compilation to an sm_90 cubin without a GPU (no interpreter, in a subprocess): catches what the
     # interpreter accepts but the compiler rejects
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, config], capture_output=True, text=True, env=env,
-                         cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "compiled"
+    assert_compiles_for_h100(_COMPILE_FOR_H100, config)
 
 
 @pytest.mark.slow

@@ -1,10 +1,8 @@
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from compile_check import assert_compiles_for_h100
 
 from mimfast.backend import BackendUnavailableError
 from mimfast.ops.visible_attention import (
@@ -344,12 +342,7 @@ print("compiled")
 def test_kernels_compile_for_h100(config):
     # full compilation to sm_90 cubins without a GPU (no interpreter, in a subprocess): catches what the interpreter
     # accepts and the compiler rejects (a loop-carried name changing shape did), and shared memory over the limit
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, *config.split()], capture_output=True, text=True,
-                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "compiled"
+    assert_compiles_for_h100(_COMPILE_FOR_H100, *config.split())
 
 
 # --------------------------------------------------------------------------------------------------------------
