@@ -53,6 +53,7 @@ class Row:
     frac_matmul_peak: Optional[float]
     peak_mem_mb: Optional[float]
     error: Optional[str] = None
+    extra: dict[str, float] = field(default_factory=dict)  # script-specific figures (img/s, ...), own md column
 
 
 def common_args(description: str) -> argparse.ArgumentParser:
@@ -84,7 +85,8 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup_ms: int = 25, re
     return (statistics.median(times), q[0], q[3])
 
 
-def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.device) -> Row:
+def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.device, warmup_ms: int = 25,
+            rep_ms: int = 100) -> Row:
     try:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -96,7 +98,7 @@ def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.devi
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
             peak = None
-        med, p20, p80 = time_fn(fn, device)
+        med, p20, p80 = time_fn(fn, device, warmup_ms, rep_ms)
     except Exception as e:  # a provider that cannot run a shape is reported, not fatal
         return Row(case.name, provider, float("nan"), float("nan"), float("nan"), None, None, None, None, None,
                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -112,7 +114,10 @@ def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.devi
 
 
 def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.device,
-        providers: Optional[str] = None, only_cases: Optional[str] = None) -> list[Row]:
+        providers: Optional[str] = None, only_cases: Optional[str] = None, warmup_ms: int = 25,
+        rep_ms: int = 100) -> list[Row]:
+    """Time every kept provider on every kept case; ``warmup_ms`` / ``rep_ms`` are the timer's budgets per row
+    (raise them for calls of tens of milliseconds, where the defaults give only a few repetitions)."""
     keep = set(providers.split(",")) if providers else None
     wanted = only_cases.split(",") if only_cases else None
     rows = []
@@ -122,7 +127,7 @@ def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.de
         for name, fn in fns.items():
             if keep is not None and name not in keep:
                 continue
-            row = measure(case, name, fn, device)
+            row = measure(case, name, fn, device, warmup_ms, rep_ms)
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
@@ -139,6 +144,10 @@ def format_row(r: Row) -> str:
     if r.peak_mem_mb is not None:
         extra.append(f"peak {r.peak_mem_mb:8.1f} MB")
     return f"{r.case:<34} {r.provider:<20} {r.ms_median:9.4f} ms [{r.ms_p20:.4f}, {r.ms_p80:.4f}]  " + "  ".join(extra)
+
+
+def format_extra(extra: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in extra.items())
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -195,16 +204,20 @@ def write_results(name: str, rows: list[Row], device: torch.device, extra: Optio
     md = [f"# {name}", ""]
     for rec in history:
         e = rec["env"]
+        extras = any(r.get("extra") for r in rec["rows"])  # the column appears only for scripts that fill it
         md += [f"## {e['date']} · {e['device']} · torch {e['torch']} · triton {e['triton']} · commit {e['commit']}",
-               "", "| case | provider | median ms | p20 | p80 | GB/s | % copy bw | TFLOP/s | % peak | peak MB |",
-               "|---|---|---|---|---|---|---|---|---|---|"]
+               "", "| case | provider | median ms | p20 | p80 | GB/s | % copy bw | TFLOP/s | % peak | peak MB |"
+               + (" extra |" if extras else ""),
+               "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if extras else "")]
         for r in rec["rows"]:
             def f(v: Optional[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
                 return "" if v is None or v != v else fmt.format(v * scale)
             md.append(f"| {r['case']} | {r['provider']} | {f(r['ms_median'], fmt='{:.4f}')} | "
                       f"{f(r['ms_p20'], fmt='{:.4f}')} | {f(r['ms_p80'], fmt='{:.4f}')} | {f(r['gb_per_s'])} | "
                       f"{f(r['frac_copy_bw'], 100)} | {f(r['tflop_per_s'])} | {f(r['frac_matmul_peak'], 100)} | "
-                      f"{f(r['peak_mem_mb'])} |" + (f" error: {r['error']}" if r.get("error") else ""))
+                      f"{f(r['peak_mem_mb'])} |"
+                      + (f" {format_extra(r.get('extra', {}))} |" if extras else "")
+                      + (f" error: {r['error']}" if r.get("error") else ""))
         if rec.get("speedups"):
             md += ["", "Speed-up of mimfast over each provider (their time / ours):", ""]
             for case, sp in rec["speedups"].items():
