@@ -127,7 +127,7 @@ def resident_mb(device: torch.device) -> Optional[float]:
 
 
 def bench_shape(s: E2EShape, batch: int, device: torch.device, amp_dtype: Optional[torch.dtype],
-                providers: list[str], only_cases: Optional[str], rep_ms: int) -> list[Row]:
+                providers: list[str], only_cases: Optional[str], rep_ms: int, profile: bool = False) -> list[Row]:
     name = f"{s.name}/bs{batch}/{s.img}px/train_step"
     if only_cases is not None and not any(w in name for w in only_cases.split(",")):
         return []
@@ -148,7 +148,7 @@ def bench_shape(s: E2EShape, batch: int, device: torch.device, amp_dtype: Option
                 step()
             release(device)
             resident = resident_mb(device)
-            row = run([(case, {provider: step})], device, rep_ms=rep_ms)[0]
+            row = run([(case, {provider: step})], device, rep_ms=rep_ms, profile=profile)[0]
         except Exception as e:  # a provider that fails to build or warm up is reported, not fatal
             row = Row(case.name, provider, float("nan"), float("nan"), float("nan"), None, None, None, None, None,
                       error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
@@ -156,7 +156,7 @@ def bench_shape(s: E2EShape, batch: int, device: torch.device, amp_dtype: Option
             resident = None
         if row.error is None:
             img_s = batch / (row.ms_median / 1000)
-            row.extra = {"img_per_s": img_s, "mfu_pct": 100 * img_s * per_image / BF16_MATMUL_FLOPS_PER_S}
+            row.extra.update({"img_per_s": img_s, "mfu_pct": 100 * img_s * per_image / BF16_MATMUL_FLOPS_PER_S})
             if resident is not None and row.peak_mem_mb is not None:
                 row.extra["total_peak_mb"] = resident + row.peak_mem_mb
             print(f"{'':<34} {provider:<20} {img_s:9.1f} img/s  MFU {row.extra['mfu_pct']:5.1f}%"
@@ -195,7 +195,7 @@ def main() -> None:
     rep_ms = 300 if args.quick else 2000  # a step takes tens of milliseconds: enough repetitions for p20 / p80
     rows: list[Row] = []
     for s in shapes:
-        rows += bench_shape(s, batch, device, amp_dtype, keep, args.cases, rep_ms)
+        rows += bench_shape(s, batch, device, amp_dtype, keep, args.cases, rep_ms, args.profile)
     if not args.no_save:
         write_results("bench_e2e", rows, device, {"dtype": "bfloat16 autocast" if amp_dtype else "float32"})
 

@@ -62,6 +62,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run on CPU")
     ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
     ap.add_argument("--cases", default=None, help="comma-separated substrings: run only cases whose name has one")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record device time and kernel launches per call (torch.profiler, CUDA only): a median "
+                         "far above the device time means the call is bound by host overhead")
     ap.add_argument("--no-save", action="store_true", help="print only, do not write benchmarks/results/")
     return ap
 
@@ -85,8 +88,24 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup_ms: int = 25, re
     return (statistics.median(times), q[0], q[3])
 
 
+def device_time(fn: Callable[[], Any], calls: int = 5) -> dict[str, float]:
+    """Per call of ``fn`` on CUDA: summed duration of its device activities (kernels, copies, memsets; one stream,
+    so no overlap) and their count, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.time_range.elapsed_us() for e in device_events)  # a device event's span is its duration
+    return {"device_ms": total_us / 1000 / calls, "launches": len(device_events) / calls}
+
+
 def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.device, warmup_ms: int = 25,
-            rep_ms: int = 100) -> Row:
+            rep_ms: int = 100, profile: bool = False) -> Row:
     try:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -105,17 +124,23 @@ def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.devi
     s = med / 1000
     gbs = case.bytes / s / 1e9 if case.bytes else None
     tfs = case.flops / s / 1e12 if case.flops else None
-    return Row(
+    row = Row(
         case.name, provider, med, p20, p80,
         gbs, (case.bytes / s / COPY_BW_BYTES_PER_S) if case.bytes else None,
         tfs, (case.flops / s / BF16_MATMUL_FLOPS_PER_S) if case.flops else None,
         peak,
     )
+    if profile and device.type == "cuda":
+        try:
+            row.extra.update(device_time(fn))
+        except Exception as e:  # the timing row stands without its profile
+            print(f"profile of {case.name} / {provider} failed: {type(e).__name__}: {e}", flush=True)
+    return row
 
 
 def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.device,
         providers: Optional[str] = None, only_cases: Optional[str] = None, warmup_ms: int = 25,
-        rep_ms: int = 100) -> list[Row]:
+        rep_ms: int = 100, profile: bool = False) -> list[Row]:
     """Time every kept provider on every kept case; ``warmup_ms`` / ``rep_ms`` are the timer's budgets per row
     (raise them for calls of tens of milliseconds, where the defaults give only a few repetitions)."""
     keep = set(providers.split(",")) if providers else None
@@ -127,9 +152,11 @@ def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.de
         for name, fn in fns.items():
             if keep is not None and name not in keep:
                 continue
-            row = measure(case, name, fn, device, warmup_ms, rep_ms)
+            row = measure(case, name, fn, device, warmup_ms, rep_ms, profile)
             rows.append(row)
             print(format_row(row), flush=True)
+            if row.extra and profile:
+                print(f"{'':<34} {name:<20} {format_extra(row.extra)}", flush=True)
     return rows
 
 
