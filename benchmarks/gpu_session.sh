@@ -9,5 +9,5 @@ unset TRITON_INTERPRET
 python3 -m mimfast.info 2>&1 | tee "$out/info.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$out/info.txt"
 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -40 | tee "$out/gpu_tests.txt"
-python3 -m benchmarks.run_all 2>&1 | tee "$out/bench_log.txt"
+python3 -m benchmarks.run_all --profile 2>&1 | tee "$out/bench_log.txt"
 if [ "$out" != "benchmarks/results" ]; then cp benchmarks/results/*.json benchmarks/results/*.md "$out"/ 2>/dev/null; fi
