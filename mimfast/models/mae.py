@@ -230,8 +230,19 @@ class MaskedAutoencoderViT(MIMModel):
                                      backend=None if self.fused else "torch")
         T, dev = info.ids_keep_packed.shape[0], imgs.device
         sample = torch.repeat_interleave(torch.arange(N, device=dev), info.num_kept, output_size=T)
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        patches = x[sample, info.ids_keep_packed]  # [T, D]
+        if self.fused:
+            # embed only the first max(K_n) patches of each sample's shuffled order (distinct ids, kept ones first),
+            # then keep each sample's own K_n rows: no convolution over the removed patches
+            ids_shuffle = torch.empty_like(info.ids_restore).scatter_(
+                1, info.ids_restore, torch.arange(L, device=dev).expand(N, L))
+            proj = self.patch_embed.proj
+            x = embed_visible(imgs, ids_shuffle[:, :info.max_seqlen].contiguous(), proj.weight, proj.bias,
+                              self.pos_embed, self.patch_size)
+            within = torch.arange(T, device=dev) - info.cu_seqlens[:-1].long()[sample]
+            patches = x[sample, within]  # [T, D]
+        else:
+            x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+            patches = x[sample, info.ids_keep_packed]  # [T, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).reshape(1, -1).expand(N, -1)
         cu_seqlens = info.cu_seqlens + torch.arange(N + 1, device=dev, dtype=torch.int32)
         # packed row of each token: sample n's cls at cu_seqlens[n], its j-th patch after the n + 1 cls rows so far
