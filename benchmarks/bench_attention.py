@@ -220,7 +220,7 @@ def main() -> None:
         cases += ragged_cases(r, device, dtype)
     for s in dense:
         cases += dense_cases(s, device, dtype)
-    rows = run(cases, device, args.providers, args.cases, profile=args.profile)
+    rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph)
     if not args.no_save:
         write_results("bench_attention", rows, device, {"dtype": str(dtype).replace("torch.", "")})
 

@@ -178,6 +178,9 @@ def main() -> None:
     device = default_device()
     if args.dtype == "float16":
         ap.error("bench_e2e times bf16 autocast (or float32): fp16 training needs loss scaling, not measured here")
+    if args.graph:
+        ap.error("--graph is for single ops: a whole training step keeps the device busy for tens of milliseconds, "
+                 "so its median is already device time")
     amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     if device.type == "cpu" and amp_dtype is not None:
         amp_dtype = None  # CPU runs are smoke tests of the script, not measurements: no CPU bf16 autocast

@@ -180,7 +180,7 @@ def main() -> None:
         cases += video_cases(v, device, dtype)
     for h in head:
         cases += head_cases(h, device, dtype)
-    rows = run(cases, device, args.providers, args.cases, profile=args.profile)
+    rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph)
     if not args.no_save:
         write_results("bench_loss", rows, device, {"dtype": str(dtype).replace("torch.", "")})
 

@@ -178,7 +178,7 @@ def main() -> None:
     for s in shapes:
         cases.append(embed_case(s, device, dtype))
         cases.append(restore_case(s, device, dtype))
-    rows = run(cases, device, args.providers, args.cases, profile=args.profile)
+    rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph)
     if not args.no_save:
         write_results("bench_masking", rows, device, {"dtype": args.dtype})
 

@@ -7,7 +7,15 @@ callable that runs the measured work once. :func:`run` times every provider on e
 versions, commit and date.
 
 On CUDA the timer is ``triton.testing.do_bench`` (median and p20/p80 over repeated runs with the L2 cache
-flushed); on CPU, for smoke runs of the scripts only, a wall-clock loop.
+flushed); on CPU, for smoke runs of the scripts only, a wall-clock loop. That median is what an eager caller
+waits for: when the Python, dispatch and launch work of a call outlasts its kernels, it measures the host.
+Two optional views separate the two (CUDA only), each in its own columns:
+
+- ``--graph``: the call captured in a CUDA graph and replayed, L2 flushed before each call as above, the flush's
+  own replay time subtracted: device time with no host in it, which is what the call costs inside a training step
+  whose queue the host keeps full. GB/s and the fraction of copy bandwidth are also given at this time.
+- ``--profile``: the summed duration of the call's kernels (torch.profiler), their number, and the host time to
+  enqueue one call.
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--profile", action="store_true",
                     help="also record device time and kernel launches per call (torch.profiler, CUDA only): a median "
                          "far above the device time means the call is bound by host overhead")
+    ap.add_argument("--graph", action="store_true",
+                    help="also time each call replayed from a CUDA graph (device time without host overhead; CUDA "
+                         "only): graph_ms, and GB/s and %% of copy bandwidth at that time")
     ap.add_argument("--no-save", action="store_true", help="print only, do not write benchmarks/results/")
     return ap
 
@@ -104,8 +115,70 @@ def device_time(fn: Callable[[], Any], calls: int = 5) -> dict[str, float]:
     return {"device_ms": total_us / 1000 / calls, "launches": len(device_events) / calls}
 
 
+def host_time(fn: Callable[[], Any], calls: int = 20) -> float:
+    """Median milliseconds the host spends issuing one call of ``fn`` on CUDA (no synchronisation inside the timed
+    span; the device is idle at the start, so a short queue never blocks the host)."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+_FLUSH_BYTES = 256 * 2**20  # the size triton.testing.do_bench zeroes to flush the L2 cache
+
+
+def graph_time(fn: Callable[[], Any], eager_ms: float, replays: int = 30) -> tuple[float, float, float]:
+    """(median, p20, p80) device milliseconds of one call of ``fn``, replayed from a CUDA graph.
+
+    The graph holds ``copies`` rounds of (L2 flush, call) so one replay lasts about a millisecond; a second graph
+    holds the flushes alone, and its median is subtracted. Warm-up runs on a side stream first, as whole-step
+    capture requires (autograd and the allocator set up their state there). A call that synchronises with the host
+    cannot be captured and raises.
+    """
+    copies = max(1, min(16, round(1.0 / max(eager_ms, 1e-3))))
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            flush.zero_()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graphs = []
+    for with_call in (True, False):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(copies):
+                flush.zero_()
+                if with_call:
+                    fn()
+        graphs.append(g)
+    torch.cuda.synchronize()
+    quantiles = []
+    for g in graphs:
+        for _ in range(3):
+            g.replay()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+        for start, end in events:
+            start.record()
+            g.replay()
+            end.record()
+        torch.cuda.synchronize()
+        times = sorted(s.elapsed_time(e) / copies for s, e in events)
+        q = statistics.quantiles(times, n=5)
+        quantiles.append((statistics.median(times), q[0], q[3]))
+    del graphs
+    (med, p20, p80), (flush_ms, _, _) = quantiles
+    return (max(med - flush_ms, 0.0), max(p20 - flush_ms, 0.0), max(p80 - flush_ms, 0.0))
+
+
 def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.device, warmup_ms: int = 25,
-            rep_ms: int = 100, profile: bool = False) -> Row:
+            rep_ms: int = 100, profile: bool = False, graph: bool = False) -> Row:
     try:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -133,14 +206,28 @@ def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.devi
     if profile and device.type == "cuda":
         try:
             row.extra.update(device_time(fn))
+            row.extra["host_ms"] = host_time(fn)
         except Exception as e:  # the timing row stands without its profile
             print(f"profile of {case.name} / {provider} failed: {type(e).__name__}: {e}", flush=True)
+    if graph and device.type == "cuda":
+        try:
+            g_med, g_p20, g_p80 = graph_time(fn, med)
+            row.extra.update(graph_ms=g_med, graph_p20=g_p20, graph_p80=g_p80)
+            if case.bytes and g_med > 0:
+                row.extra["graph_gb_s"] = case.bytes / (g_med / 1000) / 1e9
+                row.extra["graph_pct_copy_bw"] = 100 * case.bytes / (g_med / 1000) / COPY_BW_BYTES_PER_S
+            if case.flops and g_med > 0:
+                row.extra["graph_tflop_s"] = case.flops / (g_med / 1000) / 1e12
+        except Exception as e:  # e.g. a call that reads a value back to the host cannot be captured
+            print(f"graph timing of {case.name} / {provider} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        finally:
+            torch.cuda.synchronize()
     return row
 
 
 def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.device,
         providers: Optional[str] = None, only_cases: Optional[str] = None, warmup_ms: int = 25,
-        rep_ms: int = 100, profile: bool = False) -> list[Row]:
+        rep_ms: int = 100, profile: bool = False, graph: bool = False) -> list[Row]:
     """Time every kept provider on every kept case; ``warmup_ms`` / ``rep_ms`` are the timer's budgets per row
     (raise them for calls of tens of milliseconds, where the defaults give only a few repetitions)."""
     keep = set(providers.split(",")) if providers else None
@@ -152,10 +239,10 @@ def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.de
         for name, fn in fns.items():
             if keep is not None and name not in keep:
                 continue
-            row = measure(case, name, fn, device, warmup_ms, rep_ms, profile)
+            row = measure(case, name, fn, device, warmup_ms, rep_ms, profile, graph)
             rows.append(row)
             print(format_row(row), flush=True)
-            if row.extra and profile:
+            if row.extra and (profile or graph):
                 print(f"{'':<34} {name:<20} {format_extra(row.extra)}", flush=True)
     return rows
 
@@ -174,7 +261,8 @@ def format_row(r: Row) -> str:
 
 
 def format_extra(extra: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.1f}" for k, v in extra.items())
+    return ", ".join(f"{k} {v:.4f}" if k.endswith(("_ms", "_p20", "_p80")) else f"{k} {v:.1f}"
+                     for k, v in extra.items())
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -203,11 +291,14 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def speedups(rows: list[Row], ours: str = "mimfast") -> dict[str, dict[str, float]]:
-    """Per case: time of every other provider divided by ours."""
+def speedups(rows: list[Row], ours: str = "mimfast", key: str = "ms_median") -> dict[str, dict[str, float]]:
+    """Per case: time of every other provider divided by ours (``key``: ms_median, or an ``extra`` time such as
+    graph_ms; providers without it are left out)."""
     out: dict[str, dict[str, float]] = {}
     for case in dict.fromkeys(r.case for r in rows):
-        by = {r.provider: r.ms_median for r in rows if r.case == case and r.error is None}
+        by = {r.provider: (r.ms_median if key == "ms_median" else r.extra.get(key)) for r in rows
+              if r.case == case and r.error is None}
+        by = {p: t for p, t in by.items() if t is not None and t > 0}
         if ours in by:
             out[case] = {p: t / by[ours] for p, t in by.items() if p != ours}
     return out
@@ -218,6 +309,9 @@ def write_results(name: str, rows: list[Row], device: torch.device, extra: Optio
     os.makedirs(RESULTS_DIR, exist_ok=True)
     env = environment(device)
     run_record = {"env": env, "rows": [asdict(r) for r in rows], "speedups": speedups(rows), **(extra or {})}
+    graph_speedups = speedups(rows, key="graph_ms")
+    if graph_speedups:
+        run_record["speedups_graph"] = graph_speedups
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     history = []
     if os.path.exists(path):
@@ -248,6 +342,10 @@ def write_results(name: str, rows: list[Row], device: torch.device, extra: Optio
         if rec.get("speedups"):
             md += ["", "Speed-up of mimfast over each provider (their time / ours):", ""]
             for case, sp in rec["speedups"].items():
+                md.append(f"- {case}: " + ", ".join(f"{p} {v:.2f}x" for p, v in sp.items()))
+        if rec.get("speedups_graph"):
+            md += ["", "The same at device time (graph_ms: CUDA-graph replay, no host overhead):", ""]
+            for case, sp in rec["speedups_graph"].items():
                 md.append(f"- {case}: " + ", ".join(f"{p} {v:.2f}x" for p, v in sp.items()))
         md.append("")
     with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:

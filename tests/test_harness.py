@@ -36,3 +36,49 @@ def test_device_time_counts_kernels():
     prof = harness.device_time(lambda: (x @ x).relu_(), calls=3)
     assert prof["launches"] == pytest.approx(2, abs=1)
     assert 0 < prof["device_ms"] < 100
+
+
+def test_speedups_at_graph_time_and_md_lists_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+
+    def row(provider: str, ms: float, graph_ms=None) -> harness.Row:
+        extra = {} if graph_ms is None else {"graph_ms": graph_ms}
+        return harness.Row("c", provider, ms, ms, ms, None, None, None, None, None, extra=extra)
+
+    rows = [row("mimfast", 0.4, 0.1), row("reference", 0.8, 0.5), row("reference+compile", 0.6)]
+    assert harness.speedups(rows) == {"c": {"reference": pytest.approx(2.0), "reference+compile": pytest.approx(1.5)}}
+    # a provider without a graph time (its capture failed) is left out rather than compared with the eager time
+    assert harness.speedups(rows, key="graph_ms") == {"c": {"reference": pytest.approx(5.0)}}
+    write_results("bench_g", rows, torch.device("cpu"))
+    record = json.loads((tmp_path / "bench_g.json").read_text())[0]
+    assert record["speedups_graph"] == {"c": {"reference": pytest.approx(5.0)}}
+    md = (tmp_path / "bench_g.md").read_text()
+    assert "graph_ms 0.1000" in md and "- c: reference 5.00x" in md
+
+
+@pytest.mark.gpu
+def test_graph_time_is_device_time_of_a_copy():
+    # a 512 MiB copy: long enough that the profiler's kernel time and the graph replay time must agree
+    src = torch.empty(2**28, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    fn = lambda: dst.copy_(src)  # noqa: E731
+    kernel_ms = harness.device_time(fn)["device_ms"]
+    med, p20, p80 = harness.graph_time(fn, eager_ms=kernel_ms)
+    assert p20 <= med <= p80
+    assert med == pytest.approx(kernel_ms, rel=0.2)
+    assert 0 < harness.host_time(fn) < 10
+
+
+@pytest.mark.gpu
+def test_graph_time_removes_host_overhead():
+    # many tiny launches: the eager median is host time, the graph replay only the kernels
+    x = torch.zeros(1024, device="cuda")
+
+    def fn() -> None:
+        for _ in range(50):
+            x.add_(1)
+
+    eager_ms = harness.time_fn(fn, torch.device("cuda"))[0]
+    graph_ms = harness.graph_time(fn, eager_ms)[0]
+    assert graph_ms < eager_ms
+    assert graph_ms < harness.host_time(fn)
