@@ -1,13 +1,15 @@
-"""Masking + visible patch embedding (forward + backward), and decoder-input restore (forward + backward).
+"""Masking + visible patch embedding (forward + backward), kept-patch gathering, and decoder-input restore
+(forward + backward).
 
     python -m benchmarks.bench_masking                       # MAE ViT-B/L/H and VideoMAE-B shapes, on the GPU
     TRITON_INTERPRET=1 python -m benchmarks.bench_masking --quick --no-save   # tiny shapes, CPU smoke run
 
 Providers: ``mimfast`` (random_masking + embed_visible / restore_tokens kernels), ``reference`` (the official
-path: torch.rand + two argsorts, conv over all L patches + pos_embed, gather; cat + gather + add for restore) and
-``reference+compile`` (torch.compile of the same function). Bytes count what must move: the kept pixels (read
-forward and again for the weight gradient), embeddings and their gradient, indices and mask; restore: visible
-rows in, decoder input out, and the same backward. Flops: the kept-patch GEMMs (forward and weight gradient).
+path: torch.rand + two argsorts, conv over all L patches + pos_embed, gather; patchify + gather for the kept
+patches; cat + gather + add for restore) and ``reference+compile`` (torch.compile of the same function). Bytes
+count what must move: the kept pixels (read forward and again for the weight gradient), embeddings and their
+gradient, indices and mask; gather: the kept pixels in, [N, K, P] out, ids_keep; restore: visible rows in,
+decoder input out, and the same backward. Flops: the kept-patch GEMMs (forward and weight gradient).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Case, common_args, default_device, run, write_results
-from mimfast.ops import embed_visible, random_masking, restore_tokens
+from mimfast.ops import embed_visible, gather_patches, patchify, random_masking, restore_tokens
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,23 @@ def embed_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case
                   "reference+compile": provider(compiled)}
 
 
+def reference_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, s: Shape) -> torch.Tensor:
+    x = patchify(imgs, s.patch, s.tubelet)
+    return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def gather_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case, dict[str, Callable[[], Any]]]:
+    N, L, K, P = s.batch, s.grid, s.kept, s.patch_dim
+    imgs = torch.randn(s.image_shape(), device=device, dtype=dtype)
+    ids_keep = random_masking(N, L, s.mask_ratio, device=device).ids_keep
+    moved = 2 * N * K * P * imgs.element_size() + N * K * 8
+    case = Case(f"{s.name}/gather fwd", bytes=moved, meta={"N": N, "L": L, "K": K, "P": P})
+    compiled = torch.compile(reference_gather)
+    return case, {"mimfast": lambda: gather_patches(imgs, ids_keep, s.patch, s.tubelet, backend="triton"),
+                  "reference": lambda: reference_gather(imgs, ids_keep, s),
+                  "reference+compile": lambda: compiled(imgs, ids_keep, s)}
+
+
 def restore_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case, dict[str, Callable[[], Any]]]:
     N, L, K, D = s.batch, s.grid, s.kept, s.decoder_width
     x_vis = torch.randn(N, 1 + K, D, device=device, dtype=dtype, requires_grad=True)  # decoder_embed output
@@ -177,6 +196,7 @@ def main() -> None:
     cases = []
     for s in shapes:
         cases.append(embed_case(s, device, dtype))
+        cases.append(gather_case(s, device, dtype))
         cases.append(restore_case(s, device, dtype))
     rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph)
     if not args.no_save:
