@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# A GPU session in stages, each short enough for one command of a time-limited machine (under 10 minutes on one
-# H100): environment, the gpu test tier, then every benchmark with the eager timer, CUDA-graph device time
+# A GPU session in stages, so that a time-limited machine can run it one command per stage: environment, the gpu test tier, then every benchmark with the eager timer, CUDA-graph device time
 # (--graph) and the profiler's kernel time and host enqueue time (--profile).
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]      # default: every stage, in this order
