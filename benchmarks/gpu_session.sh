@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A GPU session in stages, so that a time-limited machine can run it one command per stage: environment, the gpu test tier, then every benchmark with the eager timer, CUDA-graph device time
-# (--graph) and the profiler's kernel time and host enqueue time (--profile).
+# A GPU session in stages, so that a time-limited machine can run it one command per stage: environment, the gpu
+# test tier, then every benchmark with the eager timer, CUDA-graph device time (--graph) and the profiler's kernel
+# time and host enqueue time (--profile).
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]      # default: every stage, in this order
 #
