@@ -1,0 +1,348 @@
+"""Static resource report of every Triton kernel as the ops launch it at the benchmark shapes, for an H100 (sm_90),
+on a machine without a GPU.
+
+    python -m benchmarks.kernel_report                # MAE ViT-B/L/H and VideoMAE-B shapes, writes results/
+    python -m benchmarks.kernel_report --quick --no-save
+
+The ops run on CPU tensors with Triton's driver replaced by one that reports an sm_90 target and with every kernel
+launch turned into a compile-only call, so each kernel is compiled with exactly the specialisation (constexprs,
+integer and pointer-alignment attributes, warps, stages) a real launch of those shapes would get; nothing is
+executed. The cubin's resource usage (cuobjdump, shipped with Triton) gives registers and local memory (spills)
+per thread, and the compiled kernel its shared memory. From those, resident blocks and warps per SM follow from
+the sm_90 limits: 65536 registers (allocated per warp in units of 256), 64 warps, 32 blocks and 228 KB of shared
+memory (1 KB of it reserved per block).
+
+Spills and occupancy are what can be checked without a GPU; they are not timings. Run it with the Triton version
+the GPU machine uses, since register allocation changes between versions.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "0"  # the kernel modules must be real JIT functions, not interpreted ones
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
+import torch  # noqa: E402
+
+from benchmarks.harness import RESULTS_DIR, environment  # noqa: E402
+
+SM90 = {"regs": 65536, "warps": 64, "blocks": 32, "smem": 228 * 1024, "smem_reserved": 1024}
+
+
+@dataclass
+class KernelRow:
+    case: str
+    kernel: str
+    num_warps: int
+    num_stages: int
+    regs: int
+    spill_bytes: int
+    smem_bytes: int
+    blocks_per_sm: int
+    warps_per_sm: int
+
+
+def occupancy(regs: int, warps: int, smem: int) -> int:
+    """Resident blocks per sm_90 SM for a kernel of ``warps`` warps using ``regs`` registers a thread and ``smem``
+    bytes of shared memory."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = SM90["regs"] // (per_warp * warps)
+    by_smem = SM90["smem"] // (smem + SM90["smem_reserved"])
+    return max(0, min(SM90["blocks"], SM90["warps"] // warps, by_regs, by_smem))
+
+
+def cubin_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local memory bytes per thread: spills) of the kernel in ``cubin``, read with the
+    cuobjdump shipped with Triton."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out.stdout)
+    if out.returncode != 0 or usage is None:
+        raise RuntimeError(f"cuobjdump failed: {(out.stdout + out.stderr)[-2000:]}")
+    return int(usage.group(1)), int(usage.group(3))
+
+
+@contextlib.contextmanager
+def compile_only(capability: int = 90) -> Iterator[list[tuple[str, Any]]]:
+    """Inside: Triton targets an sm_<capability> GPU, every launch compiles without running, and CPU tensors
+    dispatch to the triton backend. Yields the list of (kernel name, compiled kernel) filled as launches happen."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    import mimfast.backend as backend
+
+    # the module, not the function of the same name that mimfast.ops exports
+    attention = importlib.import_module("mimfast.ops.visible_attention")
+
+    class Sm90Driver:  # the calls JITFunction.run makes of the active driver
+        def get_current_device(self) -> int:
+            return 0
+
+        def get_current_stream(self, device: Any = None) -> int:
+            return 0
+
+        def get_current_target(self) -> Any:
+            return GPUTarget("cuda", capability, 32)
+
+        def get_active_torch_device(self) -> torch.device:
+            return torch.device("cpu")
+
+    compiled: list[tuple[str, Any]] = []
+    original_run = JITFunction.run
+
+    def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    saved = (backend.triton_interpret, attention.triton_interpret)
+    saved_driver = getattr(driver, "_active", None)
+    driver.set_active(Sm90Driver())
+    JITFunction.run = run
+    # CPU tensors reach the kernels as under the interpreter; attention's bf16 refusal on CPU is for the
+    # interpreter's dots, and nothing runs here
+    backend.triton_interpret = lambda: True
+    attention.triton_interpret = lambda: False
+    try:
+        yield compiled
+    finally:
+        JITFunction.run = original_run
+        backend.triton_interpret, attention.triton_interpret = saved
+        driver._active = saved_driver  # a machine without a GPU has no default driver to reset to
+        del triton
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    img: int
+    patch: int
+    enc: int  # encoder width
+    dec: int  # decoder width
+    ratio: float
+    frames: int = 0
+    tubelet: int = 0
+
+    @property
+    def L(self) -> int:
+        return (self.img // self.patch) ** 2 * (self.frames // self.tubelet if self.frames else 1)
+
+    @property
+    def K(self) -> int:
+        return int(self.L * (1 - self.ratio))
+
+    @property
+    def P(self) -> int:
+        return 3 * self.patch**2 * (self.tubelet or 1)
+
+
+FULL = [
+    Shape("mae_vit_b16", 256, 224, 16, 768, 512, 0.75),
+    Shape("mae_vit_l16", 256, 224, 16, 1024, 512, 0.75),
+    Shape("mae_vit_h14", 256, 224, 14, 1280, 512, 0.75),
+    Shape("videomae_b16", 64, 224, 16, 768, 384, 0.9, frames=16, tubelet=2),
+]
+QUICK = [Shape("quick", 4, 32, 8, 64, 32, 0.75)]
+
+
+def shuffles(N: int, L: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_keep, ids_restore, mask) of a valid random masking, built in torch (the compile-only masking kernel
+    leaves its outputs unset)."""
+    ids_shuffle = torch.argsort(torch.rand(N, L), dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(N, L)
+    mask[:, :K] = 0
+    return ids_shuffle[:, :K].contiguous(), ids_restore, torch.gather(mask, 1, ids_restore)
+
+
+def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
+    """(label, call) for every op of the fused MAE / VideoMAE step at shape ``s``, forward and backward."""
+    from mimfast.ops import (
+        embed_visible,
+        fused_head_masked_pixel_loss,
+        gather_patches,
+        masked_pixel_loss,
+        ragged_random_masking,
+        random_masking,
+        restore_tokens,
+        videomae_pixel_loss,
+        visible_attention,
+    )
+
+    N, L, K, P = s.batch, s.L, s.K, s.P
+    bf16 = torch.bfloat16
+    video = bool(s.frames)
+    imgs = torch.randn((N, 3, s.frames, s.img, s.img) if video else (N, 3, s.img, s.img))
+    tub = s.tubelet or None
+    ids_keep, ids_restore, mask = shuffles(N, L, K)
+    kernel = (s.tubelet, s.patch, s.patch) if video else (s.patch, s.patch)
+    weight = torch.randn(s.enc, 3, *kernel, requires_grad=True)
+    bias = torch.zeros(s.enc, requires_grad=True)
+    pos = torch.randn(1, 1 + L, s.enc)
+
+    def embed() -> None:
+        with torch.autocast("cpu", dtype=bf16):
+            x = embed_visible(imgs, ids_keep, weight, bias, pos, s.patch, tub, backend="triton")
+        x.backward(torch.ones_like(x))
+
+    x_vis = torch.randn(N, 1 + K, s.dec, dtype=bf16, requires_grad=True)
+    mask_token = torch.zeros(1, 1, s.dec, requires_grad=True)
+    dec_pos = torch.randn(1, 1 + L, s.dec)
+
+    def restore() -> None:
+        out = restore_tokens(x_vis, ids_restore, mask_token, dec_pos, backend="triton")
+        out.backward(torch.ones_like(out))
+
+    def restore_pos_grad() -> None:
+        learned = dec_pos.clone().requires_grad_()
+        out = restore_tokens(x_vis, ids_restore, mask_token, learned, backend="triton")
+        out.backward(torch.ones_like(out))
+
+    def loss() -> None:
+        if video:
+            pred = torch.randn(N, L - K, P, dtype=bf16, requires_grad=True)
+            bool_mask = torch.zeros(N, L, dtype=torch.bool)
+            bool_mask[:, : L - K] = True
+            value = videomae_pixel_loss(pred, imgs, bool_mask, s.patch, s.tubelet, backend="triton")
+        else:
+            pred = torch.randn(N, L, P, dtype=bf16, requires_grad=True)
+            value = masked_pixel_loss(pred, imgs, mask, s.patch, norm_pix=True, backend="triton")
+        value.backward()
+
+    def head() -> None:
+        hidden = torch.randn(N, L, s.dec, dtype=bf16, requires_grad=True)
+        w = torch.randn(P, s.dec, dtype=bf16, requires_grad=True)
+        b = torch.zeros(P, dtype=bf16, requires_grad=True)
+        value = fused_head_masked_pixel_loss(hidden, w, b, imgs, mask, s.patch, norm_pix=True, tubelet_size=tub,
+                                             backend="triton")
+        value.backward()
+
+    heads = s.enc // 64
+
+    def attention(lengths: list[int]) -> Callable[[], None]:
+        def call() -> None:
+            cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+            q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=bf16, requires_grad=True) for _ in range(3))
+            out = visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), backend="triton")
+            out.backward(torch.ones_like(out))
+
+        return call
+
+    def dense_attention(S: int, width: int) -> Callable[[], None]:
+        def call() -> None:
+            q, k, v = (torch.randn(N, S, width // 64, 64, dtype=bf16, requires_grad=True) for _ in range(3))
+            out = visible_attention(q, k, v, backend="triton")
+            out.backward(torch.ones_like(out))
+
+        return call
+
+    gen = torch.Generator().manual_seed(0)
+    ratios = torch.empty(N).uniform_(0.6, 0.9, generator=gen)
+    ragged = [1 + int(L * (1 - r)) for r in ratios.tolist()]
+    calls = [
+        ("random_masking", lambda: random_masking(N, L, s.ratio, backend="triton")),
+        ("ragged_random_masking", lambda: ragged_random_masking(N, L, ratios, backend="triton")),
+        ("embed_visible fwd+bwd", embed),
+        ("gather_patches", lambda: gather_patches(imgs.to(bf16), ids_keep, s.patch, tub, backend="triton")),
+        ("restore_tokens fwd+bwd", restore),
+        ("restore_tokens fwd+bwd, pos grad", restore_pos_grad),
+        ("pixel loss fwd+bwd", loss),
+        ("fused head + loss", head),
+        (f"attention encoder, {1 + K} tokens", dense_attention(1 + K, s.enc)),
+        ("attention encoder, ragged 0.6-0.9", attention(ragged)),
+        (f"attention decoder, {1 + L} tokens", dense_attention(1 + L, s.dec)),
+    ]
+    return calls
+
+
+def report(shapes: list[Shape], arch_capability: int = 90) -> list[KernelRow]:
+    rows: list[KernelRow] = []
+    with compile_only(arch_capability) as compiled:
+        for s in shapes:
+            for label, call in op_calls(s):
+                compiled.clear()
+                try:
+                    call()
+                except Exception as e:  # a call the op refuses at these shapes is reported, not fatal
+                    print(f"{s.name:<14} {label:<36} error: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    continue
+                seen = set()
+                for name, kernel in compiled:
+                    meta = kernel.metadata
+                    key = (name, meta.num_warps, meta.num_stages, kernel.asm["ptx"].__hash__())
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    regs, spills = cubin_usage(kernel.asm["cubin"])
+                    blocks = occupancy(regs, meta.num_warps, meta.shared)
+                    row = KernelRow(f"{s.name}/{label}", name, meta.num_warps, meta.num_stages, regs, spills,
+                                    meta.shared, blocks, blocks * meta.num_warps)
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(r: KernelRow) -> str:
+    return (f"{r.case:<52} {r.kernel:<32} warps {r.num_warps:>2} stages {r.num_stages} regs {r.regs:>3} "
+            f"spill {r.spill_bytes:>4} B smem {r.smem_bytes / 1024:6.1f} KB  {r.blocks_per_sm:>2} blocks "
+            f"{r.warps_per_sm:>2} warps/SM")
+
+
+def write(rows: list[KernelRow]) -> str:
+    import triton
+
+    env = environment(torch.device("cpu"))
+    env.update(device="sm_90 (compiled, not run)", triton=triton.__version__)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, "kernel_report.json"), "w") as f:
+        json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    md = ["# kernel_report", "",
+          f"sm_90 · triton {env['triton']} · commit {env['commit']} · {env['date']} (compiled for the target, not run)",
+          "", "| case | kernel | warps | stages | regs | spill B | smem KB | blocks/SM | warps/SM |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.regs} | {r.spill_bytes} | "
+           f"{r.smem_bytes / 1024:.1f} | {r.blocks_per_sm} | {r.warps_per_sm} |" for r in rows]
+    path = os.path.join(RESULTS_DIR, "kernel_report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one tiny shape")
+    ap.add_argument("--cases", default=None, help="comma-separated shape names (mae_vit_b16, videomae_b16, ...)")
+    ap.add_argument("--no-save", action="store_true", help="print only, do not write benchmarks/results/")
+    args = ap.parse_args()
+    shapes = QUICK if args.quick else FULL
+    if args.cases:
+        wanted = args.cases.split(",")
+        shapes = [s for s in shapes if s.name in wanted]
+    rows = report(shapes)
+    spilled = [r for r in rows if r.spill_bytes]
+    print(f"{len(rows)} kernel configurations, {len(spilled)} with register spills")
+    if not args.no_save:
+        print("wrote", write(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.kernel_report import occupancy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_occupancy_follows_the_sm90_limits():
+    # registers: 128 a thread x 4 warps = 16384 a block -> 4 blocks; warps: 64 / 16 = 4; shared memory: 228 KB
+    assert occupancy(128, 4, 0) == 4
+    assert occupancy(32, 16, 0) == 4
+    assert occupancy(32, 1, 0) == 32
+    assert occupancy(32, 4, 100 * 1024) == 2
+    # allocation is per warp in units of 256 registers: 33 registers cost as much as 40
+    assert occupancy(33, 8, 0) == occupancy(40, 8, 0) == 6
+    assert occupancy(255, 8, 0) == 1
+
+
+def test_quick_report_compiles_every_kernel_for_sm90():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--quick", "--no-save"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "error" not in out.stdout, out.stdout
+    rows = [line for line in lines if " regs " in line]
+    kernels = {line.split(" warps ")[0].split()[-1] for line in rows}
+    for name in ("random_masking_kernel", "embed_visible_fwd_kernel", "embed_visible_bwd_weight_kernel",
+                 "gather_patches_fwd_kernel", "restore_tokens_fwd_kernel", "restore_tokens_bwd_kernel",
+                 "pixel_loss_kernel", "_attn_fwd_short", "_attn_bwd_short"):
+        assert name in kernels, (name, kernels)
+    assert lines[-1].endswith("with register spills")
