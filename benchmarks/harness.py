@@ -62,6 +62,7 @@ class Row:
     peak_mem_mb: Optional[float]
     error: Optional[str] = None
     extra: dict[str, float] = field(default_factory=dict)  # script-specific figures (img/s, ...), own md column
+    kernels: list[tuple[str, float, float]] = field(default_factory=list)  # --profile: (name, ms, launches) a call
 
 
 def common_args(description: str) -> argparse.ArgumentParser:
@@ -99,9 +100,10 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup_ms: int = 25, re
     return (statistics.median(times), q[0], q[3])
 
 
-def device_time(fn: Callable[[], Any], calls: int = 5) -> dict[str, float]:
+def device_time(fn: Callable[[], Any], calls: int = 5, top: int = 0) -> dict[str, Any]:
     """Per call of ``fn`` on CUDA: summed duration of its device activities (kernels, copies, memsets; one stream,
-    so no overlap) and their count, from torch.profiler."""
+    so no overlap) and their count, from torch.profiler; with ``top``, also ``kernels``: the ``top`` longest
+    activities by total time, as (name, ms per call, launches per call)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -112,7 +114,14 @@ def device_time(fn: Callable[[], Any], calls: int = 5) -> dict[str, float]:
         torch.cuda.synchronize()
     device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.time_range.elapsed_us() for e in device_events)  # a device event's span is its duration
-    return {"device_ms": total_us / 1000 / calls, "launches": len(device_events) / calls}
+    out: dict[str, Any] = {"device_ms": total_us / 1000 / calls, "launches": len(device_events) / calls}
+    if top:
+        by_name: dict[str, list[float]] = {}
+        for e in device_events:
+            by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+        out["kernels"] = [(name, sum(t) / 1000 / calls, len(t) / calls) for name, t in ranked]
+    return out
 
 
 def host_time(fn: Callable[[], Any], calls: int = 20) -> float:
@@ -205,7 +214,9 @@ def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.devi
     )
     if profile and device.type == "cuda":
         try:
-            row.extra.update(device_time(fn))
+            prof = device_time(fn, top=6)
+            row.kernels = prof.pop("kernels")  # where the device time goes: the JSON and the log, not the table
+            row.extra.update(prof)
             row.extra["host_ms"] = host_time(fn)
         except Exception as e:  # the timing row stands without its profile
             print(f"profile of {case.name} / {provider} failed: {type(e).__name__}: {e}", flush=True)
@@ -244,6 +255,8 @@ def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.de
             print(format_row(row), flush=True)
             if row.extra and (profile or graph):
                 print(f"{'':<34} {name:<20} {format_extra(row.extra)}", flush=True)
+            for kernel, ms, n in row.kernels:
+                print(f"{'':<34} {name:<20}   {ms:8.4f} ms  x{n:<4g} {kernel[:110]}", flush=True)
     return rows
 
 

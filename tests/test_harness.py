@@ -33,9 +33,13 @@ def test_rows_counts_and_results_files(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_device_time_counts_kernels():
     x = torch.randn(4096, 4096, device="cuda")
-    prof = harness.device_time(lambda: (x @ x).relu_(), calls=3)
+    prof = harness.device_time(lambda: (x @ x).relu_(), calls=3, top=5)
     assert prof["launches"] == pytest.approx(2, abs=1)
     assert 0 < prof["device_ms"] < 100
+    # the matmul dominates, and the listed kernels add up to the total
+    name, ms, launches = prof["kernels"][0]
+    assert launches == 1 and ms > 0.5 * prof["device_ms"]
+    assert sum(k[1] for k in prof["kernels"]) == pytest.approx(prof["device_ms"], rel=1e-6)
 
 
 def test_speedups_at_graph_time_and_md_lists_them(tmp_path, monkeypatch):
