@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mimfast.kernels.sizes import next_pow2
+
 
 @triton.jit
 def _patch_base(m, m_ok, ids_ptr, K, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexpr, PS: tl.constexpr):
@@ -130,17 +132,17 @@ def gemm_config(D: int, P: int) -> dict[str, int]:
     """Forward tiles: 128 kept patches x 128 embedding columns, 64 pixels per step (tl.dot needs every block
     dimension >= 16). Each A row (gathered fp32 pixels) is read once per 128 columns and each weight tile once per
     128 patches: half the L2 traffic of 64 x 128 tiles, with three pipeline stages in 144 KB of shared memory."""
-    return {"BLOCK_M": 128, "BLOCK_D": max(16, min(128, triton.next_power_of_2(D))),
-            "BLOCK_P": max(16, min(64, triton.next_power_of_2(P))), "num_warps": 8}
+    return {"BLOCK_M": 128, "BLOCK_D": max(16, min(128, next_pow2(D))),
+            "BLOCK_P": max(16, min(64, next_pow2(P))), "num_warps": 8}
 
 
 def wgrad_config(D: int, P: int) -> dict[str, int]:
     """Weight-gradient tiles: 128 x 128 of [D, P] per program, reducing over 32 kept patches per step (fp32 A and
     grad tiles, 32 KB a stage: two programs fit an SM). The rows are split in chunks to fill the SMs."""
-    return {"BLOCK_M": 32, "BLOCK_D": max(16, min(128, triton.next_power_of_2(D))),
-            "BLOCK_P": max(16, min(128, triton.next_power_of_2(P))), "num_warps": 8}
+    return {"BLOCK_M": 32, "BLOCK_D": max(16, min(128, next_pow2(D))),
+            "BLOCK_P": max(16, min(128, next_pow2(P))), "num_warps": 8}
 
 
 def pos_config(L: int, D: int) -> dict[str, int]:
-    return {"BLOCK_L": min(8, triton.next_power_of_2(L)), "BLOCK_D": min(64, triton.next_power_of_2(D)),
+    return {"BLOCK_L": min(8, next_pow2(L)), "BLOCK_D": min(64, next_pow2(D)),
             "num_warps": 4}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mimfast.kernels.sizes import next_pow2
+
 
 @triton.jit
 def _patch_tile(pid, ids_ptr, K, GH, GW, s_n, s_c, s_t, s_h, s_w,
@@ -69,8 +71,8 @@ def gather_patches_bwd_kernel(
 
 def tile_config(C: int, PT: int, PS: int) -> dict[str, int]:
     """Tile of at most 4096 values: all of a small patch, a slice of (t, row) lines of a big one."""
-    block_w = triton.next_power_of_2(PS)
-    block_c = min(triton.next_power_of_2(C), 8)
-    block_r = min(triton.next_power_of_2(PT * PS), max(1, 4096 // (block_c * block_w)))
+    block_w = next_pow2(PS)
+    block_c = min(next_pow2(C), 8)
+    block_r = min(next_pow2(PT * PS), max(1, 4096 // (block_c * block_w)))
     return {"BLOCK_C": block_c, "BLOCK_R": block_r, "BLOCK_W": block_w,
             "num_warps": 8 if block_c * block_r * block_w >= 2048 else 4}

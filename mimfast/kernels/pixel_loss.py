@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels.sizes import cdiv, next_pow2
+
 
 @triton.jit
 def _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexpr, PS: tl.constexpr):
@@ -286,7 +288,7 @@ def simmim_loss_kernel(
 
 
 def _tile(C: int, S: int) -> tuple[int, int, int]:
-    block_s, block_c = triton.next_power_of_2(S), triton.next_power_of_2(C)
+    block_s, block_c = next_pow2(S), next_pow2(C)
     return block_s, block_c, max(1, min(16, block_s * block_c // 256))
 
 
@@ -312,7 +314,7 @@ _FINAL_BLOCK = 2048
 
 def num_partials(rows: int) -> int:
     """Length of the partials buffer the loss kernel fills for ``rows`` rows."""
-    return triton.cdiv(rows, ROWS_PER_PROGRAM)
+    return cdiv(rows, ROWS_PER_PROGRAM)
 
 
 def launch_weight_sums(mask: torch.Tensor, ids: Optional[torch.Tensor], rows_per_sample: int) -> torch.Tensor:
@@ -321,7 +323,7 @@ def launch_weight_sums(mask: torch.Tensor, ids: Optional[torch.Tensor], rows_per
     total = N * rows_per_sample
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    grid = max(1, min(MAX_WPARTS, triton.cdiv(total, _WEIGHT_BLOCK)))
+    grid = max(1, min(MAX_WPARTS, cdiv(total, _WEIGHT_BLOCK)))
     wparts = torch.empty(grid, dtype=torch.float32, device=mask.device)
     weight_sum_kernel[(grid,)](
         ids if ids is not None else mask, mask, wparts, total, max(rows_per_sample, 1),
@@ -416,7 +418,7 @@ def _programs(device: torch.device) -> int:
 def launch_scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x *= scale in place (x contiguous, scale a 0-dim tensor on x's device); nothing moves when scale == 1."""
     block = 4096
-    grid = max(1, min(_programs(x.device), triton.cdiv(x.numel(), block)))
+    grid = max(1, min(_programs(x.device), cdiv(x.numel(), block)))
     scale_inplace_kernel[(grid,)](x, scale, x.numel(), BLOCK=block, num_warps=8)
     return x
 
@@ -428,7 +430,7 @@ def launch_masked_ids(mask: torch.Tensor, rows: int) -> tuple[torch.Tensor, torc
     ids = torch.empty(N, rows, dtype=torch.int64, device=mask.device)
     bad = torch.empty(N, dtype=torch.int32, device=mask.device)
     if N > 0:
-        block = min(2048, triton.next_power_of_2(max(L, 1)))
+        block = min(2048, next_pow2(max(L, 1)))
         masked_ids_kernel[(N,)](mask.view(torch.uint8), ids, bad, L, rows, *mask.stride(), BLOCK_L=block,
                                 num_warps=4)
     return ids, bad

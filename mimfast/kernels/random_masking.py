@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels.sizes import next_pow2
+
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
 
@@ -101,7 +103,7 @@ def launch_random_masking(
     N, L = ids_restore.shape
     if N == 0:
         return
-    block = max(16, triton.next_power_of_2(L))
+    block = max(16, next_pow2(L))
     has_noise = noise is not None
     idx_bits = 32 if has_noise else index_bits
     ragged = num_keep is not None

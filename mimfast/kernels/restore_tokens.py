@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mimfast.kernels.sizes import next_pow2
+
 
 @triton.jit
 def _flat_rows(ids_ptr, s_idn, NR, R, L, K, HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -131,11 +133,11 @@ def restore_tokens_bwd_pos_kernel(
 def flat_config(D: int) -> dict[str, int]:
     """Tile of the flat-row kernels: 64 rows (one mask-token partial per 64 rows keeps the second pass at a few
     per cent of the bytes) by up to 128 columns; 8 warps give each thread 32 values, eight 16-byte accesses."""
-    block_d = min(128, triton.next_power_of_2(max(D, 1)))
+    block_d = min(128, next_pow2(max(D, 1)))
     block_r = 64
     return {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": 8 if block_r * block_d >= 4096 else 4}
 
 
 def pos_config(R: int, D: int) -> dict[str, int]:
-    return {"BLOCK_R": min(16, triton.next_power_of_2(max(R, 1))),
-            "BLOCK_D": min(128, triton.next_power_of_2(max(D, 1))), "num_warps": 4}
+    return {"BLOCK_R": min(16, next_pow2(max(R, 1))),
+            "BLOCK_D": min(128, next_pow2(max(D, 1))), "num_warps": 4}

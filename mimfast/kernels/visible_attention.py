@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mimfast.kernels.sizes import next_pow2
+
 LOG2E = tl.constexpr(1.4426950408889634)
 # the smallest tile of the short path (tl.dot needs 16 rows / columns at least)
 MIN_TILE = tl.constexpr(16)
@@ -434,11 +436,11 @@ def _attn_bwd_short(
 
 def short_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int] | None:
     """Launch options of the short (whole sequence in one tile) kernels, or None when max_seqlen is too long."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     limit = SHORT_MAX_SEQLEN_FP32 if fp32 or block_d > 64 else SHORT_MAX_SEQLEN
     if max_seqlen > (limit // 2 if fp32 and block_d > 64 else limit):
         return None
-    top = max(MIN_TILE.value, triton.next_power_of_2(max_seqlen))
+    top = max(MIN_TILE.value, next_pow2(max_seqlen))
     levels = top.bit_length() - MIN_TILE.value.bit_length() + 1
     # 8 warps once a tile reaches 128 x 128 scores (64 fp32 registers a thread per score tile, not 128), for d 128
     # and for fp32 (IEEE dots hold their operands in registers)
@@ -448,7 +450,7 @@ def short_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int] |
 
 def fwd_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int]:
     """Block sizes and launch options of the forward kernel (fp32 runs IEEE dots, so it gets smaller tiles)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     if fp32:
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     # Long sequences keep 128 x 64 tiles on one warpgroup: on an H100 (Triton 3.6, bf16, d 64, 1568 tokens) they ran
@@ -459,7 +461,7 @@ def fwd_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int]:
 
 
 def bwd_config(head_dim: int, fp32: bool) -> dict[str, int]:
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     if fp32:
         return dict(BLOCK_D=block_d, BLOCK_OUT=32, BLOCK_IN=32, num_warps=4, num_stages=1)
     return dict(BLOCK_D=block_d, BLOCK_OUT=64, BLOCK_IN=32, num_warps=4 if block_d <= 64 else 8, num_stages=2)
