@@ -70,10 +70,9 @@ def call_devices(args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.devi
 
 
 def device_reasons(devices: Sequence[torch.device]) -> list[str]:
-    """Reasons common to every op: all tensor arguments on one device."""
-    distinct = {str(d) for d in devices}
-    if len(distinct) > 1 and len({torch.device(d).type for d in distinct}) > 1:
-        return [f"tensors are on different devices: {sorted(distinct)}"]
+    """Reasons common to every op: all tensor arguments on one device type."""
+    if len({d.type for d in devices}) > 1:
+        return [f"tensors are on different devices: {sorted({str(d) for d in devices})}"]
     return []
 
 
@@ -157,9 +156,11 @@ class Op:
 
     def reasons(self, backend: str, *args: Any, **kwargs: Any) -> list[str]:
         """Why ``backend`` cannot run this call (empty list: it can)."""
+        return self._reasons(backend, call_devices(args, kwargs), args, kwargs)
+
+    def _reasons(self, backend: str, devices: list[torch.device], args: tuple, kwargs: dict[str, Any]) -> list[str]:
         if backend not in self.impls:
             return [f"{self.name} has no {backend} implementation"]
-        devices = call_devices(args, kwargs)
         reasons = device_reasons(devices)
         if backend == "triton":
             reasons += triton_reasons(devices)
@@ -169,19 +170,20 @@ class Op:
 
     def select(self, backend: Optional[str], *args: Any, **kwargs: Any) -> Impl:
         name = requested_backend(backend)
+        devices = call_devices(args, kwargs)
         if name != "auto":
-            reasons = self.reasons(name, *args, **kwargs)
+            reasons = self._reasons(name, devices, args, kwargs)
             if reasons:
                 raise BackendUnavailableError(
                     f"mimfast.ops.{self.name}: backend {name!r} cannot run this call:\n  - " + "\n  - ".join(reasons)
                 )
             return self.impls[name]
-        on_cpu = all(d.type == "cpu" for d in call_devices(args, kwargs))
+        on_cpu = all(d.type == "cpu" for d in devices)
         collected: list[str] = []
         for b in BACKENDS:
             if on_cpu and b != "torch":
                 continue
-            reasons = self.reasons(b, *args, **kwargs)
+            reasons = self._reasons(b, devices, args, kwargs)
             if not reasons:
                 return self.impls[b]
             collected += [f"{b}: {r}" for r in reasons]
