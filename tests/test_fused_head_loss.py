@@ -108,6 +108,25 @@ def test_chunking_does_not_change_the_result_and_runs_are_bit_equal():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
+def test_prediction_never_kept_for_backward():
+    # what autograd keeps is the gradients of hidden, weight and bias: no [N, R, P] tensor in any dtype
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 16, 16, 4, 8, dtype=torch.float16)
+    N, L, _ = hidden.shape
+    P = weight.shape[0]
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused_head_masked_pixel_loss(h, w, b, imgs, None, 4, ids_masked=ids, norm_pix=True, backend="triton")
+    assert sorted(saved) == sorted([(tuple(h.shape), torch.float16), (tuple(w.shape), torch.float16),
+                                    (tuple(b.shape), torch.float16)]), saved
+    assert all(torch.Size(shape).numel() < N * ids.shape[1] * P for shape, _ in saved)
+
+
 def test_backward_twice_with_retained_graph():
     """The stored gradients are scaled in place only by a graph's last backward."""
     imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 12, 4, 16)

@@ -183,6 +183,32 @@ def test_poisoned_buffers_fully_overwritten(in_place):
     assert torch.equal(launch_loss_finalize(partials, wparts, N * L, P, torch.float32), loss.detach())
 
 
+def saved_for_backward(fn):
+    """Run ``fn`` and return (shape, dtype) of every tensor autograd saves for its backward."""
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("rows", ["all_rows", "masked_rows"])
+def test_no_full_size_fp32_tensor_saved_for_backward(rows):
+    # half-precision pred: the only [N, R, P] tensor kept for backward is the gradient, in pred's dtype
+    pred, imgs, info = mae_inputs(2, 3, 16, 16, 4, dtype=torch.float16)
+    N, L, P = pred.shape
+    ids = torch.argsort(torch.rand(N, L), dim=1)[:, : L // 2] if rows == "masked_rows" else None
+    x = (pred if ids is None else pred[:, : L // 2]).clone().requires_grad_()
+    saved = saved_for_backward(lambda: masked_pixel_loss(x, imgs, None if ids is not None else info.mask, 4,
+                                                         norm_pix=True, ids_masked=ids, backend="triton"))
+    big = [(shape, dtype) for shape, dtype in saved if torch.Size(shape).numel() >= x.numel()]
+    assert big == [(tuple(x.shape), torch.float16)], saved
+
+
 @pytest.mark.parametrize("grad_out", [1.0, 0.25], ids=["grad_out_1", "grad_out_quarter"])
 def test_backward_twice_with_retained_graph(grad_out):
     """The stored gradient is scaled in place only by a graph's last backward: retain_graph keeps it intact."""
