@@ -17,15 +17,16 @@ __all__ = ["main"]
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv`` (default: the command line) and run; a problem with the data, a checkpoint or a flag
-    ends the program with a one-line message and exit status 2 instead of a traceback."""
+    ends the program with a one-line message and exit status 2 instead of a traceback. Errors once training has
+    started keep their traceback."""
     from mimfast.data.datasets import DataError
     from mimfast.train.checkpoint import CheckpointError
-    from mimfast.train.engine import train
+    from mimfast.train.engine import SetupError, train
 
     config = parse_args(argv)
     try:
         train(config)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -209,6 +209,19 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
     assert "written for model" in err and "simmim_vit_nano_patch4" in err
 
 
+def test_a_value_error_during_training_keeps_its_traceback(tmp_path, monkeypatch):
+    # only set-up problems become one-line messages: an error inside a training step is a bug to be shown whole
+    from mimfast.train.engine import Trainer
+
+    def broken_step(self, it, epoch):
+        raise ValueError("shape bug inside a step")
+
+    monkeypatch.setattr(Trainer, "train_step", broken_step)
+    with pytest.raises(ValueError, match="shape bug inside a step"):
+        main(["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "4", "--no-eval", "--output-dir",
+              str(tmp_path / "o")])
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
     root = tmp_path / "imgs"
     for cls in ("a", "b"):

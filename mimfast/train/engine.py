@@ -562,6 +562,11 @@ def _agree_on_output_dir(config: PretrainConfig, given: bool, info: DistInfo) ->
     return dataclasses.replace(config, output_dir=out)
 
 
+class SetupError(ValueError):
+    """The run cannot start: the flags, the model and the data do not fit together. Raised before the first step
+    only; a ValueError during training is a bug and keeps its traceback."""
+
+
 def train(config: PretrainConfig) -> RunResult:
     """Run a whole pretraining job (see the module docstring); ``config`` is resolved first."""
     info, device = init_distributed(config.device)
@@ -569,6 +574,11 @@ def train(config: PretrainConfig) -> RunResult:
         resolved = resolve(config)
         resolved = _agree_on_output_dir(resolved, config.output_dir is not None, info)
         trainer = Trainer(resolved, info, device)
+    except ValueError as e:
+        shutdown(info)
+        if isinstance(e, (SetupError, DataError)):
+            raise
+        raise SetupError(str(e)) from e
     except BaseException:
         shutdown(info)
         raise
