@@ -5,7 +5,7 @@ Also holds the index checks shared by the ops that take ``ids_keep`` / ``ids_res
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -81,8 +81,7 @@ def _launch(kernel, src: torch.Tensor, ids_keep: torch.Tensor, dst: torch.Tensor
                  C=C, PT=tubelet, PS=patch_size, **cfg)
 
 
-@torch.library.custom_op("mimfast::gather_patches", mutates_args=())
-def _gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
+def _forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
     from mimfast.kernels.gather_patches import gather_patches_fwd_kernel
 
     x = _as_video(imgs)
@@ -94,14 +93,16 @@ def _gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: i
     return out
 
 
+_gather_patches_op = torch.library.custom_op("mimfast::gather_patches", mutates_args=())(_forward)
+
+
 @_gather_patches_op.register_fake
 def _(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
     return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], patch_dim(imgs.shape[1], patch_size, tubelet_size))
 
 
-@torch.library.custom_op("mimfast::gather_patches_backward", mutates_args=())
-def _gather_patches_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, shape: list[int], patch_size: int,
-                                tubelet_size: int) -> torch.Tensor:
+def _backward_grad(grad: torch.Tensor, ids_keep: torch.Tensor, shape: list[int], patch_size: int,
+                   tubelet_size: int) -> torch.Tensor:
     """Scatter [N, K, P] patch gradients into a zero image of ``shape``; each pixel is in at most one kept patch
     (ids_keep has distinct entries per sample), so every write is the only one and the result is deterministic."""
     from mimfast.kernels.gather_patches import gather_patches_bwd_kernel
@@ -111,6 +112,10 @@ def _gather_patches_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, shap
         g5 = _as_video(gx)
         _launch(gather_patches_bwd_kernel, grad.contiguous(), ids_keep.contiguous(), g5, g5, patch_size, tubelet_size)
     return gx
+
+
+_gather_patches_backward_op = torch.library.custom_op("mimfast::gather_patches_backward", mutates_args=())(
+    _backward_grad)
 
 
 @_gather_patches_backward_op.register_fake
@@ -125,16 +130,33 @@ def _setup(ctx, inputs, output) -> None:
     ctx.meta = (list(imgs.shape), patch_size, tubelet_size)
 
 
-def _backward(ctx, grad: torch.Tensor):
+def _backward(ctx, grad: torch.Tensor, scatter: Callable[..., torch.Tensor]):
     (ids_keep,) = ctx.saved_tensors
     shape, patch_size, tubelet_size = ctx.meta
     gx = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.mimfast.gather_patches_backward(grad, ids_keep, shape, patch_size, tubelet_size)
+        gx = scatter(grad, ids_keep, shape, patch_size, tubelet_size)
     return gx, None, None, None
 
 
-_gather_patches_op.register_autograd(_backward, setup_context=_setup)
+_gather_patches_op.register_autograd(lambda ctx, grad: _backward(ctx, grad, torch.ops.mimfast.gather_patches_backward),
+                                     setup_context=_setup)
+
+
+class _GatherPatches(torch.autograd.Function):
+    """The eager path: the same launchers as the custom ops without their dispatch, which costs more host time per
+    call than the kernel takes at MAE sizes."""
+
+    @staticmethod
+    def forward(ctx, imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
+        inputs = (imgs, ids_keep, patch_size, tubelet_size)
+        out = _forward(*inputs)
+        _setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _backward(ctx, grad, _backward_grad)
 
 
 def _triton_reasons(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
@@ -154,7 +176,9 @@ _op.register("torch")(gather_patches_ref)
 @_op.register("triton", reasons=_triton_reasons)
 def _gather_patches_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
                            tubelet_size: Optional[int] = None) -> torch.Tensor:
-    return torch.ops.mimfast.gather_patches(imgs, ids_keep, patch_size, tubelet_size or 1)
+    if torch.compiler.is_compiling():
+        return torch.ops.mimfast.gather_patches(imgs, ids_keep, patch_size, tubelet_size or 1)
+    return _GatherPatches.apply(imgs, ids_keep, patch_size, tubelet_size or 1)
 
 
 def gather_patches(

@@ -594,9 +594,8 @@ def ragged_random_masking_ref(N: int, L: int, counts: list[int], *, noise: Optio
     return RaggedMaskInfo(ids_shuffle[rows, cols], cu_seqlens, max_seqlen, ids_restore, mask, num_kept_t)
 
 
-@torch.library.custom_op("mimfast::ragged_random_masking", mutates_args=())
-def _ragged_kernel_op(noise: Optional[torch.Tensor], num_kept_t: torch.Tensor, cu_seqlens: torch.Tensor, L: int,
-                      total: int, seed: int, sample_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ragged_launch(noise: Optional[torch.Tensor], num_kept_t: torch.Tensor, cu_seqlens: torch.Tensor, L: int,
+                   total: int, seed: int, sample_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from mimfast.kernels.random_masking import launch_random_masking
 
     N, device = num_kept_t.shape[0], num_kept_t.device
@@ -607,6 +606,11 @@ def _ragged_kernel_op(noise: Optional[torch.Tensor], num_kept_t: torch.Tensor, c
                           cu_seqlens=cu_seqlens, seed=seed, sample_offset=sample_offset,
                           index_bits=key_index_bits(L))
     return ids_keep_packed, ids_restore, mask
+
+
+# compiled graphs trace the custom op; eager calls launch directly (nothing to differentiate, and the custom op's
+# dispatch costs more host time than the kernel)
+_ragged_kernel_op = torch.library.custom_op("mimfast::ragged_random_masking", mutates_args=())(_ragged_launch)
 
 
 @_ragged_kernel_op.register_fake
@@ -623,8 +627,8 @@ def _ragged_triton(N: int, L: int, counts: list[int], *, noise: Optional[torch.T
                    sample_offset: int = 0, device: Device = None) -> RaggedMaskInfo:
     dev = resolve_device(noise, device)
     num_kept_t, cu_seqlens, total, max_seqlen = _ragged_layout(counts, dev)
-    ids_keep_packed, ids_restore, mask = _ragged_kernel_op(noise, num_kept_t, cu_seqlens, L, total, seed,
-                                                           sample_offset)
+    launch = _ragged_kernel_op if torch.compiler.is_compiling() else _ragged_launch
+    ids_keep_packed, ids_restore, mask = launch(noise, num_kept_t, cu_seqlens, L, total, seed, sample_offset)
     return RaggedMaskInfo(ids_keep_packed, cu_seqlens, max_seqlen, ids_restore, mask, num_kept_t)
 
 

@@ -274,8 +274,7 @@ def _triton_reasons(N: int, L: int, mask_ratio: float, *, noise: Optional[torch.
     return triton_masking_reasons(L, noise, device)
 
 
-@torch.library.custom_op("mimfast::random_masking", mutates_args=())
-def _random_masking_kernel_op(
+def _random_masking_launch(
     noise: Optional[torch.Tensor], N: int, L: int, K: int, seed: int, sample_offset: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from mimfast.kernels.random_masking import launch_random_masking
@@ -286,6 +285,12 @@ def _random_masking_kernel_op(
     launch_random_masking(ids_keep, ids_restore, mask, noise=noise, seed=seed, sample_offset=sample_offset, K=K,
                           index_bits=key_index_bits(L))
     return ids_keep, ids_restore, mask
+
+
+# compiled graphs trace through the custom op; eager calls launch directly, since the outputs are integer and a
+# mask (nothing to differentiate) and the custom op's dispatch costs more host time than the kernel takes
+_random_masking_kernel_op = torch.library.custom_op("mimfast::random_masking", mutates_args=())(
+    _random_masking_launch)
 
 
 @_random_masking_kernel_op.register_fake
@@ -323,7 +328,8 @@ def random_masking_kept_triton(
     dev = resolve_device(noise, device)
     if noise is None and seed is None:
         seed = draw_seed(generator)
-    ids_keep, ids_restore, mask = _random_masking_kernel_op(noise, N, L, K, seed or 0, sample_offset, dev)
+    launch = _random_masking_kernel_op if torch.compiler.is_compiling() else _random_masking_launch
+    ids_keep, ids_restore, mask = launch(noise, N, L, K, seed or 0, sample_offset, dev)
     return MaskInfo(ids_keep, ids_restore, mask)
 
 
