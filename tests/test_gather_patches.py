@@ -173,3 +173,33 @@ def test_gpu_real_shapes(shape, p, t, dtype):
     assert torch.equal(out, ref)
     grad = torch.randn_like(out)
     assert torch.equal(torch.autograd.grad(out, imgs, grad)[0], torch.autograd.grad(ref, imgs, grad)[0])
+
+
+def test_indices_from_the_masking_op_skip_the_value_check_until_changed(monkeypatch):
+    import importlib
+
+    from mimfast.ops import random_masking
+
+    module = importlib.import_module("mimfast.ops.gather_patches")  # the module, not the op of the same name
+
+    calls = []
+    real_aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t) or real_aminmax(t))
+    imgs = torch.randn(2, 3, 16, 16)
+    info = random_masking(2, 16, 0.5)
+    gather_patches(imgs, info.ids_keep, 4)
+    assert calls == []  # straight from random_masking: known to be in [0, 16)
+    ids = info.ids_keep.clone()
+    gather_patches(imgs, ids, 4)
+    assert len(calls) == 1  # a copy is checked
+    info.ids_keep[0, 0] = 16  # an in-place change brings the check back
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        gather_patches(imgs, info.ids_keep, 4)
+    # valid for [0, 16) says nothing about [0, 8)
+    module.mark_valid_index(ids, 16)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        module.check_index(ids, 2, 4, ids.device, "ids")
+    # the registry stays small however many masks are made
+    for _ in range(3 * module._VALID_KEPT):
+        random_masking(2, 16, 0.5)
+    assert len(module._VALID) <= module._VALID_KEPT + 1

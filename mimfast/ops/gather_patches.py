@@ -5,6 +5,7 @@ Also holds the index checks shared by the ops that take ``ids_keep`` / ``ids_res
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -12,7 +13,30 @@ import torch
 from mimfast.backend import get_op
 from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
 
-__all__ = ["gather_patches", "gather_patches_ref", "check_index"]
+__all__ = ["gather_patches", "gather_patches_ref", "check_index", "mark_valid_index"]
+
+
+# Index tensors known to hold values in [0, high): id -> (weak reference, version counter, high). The masking ops
+# register their outputs, so indices that come straight from them skip the value check (on CUDA four launches,
+# about as long on the device as a restore's whole backward pass at small sizes); any in-place change bumps the
+# version and brings the check back.
+_VALID: dict[int, tuple[weakref.ref, int, int]] = {}
+_VALID_KEPT = 64
+
+
+def mark_valid_index(ids: torch.Tensor, high: int) -> None:
+    """Record that ``ids`` (as it is now) holds only values in [0, high)."""
+    if torch.compiler.is_compiling():
+        return
+    _VALID[id(ids)] = (weakref.ref(ids), ids._version, high)
+    if len(_VALID) > _VALID_KEPT:
+        for key in [k for k, (ref, _, _) in _VALID.items() if ref() is None] or list(_VALID)[: len(_VALID) // 2]:
+            del _VALID[key]
+
+
+def _known_valid(ids: torch.Tensor, high: int) -> bool:
+    entry = _VALID.get(id(ids))
+    return entry is not None and entry[0]() is ids and entry[1] == ids._version and entry[2] <= high
 
 
 def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name: str) -> None:
@@ -20,6 +44,7 @@ def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name
 
     The range check needs the values: on CPU it raises a ValueError at once; on other devices it is queued with
     ``torch._assert_async`` so that it costs no host synchronisation (a bad index then fails at the next sync).
+    Indices registered by :func:`mark_valid_index` and unchanged since skip the value check.
     """
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
@@ -29,7 +54,7 @@ def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name
         raise ValueError(f"{name} must be [N, *] with N = {N}, got shape {tuple(ids.shape)}")
     if ids.device != device:
         raise ValueError(f"{name} is on {ids.device} but the data is on {device}")
-    if ids.numel() == 0:
+    if ids.numel() == 0 or (not torch.compiler.is_compiling() and _known_valid(ids, high)):
         return
     if ids.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(ids)

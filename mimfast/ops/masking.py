@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from mimfast.backend import get_op
+from mimfast.ops.gather_patches import mark_valid_index
 from mimfast.ops.random_masking import (
     Device,
     MaskInfo,
@@ -680,5 +681,7 @@ def ragged_random_masking(
         if noise.is_floating_point() and host_checks(noise) and torch.isnan(noise).any():
             raise ValueError("noise contains NaN")
         seed = 0
-    return _ragged_op(N, L, counts, noise=noise, seed=_resolve_seed(seed, generator), sample_offset=sample_offset,
+    info = _ragged_op(N, L, counts, noise=noise, seed=_resolve_seed(seed, generator), sample_offset=sample_offset,
                       device=device, backend=backend)
+    mark_valid_index(info.ids_restore, L)
+    return info

@@ -22,6 +22,7 @@ import torch
 
 from mimfast import backend as _backend
 from mimfast.backend import get_op
+from mimfast.ops.gather_patches import mark_valid_index
 
 __all__ = [
     "MaskInfo",
@@ -397,5 +398,8 @@ def random_masking(
         raise ValueError(f"noise is on {noise.device} but device={device}")
     if device is None and noise is None and generator is not None:
         device = generator.device  # the masks live where their randomness is drawn
-    return _op(N, L, mask_ratio, noise=noise, generator=generator, device=device, seed=seed,
-               sample_offset=sample_offset, backend=backend)
+    info = _op(N, L, mask_ratio, noise=noise, generator=generator, device=device, seed=seed,
+                sample_offset=sample_offset, backend=backend)
+    mark_valid_index(info.ids_keep, L)
+    mark_valid_index(info.ids_restore, L)
+    return info
