@@ -215,6 +215,25 @@ def test_scale_is_honoured(interpret):
     assert (visible_attention_ref(q.double(), k.double(), v.double(), cu_seqlens=cu) - ref).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("scale", [0.3, -0.45, -4.0, 0.0], ids=["positive", "negative", "negative-large", "zero"])
+def test_scale_sign_on_the_tiled_path(interpret, scale):
+    # sequences past the short path's limit run the tiled kernels, whose running max is taken of the raw scores
+    # and then scaled (a min for a negative scale): whole key blocks (64 = 2 x 32), a partial last block, and one
+    # of each in a row
+    lengths = [64, 65, 100, 3]
+    cu = cu_of(lengths)
+    q, k, v, g = (torch.randn(sum(lengths), 2, 32) for _ in range(4))
+
+    def ours(a, b, c):
+        return visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=100, scale=scale, backend="triton")
+
+    def ref(a, b, c):
+        return visible_attention_ref(a, b, c, cu_seqlens=cu, scale=scale)
+
+    got = run(ours, (q, k, v), g)
+    assert_error_ratio(got, run(ref, (q, k, v), g), run(ref, (q, k, v), g, torch.float64))
+
+
 def test_empty_inputs(interpret):
     q = torch.randn(0, 2, 32)
     assert visible_attention(q, q, q, cu_seqlens=cu_of([]), backend="triton").shape == (0, 2, 32)

@@ -67,6 +67,45 @@ def _zero_rows(ptr, row0, n_rows, step, h, stride_t, stride_h, stride_d,
 
 
 @triton.jit
+def _fwd_block(q, k_base, v_base, tok0, start_n, seqlen, stride_kt, stride_vt, m_i, l_i, acc, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One key block of the online softmax: (m_i, l_i, acc) updated with keys start_n .. start_n + BLOCK_N.
+
+    The running max is taken of the raw scores and scaled after (the max commutes with a positive scale; a
+    negative one takes the min), so each score costs one fused multiply-add before exp2. MASKED: the block runs
+    past seqlen, and those keys get probability 0; it still holds at least one valid key, so m_new is finite."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    rows_n = (tok0 + cols).to(tl.int64)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    if MASKED:
+        kv_mask = (cols < seqlen)[:, None] & (offs_d < HEAD_DIM)
+        k = tl.load(k_base + rows_n * stride_kt, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + rows_n * stride_vt, mask=kv_mask, other=0.0)
+    elif BLOCK_D == HEAD_DIM:
+        k = tl.load(k_base + rows_n * stride_kt)
+        v = tl.load(v_base + rows_n * stride_vt)
+    else:
+        k = tl.load(k_base + rows_n * stride_kt, mask=offs_d < HEAD_DIM, other=0.0)
+        v = tl.load(v_base + rows_n * stride_vt, mask=offs_d < HEAD_DIM, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    valid = (cols < seqlen)[None, :]
+    if qk_scale >= 0:
+        top = tl.max(tl.where(valid, s, float("-inf")), 1) if MASKED else tl.max(s, 1)
+    else:
+        top = tl.min(tl.where(valid, s, float("inf")), 1) if MASKED else tl.min(s, 1)
+    m_new = tl.maximum(m_i, top * qk_scale)
+    t = s * qk_scale - m_new[:, None]
+    if MASKED:
+        t = tl.where(valid, t, float("-inf"))
+    p = tl.exp2(t)
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd(
     q_ptr, k_ptr, v_ptr,  # [T, H, d] packed or [N, S, H, d] dense
     o_ptr,  # same layout as q: output
@@ -101,7 +140,6 @@ def _attn_fwd(
         if start_m < seqlen:
             qk_scale = scale * LOG2E  # exp2 with log2(e) folded into the scale
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            offs_n = tl.arange(0, BLOCK_N)
             offs_d = tl.arange(0, BLOCK_D)
             mask_d = offs_d < HEAD_DIM
             mask_m = offs_m < seqlen
@@ -116,22 +154,16 @@ def _attn_fwd(
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for start_n in range(0, seqlen, BLOCK_N):
-                cols = start_n + offs_n
-                mask_n = cols < seqlen
-                rows_n = (tok0 + cols).to(tl.int64)
-                kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(k_base + rows_n[:, None] * stride_kt, mask=kv_mask, other=0.0)
-                v = tl.load(v_base + rows_n[:, None] * stride_vt, mask=kv_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                # every block holds at least one valid key, so m_new is finite and alpha never NaN
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = m_new
+            # whole key blocks need no key mask; only the last, partial block does
+            n_full = seqlen - seqlen % BLOCK_N
+            for start_n in range(0, n_full, BLOCK_N):
+                m_i, l_i, acc = _fwd_block(q, k_base, v_base, tok0, start_n, seqlen, stride_kt, stride_vt,
+                                           m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+                                           False)
+            if n_full < seqlen:
+                m_i, l_i, acc = _fwd_block(q, k_base, v_base, tok0, n_full, seqlen, stride_kt, stride_vt,
+                                           m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+                                           True)
             acc = acc / l_i[:, None]
             o_ptrs = (o_ptr + bb * stride_ob + rows_m[:, None] * stride_ot + h * stride_oh
                       + offs_d[None, :] * stride_od)
