@@ -324,6 +324,7 @@ dtype, packed, d, max_seqlen = sys.argv[1], sys.argv[2] == "packed", int(sys.arg
 fp32 = dtype == "fp32"
 fwd, bwd = kernels.fwd_config(d, max_seqlen, fp32), kernels.bwd_config(d, fp32)
 short = kernels.short_config(d, max_seqlen, fp32)
+short_bwd = kernels.short_config(d, max_seqlen, fp32, backward=True)
 common = {"HEAD_DIM": d, "PACKED": packed, "DOT_PRECISION": "ieee" if fp32 else "tf32"}
 if short is None:
     launches = [
@@ -332,7 +333,7 @@ if short is None:
         (kernels._attn_bwd, {**common, **bwd}),
     ]
 else:
-    launches = [(kernels._attn_fwd_short, {**common, **short}), (kernels._attn_bwd_short, {**common, **short})]
+    launches = [(kernels._attn_fwd_short, {**common, **short}), (kernels._attn_bwd_short, {**common, **short_bwd})]
 for fn, config in launches:
     options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
     signature = {}

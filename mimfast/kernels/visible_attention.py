@@ -466,7 +466,7 @@ def _attn_bwd_short(
                               stride_dvt, stride_dvd, scale, HEAD_DIM, BLOCK_D, MIN_TILE << i, DOT_PRECISION)
 
 
-def short_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int] | None:
+def short_config(head_dim: int, max_seqlen: int, fp32: bool, backward: bool = False) -> dict[str, int] | None:
     """Launch options of the short (whole sequence in one tile) kernels, or None when max_seqlen is too long."""
     block_d = max(16, next_pow2(head_dim))
     limit = SHORT_MAX_SEQLEN_FP32 if fp32 or block_d > 64 else SHORT_MAX_SEQLEN
@@ -475,8 +475,11 @@ def short_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int] |
     top = max(MIN_TILE.value, next_pow2(max_seqlen))
     levels = top.bit_length() - MIN_TILE.value.bit_length() + 1
     # 8 warps once a tile reaches 128 x 128 scores (64 fp32 registers a thread per score tile, not 128), for d 128
-    # and for fp32 (IEEE dots hold their operands in registers)
-    warps = 8 if top >= 128 or block_d >= 128 or fp32 else 4
+    # and for fp32 (IEEE dots hold their operands in registers). The backward, with five input tiles and four
+    # score-sized ones, also from 64 x 64 tiles: on an H100 (bf16, d 64, 12 heads, 256 sequences of about 50
+    # tokens) it took 0.365 ms with 4 warps on 64-token tiles against 0.168 ms with 8 warps on a ragged batch of
+    # as many tokens whose tiles were mostly as large or larger (benchmarks/results/bench_attention.md, f1d6b9a)
+    warps = 8 if top >= 128 or block_d >= 128 or fp32 or (backward and top >= 64) else 4
     return dict(BLOCK_D=block_d, LEVELS=levels, num_warps=warps, num_stages=1)
 
 

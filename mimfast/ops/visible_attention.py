@@ -254,7 +254,7 @@ def launch_backward(
         return
     fp32 = q.dtype == torch.float32
     cu = cu_seqlens if packed else q
-    short = short_config(d, max_seqlen, fp32)
+    short = short_config(d, max_seqlen, fp32, backward=True)
     if short is not None:
         # delta = rowsum(dO * O) is computed inside: one launch, no [H, R] buffer
         _attn_bwd_short[(cols, H)](
