@@ -10,7 +10,8 @@ norm_target on): the loss and the gradient for pred from fp32 images. Providers:
 pred holding all L rows (``full``) and with only the masked rows (``masked_rows``, ``ids_masked``).
 
 Bytes that must move (PERF_NOTES.md): pred read, the masked patches of the images read, the pred gradient
-written; nothing else (statistics live in registers).
+written; nothing else (statistics live in registers). ``copy`` times a device-to-device copy of as many bytes:
+the bandwidth the loss target is stated against, measured at the case's own size.
 
 Fused head (MAE ViT-B decoder: hidden [256, 196, 512], decoder_pred 512 -> 768): loss and the gradients of hidden,
 weight and bias. Providers: ``mimfast`` (``fused_head_masked_pixel_loss``, masked rows only, default chunks),
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Case, common_args, default_device, run, write_results
+from benchmarks.harness import COPY_PROVIDER, Case, common_args, copy_provider, default_device, run, write_results
 from mimfast.ops import (
     fused_head_masked_pixel_loss,
     fused_head_masked_pixel_loss_ref,
@@ -98,14 +99,19 @@ def mae_cases(s: MAEShape, device: torch.device, dtype: torch.dtype) -> list[tup
             "mimfast": grad_step(lambda: masked_pixel_loss(pred, imgs, info.mask, p, backend="triton", **kw), [pred]),
             "reference": grad_step(lambda: masked_pixel_loss_ref(pred, imgs, info.mask, p, **kw), [pred]),
             "reference+compile": grad_step(lambda: compiled(pred, imgs, info.mask, p, **kw), [pred]),
+            COPY_PROVIDER: copy_provider(moved_bytes(pred), device),
         }
+
+    def moved_bytes(pred: torch.Tensor) -> int:
+        # pred read and its gradient written, the masked patches' pixels read
+        return 2 * pred.numel() * pred.element_size() + N * (L - K) * P * imgs.element_size()
 
     out = []
     for rows in ("full", "masked_rows"):
         R = L if rows == "full" else L - K
         pred = torch.randn(N, R, P, device=device, dtype=dtype, requires_grad=True)
         kw = {"norm_pix": True, **({"ids_masked": ids} if rows == "masked_rows" else {})}
-        moved = 2 * N * R * P * pred.element_size() + N * (L - K) * P * imgs.element_size()
+        moved = moved_bytes(pred)
         case = Case(f"{s.name}/{rows}/P{P}/fwd+bwd", bytes=moved, meta={"N": N, "L": L, "rows": R, "P": P})
         out.append((case, providers(pred, kw)))
     return out
@@ -127,6 +133,7 @@ def video_cases(s: VideoShape, device: torch.device, dtype: torch.dtype) -> list
         "mimfast": grad_step(lambda: videomae_pixel_loss(pred, videos, mask, p, pt, backend="triton"), [pred]),
         "reference": grad_step(lambda: videomae_pixel_loss_ref(pred, videos, mask, p, pt), [pred]),
         "reference+compile": grad_step(lambda: compiled(pred, videos, mask, p, pt), [pred]),
+        COPY_PROVIDER: copy_provider(moved, device),
     })]
 
 

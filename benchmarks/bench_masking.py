@@ -9,7 +9,9 @@ path: torch.rand + two argsorts, conv over all L patches + pos_embed, gather; pa
 patches; cat + gather + add for restore) and ``reference+compile`` (torch.compile of the same function). Bytes
 count what must move: the kept pixels (read forward and again for the weight gradient), embeddings and their
 gradient, indices and mask; gather: the kept pixels in, [N, K, P] out, ids_keep; restore: visible rows in,
-decoder input out, and the same backward. Flops: the kept-patch GEMMs (forward and weight gradient).
+decoder input out, and the same backward. Gather and restore also time ``copy``: a device-to-device copy of
+the same number of bytes, the bandwidth their targets are stated against. Flops: the kept-patch GEMMs (forward
+and weight gradient).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Case, common_args, default_device, run, write_results
+from benchmarks.harness import COPY_PROVIDER, Case, common_args, copy_provider, default_device, run, write_results
 from mimfast.ops import embed_visible, gather_patches, patchify, random_masking, restore_tokens
 
 
@@ -158,7 +160,8 @@ def gather_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Cas
     compiled = torch.compile(reference_gather)
     return case, {"mimfast": lambda: gather_patches(imgs, ids_keep, s.patch, s.tubelet, backend="triton"),
                   "reference": lambda: reference_gather(imgs, ids_keep, s),
-                  "reference+compile": lambda: compiled(imgs, ids_keep, s)}
+                  "reference+compile": lambda: compiled(imgs, ids_keep, s),
+                  COPY_PROVIDER: copy_provider(moved, device)}
 
 
 def restore_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case, dict[str, Callable[[], Any]]]:
@@ -184,7 +187,7 @@ def restore_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Ca
 
     compiled = torch.compile(reference_restore)
     return case, {"mimfast": provider(mimfast_restore), "reference": provider(reference_restore),
-                  "reference+compile": provider(compiled)}
+                  "reference+compile": provider(compiled), COPY_PROVIDER: copy_provider(moved, device)}
 
 
 def main() -> None:

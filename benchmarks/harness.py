@@ -124,6 +124,19 @@ def device_time(fn: Callable[[], Any], calls: int = 5, top: int = 0) -> dict[str
     return out
 
 
+COPY_PROVIDER = "copy"
+
+
+def copy_provider(nbytes: float, device: torch.device) -> Callable[[], Any]:
+    """A device-to-device copy moving ``nbytes`` in all (half read, half written): the measured copy bandwidth at
+    a case's own size, as a provider beside the others. Its row's speed-up over mimfast, below 1, is the fraction
+    of that bandwidth mimfast reaches."""
+    half = max(1, int(nbytes) // 2)
+    src = torch.empty(half, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def host_time(fn: Callable[[], Any], calls: int = 20) -> float:
     """Median milliseconds the host spends issuing one call of ``fn`` on CUDA (no synchronisation inside the timed
     span; the device is idle at the start, so a short queue never blocks the host)."""
