@@ -51,6 +51,40 @@ def triton_available() -> bool:
     return _TRITON_FOUND
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+_INTERPRETER_PROBLEM: Optional[list[str]] = None
+
+
+def interpreter_problem() -> list[str]:
+    """Why Triton's interpreter cannot run here (empty when it can): before Triton 3.7 it converts one-element
+    arrays to Python ints, which NumPy 2.4 made an error, so every kernel with a loop bound from program_id fails.
+    Looked up once."""
+    global _INTERPRETER_PROBLEM
+    if _INTERPRETER_PROBLEM is None:
+        _INTERPRETER_PROBLEM = []
+        if triton_available():
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                triton_v, numpy_v = version("triton"), version("numpy")
+            except PackageNotFoundError:
+                return _INTERPRETER_PROBLEM
+            if _version_tuple(triton_v) < (3, 7) and _version_tuple(numpy_v) >= (2, 4):
+                _INTERPRETER_PROBLEM.append(
+                    f"Triton {triton_v}'s interpreter fails with NumPy {numpy_v}: install 'numpy<2.4' or Triton >= 3.7 "
+                    "to run the kernels on CPU tensors")
+    return _INTERPRETER_PROBLEM
+
+
 def tensors_in(values: Sequence[Any]) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for v in values:
@@ -82,7 +116,12 @@ def triton_reasons(devices: Sequence[torch.device]) -> list[str]:
     if not triton_available():
         reasons.append("triton is not installed")
     for d in devices:
-        if d.type == "cuda" or (d.type == "cpu" and triton_interpret()):
+        if d.type == "cuda":
+            continue
+        if d.type == "cpu" and triton_interpret():
+            if interpreter_problem():
+                reasons += interpreter_problem()
+                break
             continue
         reasons.append(f"triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {d}")
         break

@@ -29,6 +29,8 @@ def report() -> str:
         f"interpret TRITON_INTERPRET={'1' if backend.triton_interpret() else '0'}",
         f"requested {backend.requested_backend()} (MIMFAST_BACKEND)",
     ]
+    if backend.triton_interpret():
+        lines += [f"          {problem}" for problem in backend.interpreter_problem()]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

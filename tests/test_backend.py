@@ -87,3 +87,20 @@ def test_info_runs():
     out = subprocess.run([sys.executable, "-m", "mimfast.info"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "random_masking" in out.stdout and "torch" in out.stdout
+
+
+@pytest.mark.parametrize("triton_v,numpy_v,broken", [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                     ("3.7.1", "2.4.6", False), ("3.9.0", "2.4.0", False),
+                                                     ("3.5.1+git1234", "2.5.0rc1", True)])
+def test_interpreter_problem_names_the_versions(monkeypatch, triton_v, numpy_v, broken):
+    import importlib.metadata
+
+    versions = {"triton": triton_v, "numpy": numpy_v}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    monkeypatch.setattr(backend, "_INTERPRETER_PROBLEM", None)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    problem = backend.interpreter_problem()
+    monkeypatch.setattr(backend, "_INTERPRETER_PROBLEM", None)  # no cached answer leaks into other tests
+    assert bool(problem) == broken
+    if broken:
+        assert triton_v in problem[0] and numpy_v in problem[0] and "numpy<2.4" in problem[0]
