@@ -391,3 +391,14 @@ def test_gpu_bf16_real_shapes(norm_pix, patch):
     run_case(pred, imgs, info.mask, patch, norm_pix=norm_pix)
     ids = torch.argsort(info.ids_restore, dim=1)[:, info.ids_keep.shape[1]:]
     run_case(pred[:, : ids.shape[1]], imgs, info.mask, patch, ids_masked=ids, norm_pix=norm_pix)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ids_masked_out_of_range_raise(backend):
+    pred, imgs, info = mae_inputs(2, 3, 8, 8, 4)  # L = 4
+    rows = pred[:, :2]
+    for bad in (torch.tensor([[0, 4], [1, 2]]), torch.tensor([[0, -1], [1, 2]], dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"ids_masked values must be in \[0, 4\)"):
+            masked_pixel_loss(rows, imgs, None, 4, ids_masked=bad, backend=backend)
+    with pytest.raises(TypeError, match=r"int64 \(or int32\)"):
+        masked_pixel_loss(rows, imgs, None, 4, ids_masked=torch.zeros(2, 2), backend=backend)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mimfast.backend import get_op
+from mimfast.ops.gather_patches import mark_valid_index
 from mimfast.ops.masked_pixel_loss import (
     KERNEL_DTYPES,
     NORM_NONE,
@@ -40,9 +41,12 @@ def masked_ids_from_restore(ids_restore: torch.Tensor, num_kept: int) -> torch.T
     """[N, L] ids_restore -> [N, L - K] indices of the removed patches, in the shuffled order MAE uses
     (ids_shuffle[:, K:]); the inverse permutation is one scatter, no sort, no host synchronisation."""
     N, L = ids_restore.shape
-    ids_shuffle = torch.empty_like(ids_restore)
+    # zeros, not empty: were ids_restore no permutation, the entries no one writes still hold a valid index
+    ids_shuffle = torch.zeros_like(ids_restore)
     ids_shuffle.scatter_(1, ids_restore, torch.arange(L, device=ids_restore.device).expand(N, L))
-    return ids_shuffle[:, num_kept:]
+    ids = ids_shuffle[:, num_kept:]
+    mark_valid_index(ids, L)  # every value is in [0, L) (the scatter itself fails on an index out of range)
+    return ids
 
 
 def _rows(hidden: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:

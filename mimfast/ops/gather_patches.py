@@ -39,8 +39,10 @@ def _known_valid(ids: torch.Tensor, high: int) -> bool:
     return entry is not None and entry[0]() is ids and entry[1] == ids._version and entry[2] <= high
 
 
-def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name: str) -> None:
-    """Raise unless ``ids`` is an int64 [N, *] tensor on ``device`` with values in [0, high).
+def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name: str,
+                dtypes: tuple[torch.dtype, ...] = (torch.int64,)) -> None:
+    """Raise unless ``ids`` is an [N, *] tensor of one of ``dtypes`` (int64) on ``device`` with values in
+    [0, high).
 
     The range check needs the values: on CPU it raises a ValueError at once; on other devices it is queued with
     ``torch._assert_async`` so that it costs no host synchronisation (a bad index then fails at the next sync).
@@ -48,8 +50,8 @@ def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name
     """
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64, got {ids.dtype}")
+    if ids.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(str(d).replace('torch.', '') for d in dtypes)}, got {ids.dtype}")
     if ids.dim() != 2 or ids.shape[0] != N:
         raise ValueError(f"{name} must be [N, *] with N = {N}, got shape {tuple(ids.shape)}")
     if ids.device != device:

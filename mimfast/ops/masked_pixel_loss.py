@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from mimfast.backend import get_op
+from mimfast.ops.gather_patches import check_index
 from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
 
 __all__ = ["masked_pixel_loss", "masked_pixel_loss_ref", "LOSS_KINDS"]
@@ -68,6 +69,7 @@ def check_pixel_loss_args(
         if tuple(ids_masked.shape) != tuple(pred.shape[:2]):
             raise ValueError(f"ids_masked must have shape [N, rows of pred] = {tuple(pred.shape[:2])}, "
                              f"got {tuple(ids_masked.shape)}")
+        check_index(ids_masked, N, L, imgs.device, "ids_masked", (torch.int64, torch.int32))
     if mask is not None:
         _check_mask(mask, N, L)
     if kind not in LOSS_KINDS:
@@ -312,7 +314,8 @@ def masked_pixel_loss(
     target = patchify(imgs); with ``norm_pix`` each target patch is normalised by its own mean and unbiased
     variance: (t - mean) / sqrt(var + eps). Per patch: mean over P of (pred - target)^2 (``kind="l1"``:
     |pred - target|); loss = sum(loss * mask) / sum(mask). When no patch is masked (sum(mask) == 0) the loss is 0
-    and so are its gradients, instead of NaN. Index values in ``ids_masked`` are not range-checked on the device.
+    and so are its gradients, instead of NaN. ``ids_masked`` values must lie in [0, L): checked at once on CPU,
+    by an asynchronous device assert on CUDA (skipped for indices straight from :func:`masked_ids_from_restore`).
 
     Equivalent PyTorch: see :func:`masked_pixel_loss_ref`. The triton backend treats ``imgs`` and ``mask`` as
     constants (no gradient for them), as MAE does.
