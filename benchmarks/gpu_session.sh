@@ -3,37 +3,48 @@
 # test tier, then every benchmark with the eager timer, CUDA-graph device time (--graph) and the profiler's kernel
 # time and host enqueue time (--profile).
 #
-#   bash benchmarks/gpu_session.sh [STAGE ...]      # default: every stage, in this order
+#   bash benchmarks/gpu_session.sh [STAGE ...]      # default: every stage below, in this order
 #
-# Stages: info tests masking-mae masking-video loss attention e2e. Results go to benchmarks/results/ (and are
-# copied to $OUT when that is set, e.g. on a machine that sends back only $OUT). Run from the repository root with
-# torch and triton installed.
+# A stage is info, tests[:FILE] (the gpu tier, or one test file's gpu tests), or BENCH[:CASES] with BENCH one of
+# masking, loss, attention, e2e and CASES a comma-separated list of case-name substrings (benchmarks' --cases).
+# Each benchmark stage appends one run to benchmarks/results/<bench>.json and .md; those are copied to $OUT when it
+# is set (a machine that sends back only $OUT). Run from the repository root with torch and triton installed.
 set -uo pipefail
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(info tests masking-mae masking-video loss attention e2e)
-views=(--graph --profile)
+if [ ${#stages[@]} -eq 0 ]; then
+    stages=(info tests
+            masking:mae_vit_b16 masking:mae_vit_l16 masking:mae_vit_h14 masking:videomae_b16
+            loss:mae_vit_b16 loss:mae_vit_l16,mae_vit_h14 loss:videomae
+            attention:mae_vit_b16_enc,mae_vit_l16_enc attention:mae_enc_50,mae_dec_197 attention:videomae_dec_1568
+            e2e)
+fi
 status=0
 for stage in "${stages[@]}"; do
+    name="${stage%%:*}"
+    arg=""
+    [ "$name" != "$stage" ] && arg="${stage#*:}"
     echo "=== stage $stage ($(date -u +%H:%M:%S))"
-    case "$stage" in
+    case "$name" in
         info)
             python3 -m mimfast.info 2>&1 | tee "$out/info.txt"
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 \
                 | tee -a "$out/info.txt" ;;
-        tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -40 | tee "$out/gpu_tests.txt" ;;
-        masking-mae) python3 -m benchmarks.bench_masking --cases mae_ "${views[@]}" ;;
-        masking-video) python3 -m benchmarks.bench_masking --cases videomae_ "${views[@]}" ;;
-        loss) python3 -m benchmarks.bench_loss "${views[@]}" ;;
-        attention) python3 -m benchmarks.bench_attention "${views[@]}" ;;
-        e2e) python3 -m benchmarks.bench_e2e --profile ;;
-        *) echo "unknown stage $stage (info tests masking-mae masking-video loss attention e2e)"; status=2; continue ;;
+        tests)
+            target="tests${arg:+/$arg}"
+            python3 -m pytest -q -m gpu "$target" -p no:cacheprovider 2>&1 | tail -40 \
+                | tee "$out/gpu_tests${arg:+_${arg%.py}}.txt" ;;
+        masking|loss|attention)
+            python3 -m "benchmarks.bench_$name" ${arg:+--cases "$arg"} --graph --profile ;;
+        e2e) python3 -m benchmarks.bench_e2e ${arg:+--cases "$arg"} --profile ;;
+        *) echo "unknown stage $stage (info, tests[:FILE], masking|loss|attention|e2e[:CASES])"; status=2; continue ;;
     esac
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && { echo "stage $stage failed with status $rc"; status=1; }
+    echo "=== stage $stage done ($(date -u +%H:%M:%S))"
 done
 if [ "$out" != "benchmarks/results" ]; then cp benchmarks/results/*.json benchmarks/results/*.md "$out"/ 2>/dev/null; fi
 exit $status
