@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator  # noqa: E402
 
 import torch  # noqa: E402
 
+from benchmarks.bench_masking import FULL, QUICK, Shape  # noqa: E402
 from benchmarks.harness import RESULTS_DIR, environment  # noqa: E402
 
 SM90 = {"regs": 65536, "warps": 64, "blocks": 32, "smem": 228 * 1024, "smem_reserved": 1024}
@@ -130,40 +131,6 @@ def compile_only(capability: int = 90) -> Iterator[list[tuple[str, Any]]]:
         del triton
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    batch: int
-    img: int
-    patch: int
-    enc: int  # encoder width
-    dec: int  # decoder width
-    ratio: float
-    frames: int = 0
-    tubelet: int = 0
-
-    @property
-    def L(self) -> int:
-        return (self.img // self.patch) ** 2 * (self.frames // self.tubelet if self.frames else 1)
-
-    @property
-    def K(self) -> int:
-        return int(self.L * (1 - self.ratio))
-
-    @property
-    def P(self) -> int:
-        return 3 * self.patch**2 * (self.tubelet or 1)
-
-
-FULL = [
-    Shape("mae_vit_b16", 256, 224, 16, 768, 512, 0.75),
-    Shape("mae_vit_l16", 256, 224, 16, 1024, 512, 0.75),
-    Shape("mae_vit_h14", 256, 224, 14, 1280, 512, 0.75),
-    Shape("videomae_b16", 64, 224, 16, 768, 384, 0.9, frames=16, tubelet=2),
-]
-QUICK = [Shape("quick", 4, 32, 8, 64, 32, 0.75)]
-
-
 def shuffles(N: int, L: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids_keep, ids_restore, mask) of a valid random masking, built in torch (the compile-only masking kernel
     leaves its outputs unset)."""
@@ -188,25 +155,26 @@ def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
         visible_attention,
     )
 
-    N, L, K, P = s.batch, s.L, s.K, s.P
+    N, L, K, P = s.batch, s.grid, s.kept, s.patch_dim
+    enc, dec = s.width, s.decoder_width
     bf16 = torch.bfloat16
     video = bool(s.frames)
-    imgs = torch.randn((N, 3, s.frames, s.img, s.img) if video else (N, 3, s.img, s.img))
-    tub = s.tubelet or None
+    imgs = torch.randn(s.image_shape())
+    tub = s.tubelet
     ids_keep, ids_restore, mask = shuffles(N, L, K)
     kernel = (s.tubelet, s.patch, s.patch) if video else (s.patch, s.patch)
-    weight = torch.randn(s.enc, 3, *kernel, requires_grad=True)
-    bias = torch.zeros(s.enc, requires_grad=True)
-    pos = torch.randn(1, 1 + L, s.enc)
+    weight = torch.randn(enc, s.channels, *kernel, requires_grad=True)
+    bias = torch.zeros(enc, requires_grad=True)
+    pos = torch.randn(1, 1 + L, enc)
 
     def embed() -> None:
         with torch.autocast("cpu", dtype=bf16):
             x = embed_visible(imgs, ids_keep, weight, bias, pos, s.patch, tub, backend="triton")
         x.backward(torch.ones_like(x))
 
-    x_vis = torch.randn(N, 1 + K, s.dec, dtype=bf16, requires_grad=True)
-    mask_token = torch.zeros(1, 1, s.dec, requires_grad=True)
-    dec_pos = torch.randn(1, 1 + L, s.dec)
+    x_vis = torch.randn(N, 1 + K, dec, dtype=bf16, requires_grad=True)
+    mask_token = torch.zeros(1, 1, dec, requires_grad=True)
+    dec_pos = torch.randn(1, 1 + L, dec)
 
     def restore() -> None:
         out = restore_tokens(x_vis, ids_restore, mask_token, dec_pos, backend="triton")
@@ -222,26 +190,28 @@ def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
             pred = torch.randn(N, L - K, P, dtype=bf16, requires_grad=True)
             bool_mask = torch.zeros(N, L, dtype=torch.bool)
             bool_mask[:, : L - K] = True
-            value = videomae_pixel_loss(pred, imgs, bool_mask, s.patch, s.tubelet, backend="triton")
+            value = videomae_pixel_loss(pred, imgs, bool_mask, s.patch, tub, backend="triton")
         else:
             pred = torch.randn(N, L, P, dtype=bf16, requires_grad=True)
             value = masked_pixel_loss(pred, imgs, mask, s.patch, norm_pix=True, backend="triton")
         value.backward()
 
     def head() -> None:
-        hidden = torch.randn(N, L, s.dec, dtype=bf16, requires_grad=True)
-        w = torch.randn(P, s.dec, dtype=bf16, requires_grad=True)
+        hidden = torch.randn(N, L, dec, dtype=bf16, requires_grad=True)
+        w = torch.randn(P, dec, dtype=bf16, requires_grad=True)
         b = torch.zeros(P, dtype=bf16, requires_grad=True)
         value = fused_head_masked_pixel_loss(hidden, w, b, imgs, mask, s.patch, norm_pix=True, tubelet_size=tub,
                                              backend="triton")
         value.backward()
 
-    heads = s.enc // 64
+    def heads_of(width: int) -> tuple[int, int]:  # (heads, head dim): 64-wide heads, one narrower head below 64
+        return max(1, width // 64), min(64, width)
+
 
     def attention(lengths: list[int]) -> Callable[[], None]:
         def call() -> None:
             cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-            q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=bf16, requires_grad=True) for _ in range(3))
+            q, k, v = (torch.randn(sum(lengths), *heads_of(enc), dtype=bf16, requires_grad=True) for _ in range(3))
             out = visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), backend="triton")
             out.backward(torch.ones_like(out))
 
@@ -249,7 +219,7 @@ def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
 
     def dense_attention(S: int, width: int) -> Callable[[], None]:
         def call() -> None:
-            q, k, v = (torch.randn(N, S, width // 64, 64, dtype=bf16, requires_grad=True) for _ in range(3))
+            q, k, v = (torch.randn(N, S, *heads_of(width), dtype=bf16, requires_grad=True) for _ in range(3))
             out = visible_attention(q, k, v, backend="triton")
             out.backward(torch.ones_like(out))
 
@@ -259,7 +229,7 @@ def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
     ratios = torch.empty(N).uniform_(0.6, 0.9, generator=gen)
     ragged = [1 + int(L * (1 - r)) for r in ratios.tolist()]
     calls = [
-        ("random_masking", lambda: random_masking(N, L, s.ratio, backend="triton")),
+        ("random_masking", lambda: random_masking(N, L, s.mask_ratio, backend="triton")),
         ("ragged_random_masking", lambda: ragged_random_masking(N, L, ratios, backend="triton")),
         ("embed_visible fwd+bwd", embed),
         ("gather_patches", lambda: gather_patches(imgs.to(bf16), ids_keep, s.patch, tub, backend="triton")),
@@ -267,9 +237,9 @@ def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
         ("restore_tokens fwd+bwd, pos grad", restore_pos_grad),
         ("pixel loss fwd+bwd", loss),
         ("fused head + loss", head),
-        (f"attention encoder, {1 + K} tokens", dense_attention(1 + K, s.enc)),
+        (f"attention encoder, {1 + K} tokens", dense_attention(1 + K, enc)),
         ("attention encoder, ragged 0.6-0.9", attention(ragged)),
-        (f"attention decoder, {1 + L} tokens", dense_attention(1 + L, s.dec)),
+        (f"attention decoder, {1 + L} tokens", dense_attention(1 + L, dec)),
     ]
     return calls
 
