@@ -256,6 +256,8 @@ def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.de
     (raise them for calls of tens of milliseconds, where the defaults give only a few repetitions)."""
     keep = set(providers.split(",")) if providers else None
     wanted = only_cases.split(",") if only_cases else None
+    if (profile or graph) and device.type != "cuda":
+        print("--profile / --graph time CUDA devices only: not applied on", device.type, flush=True)
     rows = []
     for case, fns in cases:
         if wanted is not None and not any(w in case.name for w in wanted):
