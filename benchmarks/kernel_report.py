@@ -114,7 +114,7 @@ def compile_only(capability: int = 90) -> Iterator[list[tuple[str, Any]]]:
         compiled.append((self.fn.__name__, kernel))
         return kernel
 
-    saved = (backend.triton_interpret, attention.triton_interpret)
+    saved = (backend.triton_interpret, attention.triton_interpret, backend.interpreter_problem)
     saved_driver = getattr(driver, "_active", None)
     driver.set_active(Sm90Driver())
     JITFunction.run = run
@@ -122,11 +122,12 @@ def compile_only(capability: int = 90) -> Iterator[list[tuple[str, Any]]]:
     # interpreter's dots, and nothing runs here
     backend.triton_interpret = lambda: True
     attention.triton_interpret = lambda: False
+    backend.interpreter_problem = lambda: []  # nothing is interpreted here
     try:
         yield compiled
     finally:
         JITFunction.run = original_run
-        backend.triton_interpret, attention.triton_interpret = saved
+        backend.triton_interpret, attention.triton_interpret, backend.interpreter_problem = saved
         driver._active = saved_driver  # a machine without a GPU has no default driver to reset to
         del triton
 
@@ -308,6 +309,8 @@ def main() -> None:
         wanted = args.cases.split(",")
         shapes = [s for s in shapes if s.name in wanted]
     rows = report(shapes)
+    if not rows:
+        raise SystemExit("no kernel was compiled (see the errors above)")
     spilled = [r for r in rows if r.spill_bytes]
     print(f"{len(rows)} kernel configurations, {len(spilled)} with register spills")
     if not args.no_save:
