@@ -20,7 +20,7 @@ if [ ${#stages[@]} -eq 0 ]; then
             masking:mae_vit_b16 masking:mae_vit_l16 masking:mae_vit_h14 masking:videomae_b16
             loss:mae_vit_b16 loss:mae_vit_l16,mae_vit_h14 loss:videomae
             attention:mae_vit_b16_enc,mae_vit_l16_enc attention:mae_enc_50,mae_dec_197 attention:videomae_dec_1568
-            e2e)
+            e2e:mae_vit_b16 e2e:mae_vit_l16)
 fi
 status=0
 for stage in "${stages[@]}"; do
