@@ -86,3 +86,30 @@ def test_graph_time_removes_host_overhead():
     graph_ms = harness.graph_time(fn, eager_ms)[0]
     assert graph_ms < eager_ms
     assert graph_ms < harness.host_time(fn)
+
+
+def test_gpu_session_stages_expand_to_benchmark_commands(tmp_path):
+    # a stand-in python3 prints its arguments, so the script's commands can be read without running them
+    import os
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\necho "python3 $*"\n')
+    (fake / "python3").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    stages = ["masking:mae_vit_b16,videomae", "loss", "e2e:mae_vit_l16", "tests:test_visible_attention.py"]
+    out = subprocess.run(["bash", "benchmarks/gpu_session.sh", *stages], cwd=repo, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    commands = [line for line in out.stdout.splitlines() if line.startswith("python3 ")]
+    assert commands == [
+        "python3 -m benchmarks.bench_masking --cases mae_vit_b16,videomae --graph --profile",
+        "python3 -m benchmarks.bench_loss --graph --profile",
+        "python3 -m benchmarks.bench_e2e --cases mae_vit_l16 --profile",
+        "python3 -m pytest -q -m gpu tests/test_visible_attention.py -p no:cacheprovider",
+    ]
+    bad = subprocess.run(["bash", "benchmarks/gpu_session.sh", "nonsense"], cwd=repo, env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unknown stage nonsense" in bad.stdout
