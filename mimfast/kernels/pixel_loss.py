@@ -137,20 +137,28 @@ def pixel_loss_kernel(
         std_c = tl.load(stats_ptr + C + cc, mask=cc < C, other=0.0)
     total = tl.full([], 0.0, tl.float32)
     # several rows per program: fewer partials for the final sum, and the per-program setup (the weight sum, the
-    # index tiles, the statistics) is paid once per ROWS rows
+    # index tiles, the statistics) is paid once per ROWS rows. The rows' patch indices and weights are loaded
+    # together up front, so each row waits for its pixels only, not for an index load and then a weight load.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rows_ok = rows < total_rows
+    n_all = rows // R
+    r_all = rows % R
+    if HAS_IDS:
+        l_all = tl.load(ids_ptr + n_all * s_in + r_all * s_ir, mask=rows_ok, other=0).to(tl.int32)
+    else:
+        l_all = r_all.to(tl.int32)
+    if HAS_MASK:
+        w_all = tl.load(mask_ptr + n_all * s_mn + l_all * s_ml, mask=rows_ok, other=0).to(tl.float32)
+    else:
+        w_all = tl.full([ROWS], 1.0, tl.float32)
     for k in tl.static_range(ROWS):
         row = tl.program_id(0).to(tl.int64) * ROWS + k
         if row < total_rows:
             n = row // R
             r = row % R
-            if HAS_IDS:
-                l = tl.load(ids_ptr + n * s_in + r * s_ir)
-            else:
-                l = r
-            if HAS_MASK:
-                w = tl.load(mask_ptr + n * s_mn + l * s_ml).to(tl.float32)
-            else:
-                w = 1.0
+            pick = tl.arange(0, ROWS) == k
+            l = tl.sum(tl.where(pick, l_all, 0), axis=0)
+            w = tl.sum(tl.where(pick, w_all, 0.0), axis=0)
             grad_row = grad_ptr + n * s_gn + r * s_gr
             if w != 0.0:
                 pred_row = pred_ptr + n * s_pn + r * s_pr
