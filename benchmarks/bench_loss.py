@@ -14,8 +14,8 @@ written; nothing else (statistics live in registers). ``copy`` times a device-to
 the bandwidth the loss target is stated against, measured at the case's own size.
 
 Fused head (MAE ViT-B decoder: hidden [256, 196, 512], decoder_pred 512 -> 768): loss and the gradients of hidden,
-weight and bias. Providers: ``mimfast`` (``fused_head_masked_pixel_loss``, masked rows only, default chunks),
-``mimfast/one_chunk`` (the same in one chunk: fewer launches, a higher peak),
+weight and bias. Providers: ``mimfast`` (``fused_head_masked_pixel_loss``, masked rows only, default chunks:
+one at this size), ``mimfast/two_chunks`` (the same in two chunks: more launches, a lower peak),
 ``decoder_pred+loss`` (nn.Linear over all rows, then the fused loss kernel), ``reference`` (nn.Linear + the torch
 reference loss) and ``reference+compile``. Flops count the three GEMMs on the masked rows (the useful work).
 """
@@ -160,8 +160,8 @@ def head_cases(s: HeadShape, device: torch.device, dtype: torch.dtype) -> list[t
     return [(case, {
         "mimfast": grad_step(lambda: fused_head_masked_pixel_loss(
             hidden, weight, bias, imgs, info.mask, p, ids_masked=ids, norm_pix=True, backend="triton"), leaves),
-        "mimfast/one_chunk": grad_step(lambda: fused_head_masked_pixel_loss(
-            hidden, weight, bias, imgs, info.mask, p, ids_masked=ids, norm_pix=True, chunk_size=N * R,
+        "mimfast/two_chunks": grad_step(lambda: fused_head_masked_pixel_loss(
+            hidden, weight, bias, imgs, info.mask, p, ids_masked=ids, norm_pix=True, chunk_size=-(-N // 2) * R,
             backend="triton"), leaves),
         "decoder_pred+loss": grad_step(lambda: masked_pixel_loss(
             F.linear(hidden, weight, bias), imgs, info.mask, p, norm_pix=True, backend="triton"), leaves),

@@ -92,6 +92,31 @@ def test_hidden_view_without_cls_row_and_bool_mask():
     run_case(with_cls[:, 1:], weight, bias, imgs, info.mask.bool(), 4, ids_masked=ids, chunk_size=9)
 
 
+@pytest.mark.parametrize("layout", ["cls_row_view", "sample_minor"])
+@pytest.mark.parametrize("chunk_size", [9, 10_000], ids=["chunks", "one_chunk"])
+def test_strided_hidden_is_read_in_place(layout, chunk_size):
+    # the decoder's output without its cls row is a strided view read through a row view; a layout whose samples
+    # do not stride evenly over rows is copied first. Either way: the values and gradients of the reference.
+    imgs, info, hidden, weight, bias, ids = make(3, 3, 12, 12, 4, 16)
+    N, L, D = hidden.shape
+    if layout == "cls_row_view":
+        base = torch.randn(N, 1 + L, D, requires_grad=True)
+        view = lambda b: b[:, 1:]  # noqa: E731
+    else:
+        base = torch.randn(L, N, D, requires_grad=True)
+        view = lambda b: b.transpose(0, 1)  # noqa: E731
+    assert not view(base).is_contiguous()
+    grads = []
+    for fn, kw in ((fused_head_masked_pixel_loss, {"backend": "triton", "chunk_size": chunk_size}),
+                   (fused_head_masked_pixel_loss_ref, {})):
+        b = base.detach().clone().requires_grad_()
+        w, bb = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        loss = fn(view(b), w, bb, imgs, info.mask, 4, ids_masked=ids, norm_pix=True, **kw)
+        grads.append([loss.detach()] + list(torch.autograd.grad(loss, (b, w, bb))))
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
 def test_chunking_does_not_change_the_result_and_runs_are_bit_equal():
     imgs, info, hidden, weight, bias, ids = make(4, 3, 12, 16, 4, 16)
 

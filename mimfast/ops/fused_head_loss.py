@@ -1,11 +1,12 @@
 """MAE prediction head fused with the pixel loss: decoder features -> ``decoder_pred`` linear -> masked pixel
 loss, computed chunk by chunk on the masked rows only, so the [N, L, P] prediction is never materialised.
 
-Per chunk of whole samples (as few, equal chunks as ``chunk_size`` allows; the default takes an MAE-B batch of
-256 in two): gather the masked rows of ``hidden`` once, one GEMM in the input dtype (fp32 accumulation) for their
-predictions, the fused pixel-loss kernel overwrites the predictions with d(loss)/d(pred) in place, then the weight
-gradient GEMM reads the gathered rows and the hidden gradient GEMM writes over them (or straight into the hidden
-gradient when every row is scored), and one scatter puts those rows in place. Across chunks the weight and bias
+Per chunk of whole samples (as few, equal chunks as ``chunk_size`` allows; the default takes an MAE ViT-B/L/H
+batch of 256 in one): copy the masked rows of ``hidden`` once (one row-index copy), one GEMM in the input dtype
+(fp32 accumulation) for their predictions, the fused pixel-loss kernel overwrites the predictions with
+d(loss)/d(pred) in place, then the weight gradient GEMM reads the copied rows and the hidden gradient GEMM writes
+over them (or straight into the hidden gradient when every row is scored), and one row-index copy puts those rows
+in place. Across chunks the weight and bias
 gradients accumulate in fp32 in chunk order, so the result is deterministic. Every gradient is ready at the end
 of the forward pass; the backward pass only scales them by the incoming gradient (in place, and not at all when
 it is 1).
@@ -32,9 +33,11 @@ from mimfast.ops.masked_pixel_loss import (
 
 __all__ = ["fused_head_masked_pixel_loss", "fused_head_masked_pixel_loss_ref", "masked_ids_from_restore"]
 
-# rows per chunk: 20480 splits an MAE batch of 256 x 147 masked rows in two, so the working buffers (the gathered
-# rows and the predictions, 2.5 KB per row in bf16 for D = 512, P = 768) stay under 50 MB
-DEFAULT_CHUNK_ROWS = 20480
+# Rows per chunk. Every chunk costs a dozen more launches, and on an H100 (bf16, MAE ViT-B decoder, batch 256,
+# benchmarks/results/bench_loss.md at f1d6b9a) two chunks took 2.08 ms and 242 MB, one chunk 1.51 ms and 275 MB, the
+# nn.Linear + reference loss 1.84 ms and 592 MB. 65536 keeps ViT-B/L/H batches of 256 (37632 to 49152 masked rows,
+# 2.5 KB of working buffers a row in bf16 for D = 512, P = 768) in one chunk and splits VideoMAE-B batches of 64.
+DEFAULT_CHUNK_ROWS = 65536
 
 
 def masked_ids_from_restore(ids_restore: torch.Tensor, num_kept: int) -> torch.Tensor:
@@ -47,6 +50,17 @@ def masked_ids_from_restore(ids_restore: torch.Tensor, num_kept: int) -> torch.T
     ids = ids_shuffle[:, num_kept:]
     mark_valid_index(ids, L)  # every value is in [0, L) (the scatter itself fails on an index out of range)
     return ids
+
+
+def _row_view(hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(hidden [N, L, D] as a [rows, D] tensor, rows per sample in it): row n * step + l is hidden[n, l]. A view
+    when D is contiguous and the sample stride is a multiple of the row stride; a contiguous copy otherwise."""
+    N, L, D = hidden.shape
+    s_n, s_l, s_d = hidden.stride()
+    if s_d == 1 and s_l >= D and s_n % s_l == 0 and N > 0 and L > 0:
+        step = s_n // s_l
+        return hidden.as_strided(((N - 1) * step + L, D), (s_l, 1)), step
+    return hidden.contiguous().view(N * L, D), L
 
 
 def _rows(hidden: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -118,12 +132,27 @@ def fused_head_forward(
         # rows that are not scored get a zero gradient; with every row scored the GEMMs write all of it
         alloc = torch.zeros if ids is not None else torch.empty
         grad_hidden = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    if ids is not None:
+        # flat row indices: hidden seen as [rows, D] (a view when its rows are evenly strided, as the decoder's
+        # output without its cls row is), the gradient as the contiguous [N * L, D] it is
+        src, step = _row_view(hidden)
+        sample = torch.arange(N, device=ids.device).unsqueeze(1)
+        src_rows = (ids + sample * step).reshape(-1)
+        dst_rows = src_rows if step == L else (ids + sample * L).reshape(-1)
+        if compute_grad:
+            grad_flat = grad_hidden.view(N * L, D)
+    whole = len(bounds) == 1  # one chunk takes the tensors as they are: no slicing ops
+
+    def part(t: Optional[torch.Tensor], lo: int, hi: int) -> Optional[torch.Tensor]:
+        return t if t is None or whole else t[lo:hi]
+
     for k, (n0, n1) in enumerate(bounds):
-        chunk_ids = None if ids is None else ids[n0:n1]
-        h = _rows(hidden[n0:n1], chunk_ids).reshape(-1, D)
+        r0, r1 = n0 * R, n1 * R
+        chunk_ids = part(ids, n0, n1)
+        h = part(hidden, n0, n1).reshape(-1, D) if ids is None else src.index_select(0, part(src_rows, r0, r1))
         buf = F.linear(h, weight, bias).view(n1 - n0, R, P)
-        launch_pixel_loss(buf, imgs[n0:n1], chunk_ids, None if mask is None else mask[n0:n1], wparts, N * R,
-                          partials[offsets[k]:offsets[k + 1]], buf if compute_grad else None, patch_size,
+        launch_pixel_loss(buf, part(imgs, n0, n1), chunk_ids, part(mask, n0, n1), wparts, N * R,
+                          part(partials, offsets[k], offsets[k + 1]), buf if compute_grad else None, patch_size,
                           tubelet_size, norm, l1, eps)
         if not compute_grad:
             continue
@@ -139,11 +168,12 @@ def fused_head_forward(
             if bias is not None:
                 grad_b.add_(part_b)
         if chunk_ids is None:
-            torch.mm(grad_pred, weight, out=grad_hidden[n0:n1].view(-1, D))
+            torch.mm(grad_pred, weight, out=part(grad_hidden, n0, n1).view(-1, D))
         else:
-            # the gathered rows are not needed any more: their buffer takes the rows' gradient
+            # the copied rows are not needed any more: their buffer takes the rows' gradient (ids are distinct per
+            # sample, so every gradient row is written once)
             torch.mm(grad_pred, weight, out=h)
-            grad_hidden[n0:n1].scatter_(1, chunk_ids[..., None].expand(-1, -1, D), h.view(n1 - n0, R, D))
+            grad_flat.index_copy_(0, part(dst_rows, r0, r1), h)
     loss = launch_loss_finalize(partials, wparts, N * R, P, torch.promote_types(hidden.dtype, imgs.dtype))
     if not compute_grad:
         return loss, None, None, None
