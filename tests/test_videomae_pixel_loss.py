@@ -81,15 +81,28 @@ def test_random_non_tube_mask_constant_cubes_and_all_masked():
     run_case(torch.randn(N, L, 96), videos, torch.ones(N, L, dtype=torch.bool), p, pt)
 
 
-def test_unequal_counts_give_nan_on_triton_and_raise_on_reference():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unequal_counts_raise_on_cpu(backend):
     videos = torch.randn(2, 3, 2, 8, 8)
     mask = torch.zeros(2, 4, dtype=torch.bool)
     mask[0, :2] = True
     mask[1, :3] = True
     pred = torch.randn(2, 2, 96)
+    with pytest.raises(ValueError, match=r"as many tokens as pred has rows \(2\); the mask masks \[2, 3\]"):
+        videomae_pixel_loss(pred, videos, mask, 4, 2, backend=backend)
+    mask[1, 2] = False  # equal counts, but not pred's rows
+    with pytest.raises(ValueError, match=r"masks \[2, 2\]"):
+        videomae_pixel_loss(pred[:, :1], videos, mask, 4, 2, backend=backend)
+
+
+@pytest.mark.gpu
+def test_unequal_counts_give_nan_on_the_device_without_a_sync():
+    videos = torch.randn(2, 3, 2, 8, 8, device="cuda")
+    mask = torch.zeros(2, 4, dtype=torch.bool, device="cuda")
+    mask[0, :2] = True
+    mask[1, :3] = True
+    pred = torch.randn(2, 2, 96, device="cuda")
     assert torch.isnan(videomae_pixel_loss(pred, videos, mask, 4, 2, backend="triton"))
-    with pytest.raises(RuntimeError):
-        videomae_pixel_loss(pred, videos, mask, 4, 2, backend="torch")
 
 
 def test_reference_against_explicit_formula():

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mimfast.backend import get_op
 from mimfast.ops.masked_pixel_loss import NORM_CHANNEL, NORM_NONE, pixel_loss, pixel_loss_triton_reasons
 from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
+from mimfast.ops.random_masking import host_checks
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "videomae_pixel_loss", "videomae_pixel_loss_ref"]
 
@@ -44,6 +45,12 @@ def _check_args(pred: torch.Tensor, videos: torch.Tensor, mask: torch.Tensor, pa
                          f"[{N}, L_masked <= {L}, {P}]")
     if len(mean) != C or len(std) != C:
         raise ValueError(f"mean and std need {C} values each, got {len(mean)} and {len(std)}")
+    if host_checks(mask):
+        # the count rule needs the mask's values: checked where reading them costs no device synchronisation
+        counts = mask.sum(1)
+        if bool((counts != pred.shape[1]).any()):
+            raise ValueError(f"every sample must mask as many tokens as pred has rows ({pred.shape[1]}); the mask "
+                             f"masks {counts.tolist()}")
 
 
 def videomae_pixel_loss_ref(
@@ -134,8 +141,9 @@ def videomae_pixel_loss(
 
     pred: [N, L_masked, P] predictions of the masked tokens in token order (t, h, w), P = p_t*p*p*C.
     videos: [N, C, T, H, W] normalised with ``mean``/``std`` (per channel). mask: [N, L] bool, True = masked,
-    the same count L_masked in every sample (the reference raises otherwise; the triton backend, to stay free of
-    host synchronisations, returns NaN).
+    the same count L_masked in every sample, equal to pred's rows: a CPU mask that breaks the rule raises a
+    ValueError; on a device the reference fails in its reshape, and the triton backend, to stay free of host
+    synchronisations, returns NaN.
 
     The videos are un-normalised (x * std + mean), cut into cubes with values (t, row, col, channel); with
     ``norm_target`` each cube is normalised per channel over its p_t*p*p values, (x - mean) / (std_unbiased +
