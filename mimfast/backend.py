@@ -238,6 +238,20 @@ class Op:
         return self.select(backend, *args, **kwargs).backend
 
 
+def eager_autograd(name: str, forward: Callable[..., Any], setup: Callable[[Any, tuple, Any], None],
+                   backward: Callable[..., Any]) -> type[torch.autograd.Function]:
+    """An autograd.Function running an op's launchers directly, for eager calls: the same ``forward``,
+    ``setup(ctx, inputs, output)`` and ``backward(ctx, *grads)`` a custom op registers for torch.compile, without
+    the custom op's per-call dispatch, which at these sizes costs more host time than the kernels take."""
+
+    def fwd(ctx: Any, *inputs: Any) -> Any:
+        output = forward(*inputs)
+        setup(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+
+
 _REGISTRY: dict[str, Op] = {}
 
 

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from mimfast.backend import get_op
+from mimfast.backend import eager_autograd, get_op
 from mimfast.ops.gather_patches import check_index
 from mimfast.ops.patchify import check_images, grid_size, patch_dim
 
@@ -266,22 +266,8 @@ _embed_visible_op.register_autograd(
     lambda ctx, grad: _input_grads(ctx, grad, torch.ops.mimfast.embed_visible_backward), setup_context=_setup)
 
 
-class _EmbedVisible(torch.autograd.Function):
-    """The same launchers as the custom ops, for eager calls: an autograd.Function costs a fraction of the
-    custom op's per-call dispatch."""
-
-    @staticmethod
-    def forward(ctx, imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                pos_embed: Optional[torch.Tensor], patch_size: int, tubelet_size: int,
-                compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
-        inputs = (imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size, compute_dtype)
-        out = _forward(*inputs)
-        _setup(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _input_grads(ctx, grad, _backward_grads)
+_EmbedVisible = eager_autograd("_EmbedVisible", _forward, _setup,
+                               lambda ctx, grad: _input_grads(ctx, grad, _backward_grads))
 
 
 def _triton_reasons(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mimfast.backend import get_op
+from mimfast.backend import eager_autograd, get_op
 from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
 
 __all__ = ["gather_patches", "gather_patches_ref", "check_index", "mark_valid_index"]
@@ -170,20 +170,8 @@ _gather_patches_op.register_autograd(lambda ctx, grad: _backward(ctx, grad, torc
                                      setup_context=_setup)
 
 
-class _GatherPatches(torch.autograd.Function):
-    """The eager path: the same launchers as the custom ops without their dispatch, which costs more host time per
-    call than the kernel takes at MAE sizes."""
-
-    @staticmethod
-    def forward(ctx, imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
-        inputs = (imgs, ids_keep, patch_size, tubelet_size)
-        out = _forward(*inputs)
-        _setup(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _backward(ctx, grad, _backward_grad)
+_GatherPatches = eager_autograd("_GatherPatches", _forward, _setup,
+                                lambda ctx, grad: _backward(ctx, grad, _backward_grad))
 
 
 def _triton_reasons(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mimfast.backend import get_op
+from mimfast.backend import eager_autograd, get_op
 from mimfast.ops.gather_patches import check_index
 
 __all__ = ["restore_tokens", "restore_tokens_ref"]
@@ -203,21 +203,8 @@ _restore_tokens_op.register_autograd(
     lambda ctx, grad: _input_grads(ctx, grad, torch.ops.mimfast.restore_tokens_backward), setup_context=_setup)
 
 
-class _RestoreTokens(torch.autograd.Function):
-    """The same launchers as the custom ops, for eager calls: an autograd.Function costs a fraction of the
-    custom op's per-call dispatch, which at these sizes is as long as the kernels themselves."""
-
-    @staticmethod
-    def forward(ctx, x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                pos_embed: Optional[torch.Tensor], has_cls: bool) -> torch.Tensor:
-        inputs = (x_vis, ids_restore, mask_token, pos_embed, has_cls)
-        out = _forward(*inputs)
-        _setup(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _input_grads(ctx, grad, _backward_grads)
+_RestoreTokens = eager_autograd("_RestoreTokens", _forward, _setup,
+                                lambda ctx, grad: _input_grads(ctx, grad, _backward_grads))
 
 
 def _triton_reasons(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
