@@ -159,7 +159,7 @@ def bench_shape(s: E2EShape, batch: int, device: torch.device, amp_dtype: Option
             row.extra.update({"img_per_s": img_s, "mfu_pct": 100 * img_s * per_image / BF16_MATMUL_FLOPS_PER_S})
             if resident is not None and row.peak_mem_mb is not None:
                 row.extra["total_peak_mb"] = resident + row.peak_mem_mb
-            print(f"{'':<34} {provider:<20} {img_s:9.1f} img/s  MFU {row.extra['mfu_pct']:5.1f}%"
+            print(f"{'':<34} {provider:<22} {img_s:9.1f} img/s  MFU {row.extra['mfu_pct']:5.1f}%"
                   + (f"  total peak {row.extra['total_peak_mb']:8.1f} MB" if "total_peak_mb" in row.extra else ""),
                   flush=True)
         rows.append(row)

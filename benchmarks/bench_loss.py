@@ -6,8 +6,9 @@
 Pixel losses (MAE ViT-B/16, ViT-L/16 with P = 768, ViT-H/14 with P = 588, batch 256 at 224 px, mask ratio 0.75,
 norm_pix on; VideoMAE-B: batch 64, 16 x 224 x 224, tubelet 2, tube mask ratio 0.9, 1568 tokens, P = 1536,
 norm_target on): the loss and the gradient for pred from fp32 images. Providers: ``mimfast`` (the fused kernel),
-``reference`` (the torch reference the tests use), ``reference+compile`` (``torch.compile`` of it). MAE runs with
-pred holding all L rows (``full``) and with only the masked rows (``masked_rows``, ``ids_masked``).
+``mimfast/rows_together`` (the same kernel with each row's loads issued with its own math instead of one row
+ahead), ``reference`` (the torch reference the tests use), ``reference+compile`` (``torch.compile`` of it). MAE
+runs with pred holding all L rows (``full``) and with only the masked rows (``masked_rows``, ``ids_masked``).
 
 Bytes that must move (PERF_NOTES.md): pred read, the masked patches of the images read, the pred gradient
 written; nothing else (statistics live in registers). ``copy`` times a device-to-device copy of as many bytes:
@@ -85,6 +86,21 @@ def grad_step(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Cal
     return lambda: torch.autograd.grad(fn(), leaves)
 
 
+def rows_together(step: Callable[[], Any]) -> Callable[[], Any]:
+    """``step`` with the loss kernel issuing each row's loads with that row's math (kernels.pixel_loss.PREFETCH_ROWS
+    off while it runs, so also while a CUDA graph captures it)."""
+    from mimfast.kernels import pixel_loss
+
+    def call() -> Any:
+        pixel_loss.PREFETCH_ROWS = False
+        try:
+            return step()
+        finally:
+            pixel_loss.PREFETCH_ROWS = True
+
+    return call
+
+
 def mae_cases(s: MAEShape, device: torch.device, dtype: torch.dtype) -> list[tuple[Case, dict[str, Callable]]]:
     N, p = s.batch, s.patch
     L, P = (s.img // p) ** 2, p * p * 3
@@ -97,6 +113,8 @@ def mae_cases(s: MAEShape, device: torch.device, dtype: torch.dtype) -> list[tup
     def providers(pred: torch.Tensor, kw: dict[str, Any]) -> dict[str, Callable]:
         return {
             "mimfast": grad_step(lambda: masked_pixel_loss(pred, imgs, info.mask, p, backend="triton", **kw), [pred]),
+            "mimfast/rows_together": rows_together(grad_step(
+                lambda: masked_pixel_loss(pred, imgs, info.mask, p, backend="triton", **kw), [pred])),
             "reference": grad_step(lambda: masked_pixel_loss_ref(pred, imgs, info.mask, p, **kw), [pred]),
             "reference+compile": grad_step(lambda: compiled(pred, imgs, info.mask, p, **kw), [pred]),
             COPY_PROVIDER: copy_provider(moved_bytes(pred), device),
@@ -131,6 +149,8 @@ def video_cases(s: VideoShape, device: torch.device, dtype: torch.dtype) -> list
     case = Case(f"{s.name}/L{L}/P{P}/fwd+bwd", bytes=moved, meta={"N": N, "L": L, "rows": R, "P": P})
     return [(case, {
         "mimfast": grad_step(lambda: videomae_pixel_loss(pred, videos, mask, p, pt, backend="triton"), [pred]),
+        "mimfast/rows_together": rows_together(grad_step(
+            lambda: videomae_pixel_loss(pred, videos, mask, p, pt, backend="triton"), [pred])),
         "reference": grad_step(lambda: videomae_pixel_loss_ref(pred, videos, mask, p, pt), [pred]),
         "reference+compile": grad_step(lambda: compiled(pred, videos, mask, p, pt), [pred]),
         COPY_PROVIDER: copy_provider(moved, device),

@@ -269,15 +269,15 @@ def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.de
             rows.append(row)
             print(format_row(row), flush=True)
             if row.extra and (profile or graph):
-                print(f"{'':<34} {name:<20} {format_extra(row.extra)}", flush=True)
+                print(f"{'':<34} {name:<22} {format_extra(row.extra)}", flush=True)
             for kernel, ms, n in row.kernels:
-                print(f"{'':<34} {name:<20}   {ms:8.4f} ms  x{n:<4g} {kernel[:110]}", flush=True)
+                print(f"{'':<34} {name:<22}   {ms:8.4f} ms  x{n:<4g} {kernel[:110]}", flush=True)
     return rows
 
 
 def format_row(r: Row) -> str:
     if r.error:
-        return f"{r.case:<34} {r.provider:<20} error: {r.error}"
+        return f"{r.case:<34} {r.provider:<22} error: {r.error}"
     extra = []
     if r.gb_per_s is not None:
         extra.append(f"{r.gb_per_s:8.1f} GB/s ({100 * r.frac_copy_bw:5.1f}% copy bw)")
@@ -285,7 +285,7 @@ def format_row(r: Row) -> str:
         extra.append(f"{r.tflop_per_s:7.1f} TFLOP/s ({100 * r.frac_matmul_peak:5.1f}% peak)")
     if r.peak_mem_mb is not None:
         extra.append(f"peak {r.peak_mem_mb:8.1f} MB")
-    return f"{r.case:<34} {r.provider:<20} {r.ms_median:9.4f} ms [{r.ms_p20:.4f}, {r.ms_p80:.4f}]  " + "  ".join(extra)
+    return f"{r.case:<34} {r.provider:<22} {r.ms_median:9.4f} ms [{r.ms_p20:.4f}, {r.ms_p80:.4f}]  " + "  ".join(extra)
 
 
 def format_extra(extra: dict[str, float]) -> str:

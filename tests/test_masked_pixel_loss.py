@@ -183,6 +183,49 @@ def test_poisoned_buffers_fully_overwritten(in_place):
     assert torch.equal(launch_loss_finalize(partials, wparts, N * L, P, torch.float32), loss.detach())
 
 
+@pytest.mark.parametrize("case", ["mae_full", "mae_masked_rows_l1", "video"])
+def test_row_load_orders_agree_bitwise(case, monkeypatch):
+    """Loads issued one row ahead (the default) or with each row's math: the same arithmetic, so the same bits.
+    Rows of weight 0 hold NaN (never read), and the row count is not a multiple of the rows per program."""
+    from mimfast.kernels import pixel_loss as kernels
+    from mimfast.ops import IMAGENET_MEAN, IMAGENET_STD, videomae_pixel_loss
+
+    torch.manual_seed(0)
+    if case == "video":
+        videos = torch.randn(3, 2, 4, 8, 8)
+        mask = torch.zeros(3, 8, dtype=torch.bool)
+        mask[:, torch.tensor([0, 3, 5])] = True  # 3 masked cubes per sample: 9 rows
+        pred = torch.randn(3, 3, 2 * 4 * 4 * 2)
+
+        def run():
+            x = pred.clone().requires_grad_()
+            loss = videomae_pixel_loss(x, videos, mask, 4, 2, mean=IMAGENET_MEAN[:2], std=IMAGENET_STD[:2],
+                                       backend="triton")
+            loss.backward()
+            return loss.detach(), x.grad
+    else:
+        pred, imgs, info = mae_inputs(3, 3, 12, 12, 4)  # 27 rows
+        kw = {"norm_pix": True}
+        if case == "mae_masked_rows_l1":
+            ids = torch.argsort(torch.rand(3, 9), dim=1)[:, :5]  # 15 rows
+            pred, kw = pred[:, :5].contiguous(), {"ids_masked": ids, "kind": "l1"}
+        else:
+            pred[info.mask == 0] = float("nan")
+
+        def run():
+            x = pred.clone().requires_grad_()
+            loss = masked_pixel_loss(x, imgs, info.mask, 4, backend="triton", **kw)
+            loss.backward()
+            return loss.detach(), x.grad
+
+    assert kernels.PREFETCH_ROWS
+    ahead = run()
+    monkeypatch.setattr(kernels, "PREFETCH_ROWS", False)
+    together = run()
+    assert torch.isfinite(ahead[0]) and torch.isfinite(ahead[1]).all()
+    assert torch.equal(ahead[0], together[0]) and torch.equal(ahead[1], together[1])
+
+
 def saved_for_backward(fn):
     """Run ``fn`` and return (shape, dtype) of every tensor autograd saves for its backward."""
     saved = []
@@ -353,7 +396,7 @@ else:
     const.update({"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_S": 512 if video else 256,
                   "BLOCK_C": 4, "ROWS": K.ROWS_PER_PROGRAM, "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
                   "L1": which == "mae_l1", "UNNORM": video, "HAS_IDS": which != "mae_full", "HAS_MASK": not video,
-                  "COMPUTE_GRAD": True})
+                  "COMPUTE_GRAD": True, "PREFETCH": K.PREFETCH_ROWS})
     fn, warps = K.pixel_loss_kernel, 8 if video else 4
 for k in const:
     sig[k] = "constexpr"

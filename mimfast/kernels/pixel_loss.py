@@ -39,16 +39,17 @@ def _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexpr, PS:
 
 
 @triton.jit
-def _image_tile(img_ptr, n, l, GH, GW, s_n, s_c, s_t, s_h, s_w,
+def _image_tile(img_ptr, n, l, ok, GH, GW, s_n, s_c, s_t, s_h, s_w,
                 C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The patch ``l`` of image ``n`` as fp32 [BLOCK_S, BLOCK_C] (zeros outside the patch)."""
+    """The patch ``l`` of image ``n`` as fp32 [BLOCK_S, BLOCK_C] (zeros outside the patch, and everywhere when
+    ``ok`` is false: then nothing is read)."""
     s = tl.arange(0, BLOCK_S)
     c = tl.arange(0, BLOCK_C)
     # offsets inside a patch fit in int32 (the launchers check): 32-bit per-element arithmetic and registers,
     # the int64 part is the patch's base pointer only
     inner = (s // (PS * PS)) * s_t + ((s // PS) % PS) * s_h + (s % PS) * s_w
     off = c[:, None] * s_c + inner[None, :]
-    valid = (c < C)[:, None] & (s < PT * PS * PS)[None, :]
+    valid = tl.where(ok, (c < C)[:, None] & (s < PT * PS * PS)[None, :], False)
     base = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
     x = tl.load(base + off, mask=valid, other=0.0).to(tl.float32)
     return tl.trans(x)
@@ -103,6 +104,34 @@ def weight_sum_kernel(
 
 
 @triton.jit
+def _row_loads(pred_ptr, img_ptr, row, l, w, total_rows, R, GH, GW, s_pn, s_pr, s_pe, s_n, s_c, s_t, s_h, s_w,
+               C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+               NORM: tl.constexpr):
+    """Every load of one row, issued together: the prediction tile (storage dtype), the image patch (fp32) and,
+    with NORM, the patch's first value of each channel. A row past the end or of weight 0 reads nothing (zeros)."""
+    ok = (row < total_rows) & (w != 0.0)
+    n = row // R
+    r = row % R
+    s = tl.arange(0, BLOCK_S)[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    valid = (s < PT * PS * PS) & (c < C)
+    pred = tl.load(pred_ptr + n * s_pn + r * s_pr + (s * C + c) * s_pe, mask=tl.where(ok, valid, False), other=0.0)
+    x = _image_tile(img_ptr, n, l, ok, GH, GW, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C)
+    cc = tl.arange(0, BLOCK_C)
+    x0 = tl.zeros([BLOCK_C], tl.float32)
+    if NORM != 0:
+        first = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
+        x0 = tl.load(first + cc * s_c, mask=tl.where(ok, cc < C, False), other=0.0).to(tl.float32)
+    return pred, x, x0
+
+
+@triton.jit
+def _pick(values, k, ROWS: tl.constexpr):
+    """values[k] of a [ROWS] tensor, as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, ROWS) == k, values, 0), axis=0)
+
+
+@triton.jit
 def pixel_loss_kernel(
     pred_ptr,  # [N, R, P] predicted rows, any strides
     grad_ptr,  # [N, R, P] gradient of the loss for pred, last dim contiguous (may alias pred_ptr)
@@ -123,7 +152,7 @@ def pixel_loss_kernel(
     C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
     NORM: tl.constexpr, L1: tl.constexpr, UNNORM: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     S: tl.constexpr = PT * PS * PS
     inv_denom = _inv_denom(wpart_ptr, num_wparts, row_count, S * C, HAS_MASK, BLOCK_G)
@@ -138,8 +167,11 @@ def pixel_loss_kernel(
     total = tl.full([], 0.0, tl.float32)
     # several rows per program: fewer partials for the final sum, and the per-program setup (the weight sum, the
     # index tiles, the statistics) is paid once per ROWS rows. The rows' patch indices and weights are loaded
-    # together up front, so each row waits for its pixels only, not for an index load and then a weight load.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    # together up front; with PREFETCH every load of row k + 1 is issued before row k's reductions, so the
+    # memory system always has a row in flight while the last one is reduced (the reductions' barriers keep the
+    # compiler from moving loads across them itself).
+    first_row = tl.program_id(0).to(tl.int64) * ROWS
+    rows = first_row + tl.arange(0, ROWS)
     rows_ok = rows < total_rows
     n_all = rows // R
     r_all = rows % R
@@ -150,47 +182,47 @@ def pixel_loss_kernel(
     if HAS_MASK:
         w_all = tl.load(mask_ptr + n_all * s_mn + l_all * s_ml, mask=rows_ok, other=0).to(tl.float32)
     else:
-        w_all = tl.full([ROWS], 1.0, tl.float32)
+        w_all = tl.where(rows_ok, 1.0, 0.0)
+    if PREFETCH:
+        nxt = _row_loads(pred_ptr, img_ptr, first_row, _pick(l_all, 0, ROWS), _pick(w_all, 0, ROWS), total_rows,
+                         R, GH, GW, s_pn, s_pr, s_pe, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C, NORM)
     for k in tl.static_range(ROWS):
-        row = tl.program_id(0).to(tl.int64) * ROWS + k
-        if row < total_rows:
-            n = row // R
-            r = row % R
-            pick = tl.arange(0, ROWS) == k
-            l = tl.sum(tl.where(pick, l_all, 0), axis=0)
-            w = tl.sum(tl.where(pick, w_all, 0.0), axis=0)
-            grad_row = grad_ptr + n * s_gn + r * s_gr
-            if w != 0.0:
-                pred_row = pred_ptr + n * s_pn + r * s_pr
-                pred = tl.load(pred_row + e * s_pe, mask=valid, other=0.0).to(tl.float32)
-                x = _image_tile(img_ptr, n, l, GH, GW, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C)
-                if NORM != 0:
-                    # statistics of x - (first value of the patch, or of each channel): a constant patch gives
-                    # exactly 0 deviation instead of rounding noise that 1 / (std + eps) would amplify up to
-                    # 1e6-fold, and large offsets lose no precision; a scalar load, not a reduction
-                    first = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
-                    x0 = tl.load(first + cc * s_c, mask=cc < C, other=0.0).to(tl.float32)
-                if UNNORM:
-                    x = tl.where(valid, x * std_c[None, :] + mean_c[None, :], 0.0)
-                    if NORM != 0:
-                        x0 = x0 * std_c + mean_c
-                if NORM == 1:
-                    x0 = tl.sum(tl.where(cc == 0, x0, 0.0), axis=0)
-                    x = tl.where(valid, x - x0, 0.0)
-                    d = tl.where(valid, x - tl.sum(tl.sum(x, axis=1), axis=0) / (S * C), 0.0)
-                    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / (S * C - 1)
-                    x = d / tl.sqrt(var + eps)
-                elif NORM == 2:
-                    x = tl.where(valid, x - x0[None, :], 0.0)
-                    d = tl.where(valid, x - (tl.sum(x, axis=0) / S)[None, :], 0.0)
-                    std = tl.sqrt(tl.sum(d * d, axis=0) / (S - 1))
-                    x = d / (std[None, :] + eps)
-                err, g = _error_and_grad(pred, x, valid, w, inv_denom, L1)
-                total += err
-                if COMPUTE_GRAD:
-                    tl.store(grad_row + e, g.to(grad_ptr.dtype.element_ty), mask=valid)
-            elif COMPUTE_GRAD:
-                tl.store(grad_row + e, tl.zeros([BLOCK_S, BLOCK_C], grad_ptr.dtype.element_ty), mask=valid)
+        row = first_row + k
+        w = _pick(w_all, k, ROWS)
+        if PREFETCH:
+            pred, x, x0 = nxt
+            if k + 1 < ROWS:
+                nxt = _row_loads(pred_ptr, img_ptr, row + 1, _pick(l_all, k + 1, ROWS), _pick(w_all, k + 1, ROWS),
+                                 total_rows, R, GH, GW, s_pn, s_pr, s_pe, s_n, s_c, s_t, s_h, s_w, C, PT, PS,
+                                 BLOCK_S, BLOCK_C, NORM)
+        else:
+            pred, x, x0 = _row_loads(pred_ptr, img_ptr, row, _pick(l_all, k, ROWS), w, total_rows, R, GH, GW, s_pn,
+                                     s_pr, s_pe, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C, NORM)
+        pred = pred.to(tl.float32)
+        if UNNORM:
+            x = tl.where(valid, x * std_c[None, :] + mean_c[None, :], 0.0)
+            x0 = x0 * std_c + mean_c
+        # statistics of x - (first value of the patch, or of each channel): a constant patch gives exactly 0
+        # deviation instead of rounding noise that 1 / (std + eps) would amplify up to 1e6-fold, and large
+        # offsets lose no precision; a scalar load, not a reduction
+        if NORM == 1:
+            x = tl.where(valid, x - tl.sum(tl.where(cc == 0, x0, 0.0), axis=0), 0.0)
+            d = tl.where(valid, x - tl.sum(tl.sum(x, axis=1), axis=0) / (S * C), 0.0)
+            var = tl.sum(tl.sum(d * d, axis=1), axis=0) / (S * C - 1)
+            x = d / tl.sqrt(var + eps)
+        elif NORM == 2:
+            x = tl.where(valid, x - x0[None, :], 0.0)
+            d = tl.where(valid, x - (tl.sum(x, axis=0) / S)[None, :], 0.0)
+            std = tl.sqrt(tl.sum(d * d, axis=0) / (S - 1))
+            x = d / (std[None, :] + eps)
+        err, g = _error_and_grad(pred, x, valid, w, inv_denom, L1)
+        # a row of weight 0 read nothing; its error is 0 and its gradient is written as exact zeros
+        scored = w != 0.0
+        total += tl.where(scored, err, 0.0)
+        if COMPUTE_GRAD:
+            g = tl.where(scored, g, 0.0)
+            tl.store(grad_ptr + (row // R) * s_gn + (row % R) * s_gr + e, g.to(grad_ptr.dtype.element_ty),
+                     mask=tl.where(row < total_rows, valid, False))
     tl.store(partial_ptr + tl.program_id(0), total)
 
 
@@ -281,8 +313,8 @@ def simmim_loss_kernel(
     c = tl.arange(0, BLOCK_C)[None, :]
     valid = (s < PS * PS) & (c < C)
     if w != 0.0:
-        pred = _image_tile(pred_ptr, n, l, GH, GW, s_pn, s_pc, 0, s_ph, s_pw, C, 1, PS, BLOCK_S, BLOCK_C)
-        x = _image_tile(img_ptr, n, l, GH, GW, s_n, s_c, 0, s_h, s_w, C, 1, PS, BLOCK_S, BLOCK_C)
+        pred = _image_tile(pred_ptr, n, l, True, GH, GW, s_pn, s_pc, 0, s_ph, s_pw, C, 1, PS, BLOCK_S, BLOCK_C)
+        x = _image_tile(img_ptr, n, l, True, GH, GW, s_n, s_c, 0, s_h, s_w, C, 1, PS, BLOCK_S, BLOCK_C)
         total, g = _error_and_grad(pred, x, valid, w, tl.load(inv_denom_ptr), True)
         tl.store(partial_ptr + row, total)
     else:
@@ -315,6 +347,9 @@ def _in_patch_span(imgs: torch.Tensor, tubelet_size: int, patch_size: int) -> in
 
 # rows of the loss kernel per program; weight partials (at most MAX_WPARTS, read by every loss program)
 ROWS_PER_PROGRAM = 4
+# issue each row's loads one row ahead (see pixel_loss_kernel); False keeps loads and math of a row together
+# (benchmarks time both orders)
+PREFETCH_ROWS = True
 MAX_WPARTS = 64
 _WEIGHT_BLOCK = 1024
 _FINAL_BLOCK = 2048
@@ -390,7 +425,7 @@ def launch_pixel_loss(
         eps,
         C=C, PT=PT, PS=PS, BLOCK_S=block_s, BLOCK_C=block_c, ROWS=ROWS_PER_PROGRAM, BLOCK_G=MAX_WPARTS,
         NORM=norm, L1=l1, UNNORM=stats is not None,
-        HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None,
+        HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, PREFETCH=PREFETCH_ROWS,
         num_warps=warps,
     )
 
