@@ -14,6 +14,18 @@ memory (1 KB of it reserved per block).
 
 Spills and occupancy are what can be checked without a GPU; they are not timings. Run it with the Triton version
 the GPU machine uses, since register allocation changes between versions.
+
+    python -m benchmarks.kernel_report --host         # host work per op call, written to results/host_report.*
+
+``--host`` times the host side of every op call instead: the same calls with each shape's token counts (patch grid,
+kept patches, sequence lengths: the code paths of the real shapes) on batch 2, 2 x 2 patches and 64-wide tokens
+(one 64-dim head), so the CPU tensors hold no arithmetic worth counting, and each Triton launch stopping after
+the kernel lookup (everything a real launch does on the host except the driver's launch
+call, a few microseconds each). Reported per call: host microseconds (best of 7 means over 20 calls), Triton
+launches and ATen ops, forward and backward together (packed attention checks CPU cu_seqlens on the host at every
+call; a device cu_seqlens is checked on the device once per tensor). In an eager benchmark a call whose host time
+exceeds its device time is timed at its host time; inside a training step the host runs ahead of the GPU and it
+does not count.
 """
 
 from __future__ import annotations
@@ -24,15 +36,18 @@ os.environ["TRITON_INTERPRET"] = "0"  # the kernel modules must be real JIT func
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
-from typing import Any, Callable, Iterator  # noqa: E402
+from typing import Any, Callable, Iterator, Optional  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from benchmarks.bench_masking import FULL, QUICK, Shape  # noqa: E402
 from benchmarks.harness import RESULTS_DIR, environment  # noqa: E402
@@ -142,8 +157,11 @@ def shuffles(N: int, L: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return ids_shuffle[:, :K].contiguous(), ids_restore, torch.gather(mask, 1, ids_restore)
 
 
-def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
-    """(label, call) for every op of the fused MAE / VideoMAE step at shape ``s``, forward and backward."""
+def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, Callable[[], Any]]]:
+    """(label, call) for every op of the fused MAE / VideoMAE step at shape ``s``, forward and backward. Inputs are
+    built once, outside the calls, and the backward passes return their gradients (``torch.autograd.grad``), so a
+    call is the op's own work only. ``head_dtype``: the fused head's inputs (its GEMMs are torch's, and so run on
+    CPU tensors even in compile-only mode, where bf16 ones take milliseconds)."""
     from mimfast.ops import (
         embed_visible,
         fused_head_masked_pixel_loss,
@@ -161,6 +179,7 @@ def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
     bf16 = torch.bfloat16
     video = bool(s.frames)
     imgs = torch.randn(s.image_shape())
+    imgs_bf16 = imgs.to(bf16)
     tub = s.tubelet
     ids_keep, ids_restore, mask = shuffles(N, L, K)
     kernel = (s.tubelet, s.patch, s.patch) if video else (s.patch, s.patch)
@@ -168,63 +187,59 @@ def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
     bias = torch.zeros(enc, requires_grad=True)
     pos = torch.randn(1, 1 + L, enc)
 
-    def embed() -> None:
+    def step(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], Any]:
+        grad_out: list[Optional[torch.Tensor]] = []
+
+        def call() -> Any:
+            out = forward()
+            if not grad_out:
+                grad_out.append(None if out.dim() == 0 else torch.ones_like(out))
+            return torch.autograd.grad(out, leaves, grad_out[0])
+
+        return call
+
+    def embed() -> torch.Tensor:
         with torch.autocast("cpu", dtype=bf16):
-            x = embed_visible(imgs, ids_keep, weight, bias, pos, s.patch, tub, backend="triton")
-        x.backward(torch.ones_like(x))
+            return embed_visible(imgs, ids_keep, weight, bias, pos, s.patch, tub, backend="triton")
 
     x_vis = torch.randn(N, 1 + K, dec, dtype=bf16, requires_grad=True)
     mask_token = torch.zeros(1, 1, dec, requires_grad=True)
     dec_pos = torch.randn(1, 1 + L, dec)
+    learned_pos = dec_pos.clone().requires_grad_()
 
-    def restore() -> None:
-        out = restore_tokens(x_vis, ids_restore, mask_token, dec_pos, backend="triton")
-        out.backward(torch.ones_like(out))
+    if video:
+        pred = torch.randn(N, L - K, P, dtype=bf16, requires_grad=True)
+        bool_mask = torch.zeros(N, L, dtype=torch.bool)
+        bool_mask[:, : L - K] = True
 
-    def restore_pos_grad() -> None:
-        learned = dec_pos.clone().requires_grad_()
-        out = restore_tokens(x_vis, ids_restore, mask_token, learned, backend="triton")
-        out.backward(torch.ones_like(out))
+        def loss() -> torch.Tensor:
+            return videomae_pixel_loss(pred, imgs, bool_mask, s.patch, tub, backend="triton")
+    else:
+        pred = torch.randn(N, L, P, dtype=bf16, requires_grad=True)
 
-    def loss() -> None:
-        if video:
-            pred = torch.randn(N, L - K, P, dtype=bf16, requires_grad=True)
-            bool_mask = torch.zeros(N, L, dtype=torch.bool)
-            bool_mask[:, : L - K] = True
-            value = videomae_pixel_loss(pred, imgs, bool_mask, s.patch, tub, backend="triton")
-        else:
-            pred = torch.randn(N, L, P, dtype=bf16, requires_grad=True)
-            value = masked_pixel_loss(pred, imgs, mask, s.patch, norm_pix=True, backend="triton")
-        value.backward()
+        def loss() -> torch.Tensor:
+            return masked_pixel_loss(pred, imgs, mask, s.patch, norm_pix=True, backend="triton")
 
-    def head() -> None:
-        hidden = torch.randn(N, L, dec, dtype=bf16, requires_grad=True)
-        w = torch.randn(P, dec, dtype=bf16, requires_grad=True)
-        b = torch.zeros(P, dtype=bf16, requires_grad=True)
-        value = fused_head_masked_pixel_loss(hidden, w, b, imgs, mask, s.patch, norm_pix=True, tubelet_size=tub,
-                                             backend="triton")
-        value.backward()
+    hidden = torch.randn(N, L, dec, dtype=head_dtype, requires_grad=True)
+    head_w = torch.randn(P, dec, dtype=head_dtype, requires_grad=True)
+    head_b = torch.zeros(P, dtype=head_dtype, requires_grad=True)
+
+    def head() -> torch.Tensor:
+        return fused_head_masked_pixel_loss(hidden, head_w, head_b, imgs, mask, s.patch, norm_pix=True,
+                                            tubelet_size=tub, backend="triton")
 
     def heads_of(width: int) -> tuple[int, int]:  # (heads, head dim): 64-wide heads, one narrower head below 64
         return max(1, width // 64), min(64, width)
 
+    def attention(lengths: list[int]) -> Callable[[], Any]:
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        q, k, v = (torch.randn(sum(lengths), *heads_of(enc), dtype=bf16, requires_grad=True) for _ in range(3))
+        return step(lambda: visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), backend="triton"),
+                    [q, k, v])
 
-    def attention(lengths: list[int]) -> Callable[[], None]:
-        def call() -> None:
-            cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-            q, k, v = (torch.randn(sum(lengths), *heads_of(enc), dtype=bf16, requires_grad=True) for _ in range(3))
-            out = visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), backend="triton")
-            out.backward(torch.ones_like(out))
-
-        return call
-
-    def dense_attention(S: int, width: int) -> Callable[[], None]:
-        def call() -> None:
-            q, k, v = (torch.randn(N, S, *heads_of(width), dtype=bf16, requires_grad=True) for _ in range(3))
-            out = visible_attention(q, k, v, backend="triton")
-            out.backward(torch.ones_like(out))
-
-        return call
+    def dense_attention(S: int, width: int) -> Callable[[], Any]:
+        q, k, v = (torch.randn(N, S, *heads_of(width), dtype=bf16, requires_grad=True) for _ in range(3))
+        return step(lambda: visible_attention(q, k, v, backend="triton"), [q, k, v])
 
     gen = torch.Generator().manual_seed(0)
     ratios = torch.empty(N).uniform_(0.6, 0.9, generator=gen)
@@ -232,12 +247,15 @@ def op_calls(s: Shape) -> list[tuple[str, Callable[[], Any]]]:
     calls = [
         ("random_masking", lambda: random_masking(N, L, s.mask_ratio, backend="triton")),
         ("ragged_random_masking", lambda: ragged_random_masking(N, L, ratios, backend="triton")),
-        ("embed_visible fwd+bwd", embed),
-        ("gather_patches", lambda: gather_patches(imgs.to(bf16), ids_keep, s.patch, tub, backend="triton")),
-        ("restore_tokens fwd+bwd", restore),
-        ("restore_tokens fwd+bwd, pos grad", restore_pos_grad),
-        ("pixel loss fwd+bwd", loss),
-        ("fused head + loss", head),
+        ("embed_visible fwd+bwd", step(embed, [weight, bias])),
+        ("gather_patches", lambda: gather_patches(imgs_bf16, ids_keep, s.patch, tub, backend="triton")),
+        ("restore_tokens fwd+bwd", step(lambda: restore_tokens(x_vis, ids_restore, mask_token, dec_pos,
+                                                               backend="triton"), [x_vis, mask_token])),
+        ("restore_tokens fwd+bwd, pos grad", step(lambda: restore_tokens(x_vis, ids_restore, mask_token, learned_pos,
+                                                                         backend="triton"),
+                                                  [x_vis, mask_token, learned_pos])),
+        ("pixel loss fwd+bwd", step(loss, [pred])),
+        ("fused head + loss", step(head, [hidden, head_w, head_b])),
         (f"attention encoder, {1 + K} tokens", dense_attention(1 + K, enc)),
         ("attention encoder, ragged 0.6-0.9", attention(ragged)),
         (f"attention decoder, {1 + L} tokens", dense_attention(1 + L, dec)),
@@ -272,6 +290,96 @@ def report(shapes: list[Shape], arch_capability: int = 90) -> list[KernelRow]:
     return rows
 
 
+@dataclass
+class HostRow:
+    case: str
+    host_us: float  # per call, forward and backward, Triton launches up to the driver call
+    launches: int  # Triton launches per call
+    aten_ops: int  # ATen operators per call
+
+
+class _AtenCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_report(shapes: list[Shape], repeats: int = 7, calls: int = 20) -> list[HostRow]:
+    rows: list[HostRow] = []
+    with compile_only() as compiled:
+        for s in shapes:
+            # the shape's token counts on tiny tensors: 2 x 2 patches, 64-wide tokens (one head of 64)
+            small = dataclasses.replace(s, batch=2, img=s.img // s.patch * 2, patch=2, width=64, decoder_width=64)
+            for label, call in op_calls(small, head_dtype=torch.float32):
+                try:
+                    call()  # compiles
+                except Exception as e:
+                    print(f"{s.name:<14} {label:<36} error: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    continue
+                compiled.clear()
+                with _AtenCount() as count:
+                    call()
+                launches = len(compiled)
+                best = float("inf")
+                for _ in range(repeats):
+                    compiled.clear()
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        call()
+                    best = min(best, (time.perf_counter() - t0) / calls)
+                compiled.clear()
+                row = HostRow(f"{s.name}/{label}", best * 1e6, launches, count.ops)
+                rows.append(row)
+                print(format_host_row(row), flush=True)
+    return rows
+
+
+def format_host_row(r: HostRow) -> str:
+    return f"{r.case:<52} host {r.host_us:7.1f} us  {r.launches:>2} Triton launches  {r.aten_ops:>3} ATen ops"
+
+
+def write_host(rows: list[HostRow]) -> str:
+    import platform
+
+    import triton
+
+    env = environment(torch.device("cpu"))
+    env.update(triton=triton.__version__, cpu=_cpu_name(), python=platform.python_version())
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, "host_report.json"), "w") as f:
+        json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    md = ["# host_report", "",
+          f"{env['cpu']} · Python {env['python']} · torch {env['torch']} · triton {env['triton']} · commit "
+          f"{env['commit']} · {env['date']}", "",
+          "Host work of one call, forward and backward (each shape's token counts on batch 2, 2 x 2 patches and "
+          "64-wide tokens; Triton launches stop after the kernel lookup, before the driver's launch call).", "",
+          "| case | host us | Triton launches | ATen ops |", "|---|---|---|---|"]
+    md += [f"| {r.case} | {r.host_us:.1f} | {r.launches} | {r.aten_ops} |" for r in rows]
+    path = os.path.join(RESULTS_DIR, "host_report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return path
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 def format_row(r: KernelRow) -> str:
     return (f"{r.case:<52} {r.kernel:<32} warps {r.num_warps:>2} stages {r.num_stages} regs {r.regs:>3} "
             f"spill {r.spill_bytes:>4} B smem {r.smem_bytes / 1024:6.1f} KB  {r.blocks_per_sm:>2} blocks "
@@ -303,11 +411,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one tiny shape")
     ap.add_argument("--cases", default=None, help="comma-separated shape names (mae_vit_b16, videomae_b16, ...)")
     ap.add_argument("--no-save", action="store_true", help="print only, do not write benchmarks/results/")
+    ap.add_argument("--host", action="store_true", help="host time, Triton launches and ATen ops per op call")
     args = ap.parse_args()
     shapes = QUICK if args.quick else FULL
     if args.cases:
         wanted = args.cases.split(",")
         shapes = [s for s in shapes if s.name in wanted]
+    if args.host:
+        host_rows = host_report(shapes)
+        if not host_rows:
+            raise SystemExit("no op call ran (see the errors above)")
+        if not args.no_save:
+            print("wrote", write_host(host_rows))
+        return
     rows = report(shapes)
     if not rows:
         raise SystemExit("no kernel was compiled (see the errors above)")

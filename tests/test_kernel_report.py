@@ -35,3 +35,23 @@ def test_quick_report_compiles_every_kernel_for_sm90():
                  "pixel_loss_kernel", "_attn_fwd_short", "_attn_bwd_short"):
         assert name in kernels, (name, kernels)
     assert lines[-1].endswith("with register spills")
+
+
+def test_quick_host_report_counts_every_op():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--host", "--quick", "--no-save"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "error" not in out.stdout, out.stdout
+    rows = {}
+    for line in out.stdout.splitlines():
+        if " host " in line:
+            case, rest = line.split(" host ")
+            us, launches, aten = rest.split("us")[0], rest.split()[2], rest.split()[5]
+            rows[case.strip()] = (float(us), int(launches), int(aten))
+    # two shapes x eleven op calls, each timed, each with at least one Triton launch
+    assert len(rows) == 22, rows
+    assert all(us > 0 and launches >= 1 and aten >= 1 for us, launches, aten in rows.values()), rows
+    # the pixel loss: weight sums, loss, final sum forward; the gradient's scale backward
+    assert rows["quick_img/pixel loss fwd+bwd"][1] == 4
