@@ -15,10 +15,11 @@ written; nothing else (statistics live in registers). ``copy`` times a device-to
 the bandwidth the loss target is stated against, measured at the case's own size.
 
 Fused head (MAE ViT-B decoder: hidden [256, 196, 512], decoder_pred 512 -> 768): loss and the gradients of hidden,
-weight and bias. Providers: ``mimfast`` (``fused_head_masked_pixel_loss``, masked rows only, default chunks:
-one at this size), ``mimfast/two_chunks`` (the same in two chunks: more launches, a lower peak),
-``decoder_pred+loss`` (nn.Linear over all rows, then the fused loss kernel), ``reference`` (nn.Linear + the torch
-reference loss) and ``reference+compile``. Flops count the three GEMMs on the masked rows (the useful work).
+weight and bias. Providers: ``mimfast`` (``fused_head_masked_pixel_loss`` as the fused MAE calls it: the masked
+rows only, given by ``ids_masked``, so no mask is read; default chunks: one at this size), ``mimfast/two_chunks``
+(the same in two chunks: more launches, a lower peak), ``decoder_pred+loss`` (nn.Linear over all rows, then the
+fused loss kernel), ``reference`` (nn.Linear + the torch reference loss) and ``reference+compile``. Flops count
+the three GEMMs on the masked rows (the useful work).
 """
 
 from __future__ import annotations
@@ -179,9 +180,9 @@ def head_cases(s: HeadShape, device: torch.device, dtype: torch.dtype) -> list[t
     compiled = torch.compile(unfused_ref)
     return [(case, {
         "mimfast": grad_step(lambda: fused_head_masked_pixel_loss(
-            hidden, weight, bias, imgs, info.mask, p, ids_masked=ids, norm_pix=True, backend="triton"), leaves),
+            hidden, weight, bias, imgs, None, p, ids_masked=ids, norm_pix=True, backend="triton"), leaves),
         "mimfast/two_chunks": grad_step(lambda: fused_head_masked_pixel_loss(
-            hidden, weight, bias, imgs, info.mask, p, ids_masked=ids, norm_pix=True, chunk_size=-(-N // 2) * R,
+            hidden, weight, bias, imgs, None, p, ids_masked=ids, norm_pix=True, chunk_size=-(-N // 2) * R,
             backend="triton"), leaves),
         "decoder_pred+loss": grad_step(lambda: masked_pixel_loss(
             F.linear(hidden, weight, bias), imgs, info.mask, p, norm_pix=True, backend="triton"), leaves),

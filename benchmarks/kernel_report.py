@@ -19,9 +19,9 @@ the GPU machine uses, since register allocation changes between versions.
 
 ``--host`` times the host side of every op call instead: the same calls with each shape's token counts (patch grid,
 kept patches, sequence lengths: the code paths of the real shapes) on batch 2, 2 x 2 patches and 64-wide tokens
-(one 64-dim head), so the CPU tensors hold no arithmetic worth counting, and each Triton launch stopping after
-the kernel lookup (everything a real launch does on the host except the driver's launch
-call, a few microseconds each). Reported per call: host microseconds (best of 7 means over 20 calls), Triton
+(one 64-dim head), so the CPU tensors hold no arithmetic worth counting, and each Triton launch stopping after the
+kernel lookup (everything a real launch does on the host except the driver's launch call, a few microseconds
+each). Reported per call: host microseconds (the best of 7 interleaved sweeps' means over 20 calls), Triton
 launches and ATen ops, forward and backward together (packed attention checks CPU cu_seqlens on the host at every
 call; a device cu_seqlens is checked on the device once per tensor). In an eager benchmark a call whose host time
 exceeds its device time is timed at its host time; inside a training step the host runs ahead of the GPU and it
@@ -173,6 +173,8 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
         videomae_pixel_loss,
         visible_attention,
     )
+    from mimfast.ops.fused_head_loss import masked_ids_from_restore
+    from mimfast.ops.gather_patches import mark_valid_index
 
     N, L, K, P = s.batch, s.grid, s.kept, s.patch_dim
     enc, dec = s.width, s.decoder_width
@@ -182,6 +184,10 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
     imgs_bf16 = imgs.to(bf16)
     tub = s.tubelet
     ids_keep, ids_restore, mask = shuffles(N, L, K)
+    # as the masking ops' outputs are in training: known to be in range, so the ops skip their index checks
+    mark_valid_index(ids_keep, L)
+    mark_valid_index(ids_restore, L)
+    ids_masked = masked_ids_from_restore(ids_restore, K)
     kernel = (s.tubelet, s.patch, s.patch) if video else (s.patch, s.patch)
     weight = torch.randn(enc, s.channels, *kernel, requires_grad=True)
     bias = torch.zeros(enc, requires_grad=True)
@@ -225,8 +231,8 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
     head_b = torch.zeros(P, dtype=head_dtype, requires_grad=True)
 
     def head() -> torch.Tensor:
-        return fused_head_masked_pixel_loss(hidden, head_w, head_b, imgs, mask, s.patch, norm_pix=True,
-                                            tubelet_size=tub, backend="triton")
+        return fused_head_masked_pixel_loss(hidden, head_w, head_b, imgs, None, s.patch, ids_masked=ids_masked,
+                                            norm_pix=True, tubelet_size=tub, backend="triton")
 
     def heads_of(width: int) -> tuple[int, int]:  # (heads, head dim): 64-wide heads, one narrower head below 64
         return max(1, width // 64), min(64, width)
@@ -310,8 +316,10 @@ class _AtenCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def host_report(shapes: list[Shape], repeats: int = 7, calls: int = 20) -> list[HostRow]:
-    rows: list[HostRow] = []
+def host_report(shapes: list[Shape], rounds: int = 7, calls: int = 20) -> list[HostRow]:
+    """Every op call of every shape, timed in ``rounds`` interleaved sweeps of ``calls`` calls each: a call's time is
+    its best sweep's mean (a busy moment of the machine hits one sweep of every call, not every sweep of one)."""
+    timed: list[tuple[str, Callable[[], Any], int, int]] = []
     with compile_only() as compiled:
         for s in shapes:
             # the shape's token counts on tiny tensors: 2 x 2 patches, 64-wide tokens (one head of 64)
@@ -325,18 +333,19 @@ def host_report(shapes: list[Shape], repeats: int = 7, calls: int = 20) -> list[
                 compiled.clear()
                 with _AtenCount() as count:
                     call()
-                launches = len(compiled)
-                best = float("inf")
-                for _ in range(repeats):
-                    compiled.clear()
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        call()
-                    best = min(best, (time.perf_counter() - t0) / calls)
+                timed.append((f"{s.name}/{label}", call, len(compiled), count.ops))
+        best = [float("inf")] * len(timed)
+        for _ in range(rounds):
+            for i, (_, call, _, _) in enumerate(timed):
                 compiled.clear()
-                row = HostRow(f"{s.name}/{label}", best * 1e6, launches, count.ops)
-                rows.append(row)
-                print(format_host_row(row), flush=True)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                best[i] = min(best[i], (time.perf_counter() - t0) / calls)
+        compiled.clear()
+    rows = [HostRow(case, t * 1e6, launches, ops) for (case, _, launches, ops), t in zip(timed, best)]
+    for row in rows:
+        print(format_host_row(row), flush=True)
     return rows
 
 

@@ -201,7 +201,8 @@ class MaskedAutoencoderViT(MIMModel):
             hidden = self.forward_decoder_features(latent, ids_restore)[:, 1:, :]
             ids_masked = masked_ids_from_restore(ids_restore, latent.shape[1] - 1)
             head = self.decoder_pred
-            loss = fused_head_masked_pixel_loss(hidden, head.weight, head.bias, imgs, mask, self.patch_size,
+            # ids_masked lists exactly the removed patches (mask 1): no mask to read, every scored row weighs 1
+            loss = fused_head_masked_pixel_loss(hidden, head.weight, head.bias, imgs, None, self.patch_size,
                                                 ids_masked=ids_masked, norm_pix=self.norm_pix_loss)
             return MIMOutput(loss, head(hidden) if self.return_pred else None, mask)
         pred = self.forward_decoder(latent, ids_restore)

@@ -136,9 +136,8 @@ def fused_head_forward(
         # flat row indices: hidden seen as [rows, D] (a view when its rows are evenly strided, as the decoder's
         # output without its cls row is), the gradient as the contiguous [N * L, D] it is
         src, step = _row_view(hidden)
-        sample = torch.arange(N, device=ids.device).unsqueeze(1)
-        src_rows = (ids + sample * step).reshape(-1)
-        dst_rows = src_rows if step == L else (ids + sample * L).reshape(-1)
+        src_rows = (ids + torch.arange(0, N * step, step, device=ids.device)[:, None]).reshape(-1)
+        dst_rows = src_rows if step == L else (ids + torch.arange(0, N * L, L, device=ids.device)[:, None]).reshape(-1)
         if compute_grad:
             grad_flat = grad_hidden.view(N * L, D)
     whole = len(bounds) == 1  # one chunk takes the tensors as they are: no slicing ops
@@ -158,15 +157,17 @@ def fused_head_forward(
             continue
         grad_pred = buf.view(-1, P)
         part_w = grad_pred.t() @ h
-        part_b = grad_pred.sum(0, dtype=torch.float32) if bias is not None else None
-        if len(bounds) == 1:
-            grad_w, grad_b = part_w, part_b
-        elif k == 0:
-            grad_w, grad_b = part_w.float(), part_b
+        if whole:
+            # the sum accumulates in fp32 and rounds once to the bias dtype: no separate cast
+            grad_w, grad_b = part_w, grad_pred.sum(0) if bias is not None else None
         else:
-            grad_w.add_(part_w)
-            if bias is not None:
-                grad_b.add_(part_b)
+            part_b = grad_pred.sum(0, dtype=torch.float32) if bias is not None else None
+            if k == 0:
+                grad_w, grad_b = part_w.float(), part_b
+            else:
+                grad_w.add_(part_w)
+                if bias is not None:
+                    grad_b.add_(part_b)
         if chunk_ids is None:
             torch.mm(grad_pred, weight, out=part(grad_hidden, n0, n1).view(-1, D))
         else:
