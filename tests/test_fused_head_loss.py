@@ -92,7 +92,7 @@ def test_hidden_view_without_cls_row_and_bool_mask():
     run_case(with_cls[:, 1:], weight, bias, imgs, info.mask.bool(), 4, ids_masked=ids, chunk_size=9)
 
 
-@pytest.mark.parametrize("layout", ["cls_row_view", "sample_minor"])
+@pytest.mark.parametrize("layout", ["cls_row_view", "sample_minor", "batch_expanded"])
 @pytest.mark.parametrize("chunk_size", [9, 10_000], ids=["chunks", "one_chunk"])
 def test_strided_hidden_is_read_in_place(layout, chunk_size):
     # the decoder's output without its cls row is a strided view read through a row view; a layout whose samples
@@ -102,9 +102,12 @@ def test_strided_hidden_is_read_in_place(layout, chunk_size):
     if layout == "cls_row_view":
         base = torch.randn(N, 1 + L, D, requires_grad=True)
         view = lambda b: b[:, 1:]  # noqa: E731
-    else:
+    elif layout == "sample_minor":
         base = torch.randn(L, N, D, requires_grad=True)
         view = lambda b: b.transpose(0, 1)  # noqa: E731
+    else:  # one sample's features broadcast over the batch: batch stride 0
+        base = torch.randn(1, L, D, requires_grad=True)
+        view = lambda b: b.expand(N, L, D)  # noqa: E731
     assert not view(base).is_contiguous()
     grads = []
     for fn, kw in ((fused_head_masked_pixel_loss, {"backend": "triton", "chunk_size": chunk_size}),

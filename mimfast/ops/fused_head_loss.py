@@ -53,13 +53,17 @@ def masked_ids_from_restore(ids_restore: torch.Tensor, num_kept: int) -> torch.T
 
 
 def _row_view(hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(hidden [N, L, D] as a [rows, D] tensor, rows per sample in it): row n * step + l is hidden[n, l]. A view
-    when D is contiguous and the sample stride is a multiple of the row stride; a contiguous copy otherwise."""
+    """(hidden [N, L, D] as a [rows, D] tensor, rows per sample in it (> 0)): row n * step + l is hidden[n, l]. A
+    view when D is contiguous and the sample stride is a positive multiple of the row stride (any sample stride
+    for one sample); a contiguous copy otherwise (e.g. a batch broadcast with stride 0)."""
     N, L, D = hidden.shape
     s_n, s_l, s_d = hidden.stride()
-    if s_d == 1 and s_l >= D and s_n % s_l == 0 and N > 0 and L > 0:
-        step = s_n // s_l
-        return hidden.as_strided(((N - 1) * step + L, D), (s_l, 1)), step
+    if s_d == 1 and s_l >= D and N > 0 and L > 0:
+        if N == 1:
+            return hidden.as_strided((L, D), (s_l, 1)), L
+        if s_n > 0 and s_n % s_l == 0:
+            step = s_n // s_l
+            return hidden.as_strided(((N - 1) * step + L, D), (s_l, 1)), step
     return hidden.contiguous().view(N * L, D), L
 
 
