@@ -183,18 +183,22 @@ def pixel_loss_kernel(
         w_all = tl.load(mask_ptr + n_all * s_mn + l_all * s_ml, mask=rows_ok, other=0).to(tl.float32)
     else:
         w_all = tl.where(rows_ok, 1.0, 0.0)
+    # (a tuple is always unpacked into names: Triton 3.0 keeps only the first element of a tuple bound to one name)
     if PREFETCH:
-        nxt = _row_loads(pred_ptr, img_ptr, first_row, _pick(l_all, 0, ROWS), _pick(w_all, 0, ROWS), total_rows,
-                         R, GH, GW, s_pn, s_pr, s_pe, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C, NORM)
+        next_pred, next_x, next_x0 = _row_loads(pred_ptr, img_ptr, first_row, _pick(l_all, 0, ROWS),
+                                                _pick(w_all, 0, ROWS), total_rows, R, GH, GW, s_pn, s_pr, s_pe,
+                                                s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C, NORM)
     for k in tl.static_range(ROWS):
         row = first_row + k
         w = _pick(w_all, k, ROWS)
         if PREFETCH:
-            pred, x, x0 = nxt
+            pred = next_pred
+            x = next_x
+            x0 = next_x0
             if k + 1 < ROWS:
-                nxt = _row_loads(pred_ptr, img_ptr, row + 1, _pick(l_all, k + 1, ROWS), _pick(w_all, k + 1, ROWS),
-                                 total_rows, R, GH, GW, s_pn, s_pr, s_pe, s_n, s_c, s_t, s_h, s_w, C, PT, PS,
-                                 BLOCK_S, BLOCK_C, NORM)
+                next_pred, next_x, next_x0 = _row_loads(
+                    pred_ptr, img_ptr, row + 1, _pick(l_all, k + 1, ROWS), _pick(w_all, k + 1, ROWS), total_rows, R,
+                    GH, GW, s_pn, s_pr, s_pe, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C, NORM)
         else:
             pred, x, x0 = _row_loads(pred_ptr, img_ptr, row, _pick(l_all, k, ROWS), w, total_rows, R, GH, GW, s_pn,
                                      s_pr, s_pe, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C, NORM)
