@@ -360,9 +360,6 @@ def write_host(rows: list[HostRow]) -> str:
 
     env = environment(torch.device("cpu"))
     env.update(triton=triton.__version__, cpu=_cpu_name(), python=platform.python_version())
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "host_report.json"), "w") as f:
-        json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
     md = ["# host_report", "",
           f"{env['cpu']} · Python {env['python']} · torch {env['torch']} · triton {env['triton']} · commit "
           f"{env['commit']} · {env['date']}", "",
@@ -370,10 +367,7 @@ def write_host(rows: list[HostRow]) -> str:
           "64-wide tokens; Triton launches stop after the kernel lookup, before the driver's launch call).", "",
           "| case | host us | Triton launches | ATen ops |", "|---|---|---|---|"]
     md += [f"| {r.case} | {r.host_us:.1f} | {r.launches} | {r.aten_ops} |" for r in rows]
-    path = os.path.join(RESULTS_DIR, "host_report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(md) + "\n")
-    return path
+    return _save("host_report", env, rows, md)
 
 
 def _cpu_name() -> str:
@@ -395,24 +389,29 @@ def format_row(r: KernelRow) -> str:
             f"{r.warps_per_sm:>2} warps/SM")
 
 
+def _save(name: str, env: dict[str, Any], rows: list[Any], md: list[str]) -> str:
+    """Write results/<name>.json (env and rows) and results/<name>.md (the lines ``md``); returns the .md path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+        json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    path = os.path.join(RESULTS_DIR, f"{name}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return path
+
+
 def write(rows: list[KernelRow]) -> str:
     import triton
 
     env = environment(torch.device("cpu"))
     env.update(device="sm_90 (compiled, not run)", triton=triton.__version__)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "kernel_report.json"), "w") as f:
-        json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
     md = ["# kernel_report", "",
           f"sm_90 · triton {env['triton']} · commit {env['commit']} · {env['date']} (compiled for the target, not run)",
           "", "| case | kernel | warps | stages | regs | spill B | smem KB | blocks/SM | warps/SM |",
           "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.regs} | {r.spill_bytes} | "
            f"{r.smem_bytes / 1024:.1f} | {r.blocks_per_sm} | {r.warps_per_sm} |" for r in rows]
-    path = os.path.join(RESULTS_DIR, "kernel_report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(md) + "\n")
-    return path
+    return _save("kernel_report", env, rows, md)
 
 
 def main() -> None:

@@ -6,10 +6,9 @@ batch of 256 in one): copy the masked rows of ``hidden`` once (one row-index cop
 (fp32 accumulation) for their predictions, the fused pixel-loss kernel overwrites the predictions with
 d(loss)/d(pred) in place, then the weight gradient GEMM reads the copied rows and the hidden gradient GEMM writes
 over them (or straight into the hidden gradient when every row is scored), and one row-index copy puts those rows
-in place. Across chunks the weight and bias
-gradients accumulate in fp32 in chunk order, so the result is deterministic. Every gradient is ready at the end
-of the forward pass; the backward pass only scales them by the incoming gradient (in place, and not at all when
-it is 1).
+in place. Across chunks the weight and bias gradients accumulate in fp32 in chunk order, so the result is
+deterministic. Every gradient is ready at the end of the forward pass; the backward pass only scales them by the
+incoming gradient (in place, and not at all when it is 1).
 """
 
 from __future__ import annotations
