@@ -163,6 +163,7 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
     call is the op's own work only. ``head_dtype``: the fused head's inputs (its GEMMs are torch's, and so run on
     CPU tensors even in compile-only mode, where bf16 ones take milliseconds)."""
     from mimfast.ops import (
+        block_masking,
         embed_visible,
         fused_head_masked_pixel_loss,
         gather_patches,
@@ -253,6 +254,8 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
     calls = [
         ("random_masking", lambda: random_masking(N, L, s.mask_ratio, backend="triton")),
         ("ragged_random_masking", lambda: ragged_random_masking(N, L, ratios, backend="triton")),
+        *([] if video else [("block_masking", lambda: block_masking(N, (s.img // s.patch,) * 2, int(0.4 * L), 16,
+                                                                     backend="triton"))]),
         ("embed_visible fwd+bwd", step(embed, [weight, bias])),
         ("gather_patches", lambda: gather_patches(imgs_bf16, ids_keep, s.patch, tub, backend="triton")),
         ("restore_tokens fwd+bwd", step(lambda: restore_tokens(x_vis, ids_restore, mask_token, dec_pos,

@@ -30,9 +30,9 @@ def test_quick_report_compiles_every_kernel_for_sm90():
     assert "error" not in out.stdout, out.stdout
     rows = [line for line in lines if " regs " in line]
     kernels = {line.split(" warps ")[0].split()[-1] for line in rows}
-    for name in ("random_masking_kernel", "embed_visible_fwd_kernel", "embed_visible_bwd_weight_kernel",
-                 "gather_patches_fwd_kernel", "restore_tokens_fwd_kernel", "restore_tokens_bwd_kernel",
-                 "pixel_loss_kernel", "_attn_fwd_short", "_attn_bwd_short"):
+    for name in ("random_masking_kernel", "block_masking_kernel", "embed_visible_fwd_kernel",
+                 "embed_visible_bwd_weight_kernel", "gather_patches_fwd_kernel", "restore_tokens_fwd_kernel",
+                 "restore_tokens_bwd_kernel", "pixel_loss_kernel", "_attn_fwd_short", "_attn_bwd_short"):
         assert name in kernels, (name, kernels)
     assert lines[-1].endswith("with register spills")
 
@@ -50,8 +50,8 @@ def test_quick_host_report_counts_every_op():
             case, rest = line.split(" host ")
             us, launches, aten = rest.split("us")[0], rest.split()[2], rest.split()[5]
             rows[case.strip()] = (float(us), int(launches), int(aten))
-    # two shapes x eleven op calls, each timed, each with at least one Triton launch
-    assert len(rows) == 22, rows
+    # eleven op calls on both shapes and block masking on the image one, each timed, each with a Triton launch
+    assert len(rows) == 23, rows
     assert all(us > 0 and launches >= 1 and aten >= 1 for us, launches, aten in rows.values()), rows
     # the pixel loss: weight sums, loss, final sum forward; the gradient's scale backward
     assert rows["quick_img/pixel loss fwd+bwd"][1] == 4

@@ -16,7 +16,7 @@ from mimfast.ops import (
     simmim_masking,
     tube_masking,
 )
-from mimfast.ops.random_masking import random_keys_ref
+from mimfast.ops.random_masking import philox4x32, random_keys_ref
 
 masking_module = sys.modules["mimfast.ops.masking"]
 
@@ -47,6 +47,12 @@ def assert_same(a, b):
             assert x == y
 
 
+def _poisoned_empty(shape, dtype, device):
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, -987654321, dtype=dtype, device=device)
+
+
 def chi2_critical(df: int) -> float:
     """Upper 0.1% point of chi-square with ``df`` degrees of freedom (Wilson-Hilferty)."""
     z = 3.090232
@@ -54,9 +60,8 @@ def chi2_critical(df: int) -> float:
 
 
 def test_ops_registered():
-    for name in ("simmim_masking", "tube_masking", "importance_masking", "ragged_random_masking"):
+    for name in ("simmim_masking", "tube_masking", "block_masking", "importance_masking", "ragged_random_masking"):
         assert get_op(name).available() == ["triton", "torch"]
-    assert get_op("block_masking").available() == ["torch"]
 
 
 # ------------------------------------------------------------------------------------------ mask_info_from_mask
@@ -189,6 +194,56 @@ def test_block_exact_counts(grid, num, min_num, max_num):
     assert info.mask.sum(1).tolist() == [float(num)] * N
 
 
+@pytest.mark.parametrize("N,grid,num,min_num,max_num,min_aspect,seed,offset", [
+    (2, (14, 14), 75, 16, None, 0.3, 2, 0),  # BEiT ViT-B/16 at 224 px
+    (2, (4, 4), 12, 4, None, 0.3, 7, 0),  # rectangles get stuck: single patches complete the count
+    (2, (7, 9), 1, 4, None, 0.3, 2**62 + 11, 2**33),  # one patch; 64-bit seed and sample index
+    (1, (6, 6), 36, 4, 8, 0.3, 5, 0),  # every patch, rectangles of at most 8
+    (3, (1, 8), 3, 1, None, 0.3, 1, 0),  # one row: no rectangle is strictly smaller, all single patches
+    (2, (5, 1), 2, 1, None, 0.3, 1, 9),  # one column
+    (1, (9, 5), 20, 2, 6, 1.0, 3, 0),  # squares only
+    (3, (14, 14), 0, 4, None, 0.3, 2, 0),  # nothing masked
+    (1, (3, 3), 4, 50, None, 0.3, 4, 0),  # min_num_patches above L
+], ids=lambda v: str(v))
+def test_block_triton_equals_torch(monkeypatch, N, grid, num, min_num, max_num, min_aspect, seed, offset):
+    monkeypatch.setattr(masking_module, "_empty", _poisoned_empty)
+    args = (N, grid, num, min_num, max_num, min_aspect)
+    got = block_masking(*args, seed=seed, sample_offset=offset, backend="triton")
+    L = grid[0] * grid[1]
+    assert_valid(got, N, L, L - num)
+    assert_natural_order(got)
+    assert_same(got, block_masking(*args, seed=seed, sample_offset=offset, backend="torch"))
+
+
+def test_block_triton_reproducible_and_distinct():
+    a = block_masking(3, (6, 6), 12, 4, seed=1, backend="triton")
+    assert_same(a, block_masking(3, (6, 6), 12, 4, seed=1, backend="triton"))
+    assert len({tuple(r.tolist()) for r in a.mask}) == 3
+    assert not torch.equal(a.mask[:1], block_masking(1, (6, 6), 12, 4, seed=2, backend="triton").mask)
+    assert torch.equal(block_masking(1, (6, 6), 12, 4, seed=1, sample_offset=2, backend="triton").mask, a.mask[2:])
+
+
+def test_philox_of_python_ints_equals_the_tensor_words():
+    # the host rule of block masking draws its words from Python-int counters
+    counters = torch.randint(0, 2**32, (4, 32), dtype=torch.int64)
+    for seed in (0, 1, 2**32 + 5, 2**63 - 1):
+        words = philox4x32(seed, *counters)
+        for j in range(counters.shape[1]):
+            assert philox4x32(seed, *(int(c[j]) for c in counters)) == tuple(int(w[j]) for w in words)
+
+
+def test_block_rectangle_sides_round_half_up():
+    table = masking_module.aspect_table((math.log(0.3), math.log(1 / 0.3)))
+    assert len(table[0]) == 2 ** masking_module.ASPECT_BITS
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        area_q = int(torch.randint(1, 400 << 16, (1,), generator=g))
+        aspect_q = table[0][int(torch.randint(0, len(table[0]), (1,), generator=g))]
+        exact = math.sqrt(area_q * aspect_q / 2.0**32)
+        if abs(exact - math.floor(exact) - 0.5) > 1e-9:  # away from the halfway points, floats decide reliably
+            assert masking_module._rectangle_side(area_q, aspect_q) == math.floor(exact + 0.5)
+
+
 def test_block_masks_are_blocky_and_reproducible():
     N, h, w, num = 48, 14, 14, 75
     info = block_masking(N, (h, w), num, 16, seed=5)
@@ -211,6 +266,10 @@ def test_block_errors():
         block_masking(2, (4, 4), 5, min_num_patches=4, max_num_patches=0)
     with pytest.raises(ValueError, match="grid"):
         block_masking(2, (4, 0), 5)
+    with pytest.raises(ValueError, match="max_aspect"):
+        block_masking(2, (4, 4), 5, max_aspect=float("inf"))
+    with pytest.raises(RuntimeError, match="2\\^30"):
+        block_masking(2, (4, 4), 5, min_num_patches=2**30, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------------ importance
@@ -355,12 +414,6 @@ def test_ragged_equal_ratios_is_random_masking():
         assert torch.equal(r.ids_restore, m.ids_restore) and torch.equal(r.mask, m.mask)
 
 
-def _poisoned_empty(shape, dtype, device):
-    if dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.full(shape, -987654321, dtype=dtype, device=device)
-
-
 def test_ragged_triton_overwrites_poisoned_outputs(monkeypatch):
     monkeypatch.setattr(masking_module, "_empty", _poisoned_empty)
     ratios = [0.5, 0.9, 0.25]
@@ -402,6 +455,8 @@ def test_gpu_generators_match_torch():
     ratios = torch.rand(256).mul(0.5).add(0.4).tolist()
     assert_same(ragged_random_masking(256, 196, ratios, seed=3, device=dev, backend="triton"),
                 ragged_random_masking(256, 196, ratios, seed=3, device=dev, backend="torch"))
+    assert_same(block_masking(256, (14, 14), 75, 16, seed=3, device=dev, backend="triton"),
+                block_masking(256, (14, 14), 75, 16, seed=3, device=dev, backend="torch"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:  # device-side generators never wait for the device
@@ -409,5 +464,6 @@ def test_gpu_generators_match_torch():
         tube_masking(64, (8, 14, 14), 0.9, device=dev, backend="triton")
         simmim_masking(64, 192, 32, 4, 0.6, device=dev, backend="triton")
         importance_masking(scores, 0.75, backend="triton")
+        block_masking(256, (14, 14), 75, 16, device=dev, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -16,8 +16,8 @@ the same gather / restore code consumes every generator.
 
 from __future__ import annotations
 
+import functools
 import math
-import random
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -25,6 +25,7 @@ import torch
 from mimfast.backend import get_op
 from mimfast.ops.gather_patches import mark_valid_index
 from mimfast.ops.random_masking import (
+    _MASK32,
     Device,
     MaskInfo,
     _empty,
@@ -33,7 +34,6 @@ from mimfast.ops.random_masking import (
     check_seed,
     check_sizes,
     draw_seed,
-    fold_seed,
     host_checks,
     key_index_bits,
     num_kept,
@@ -296,26 +296,60 @@ def tube_masking(
 # ----------------------------------------------------------------------------------------------------- block-wise
 
 
-def _block_mask_one(rng: random.Random, height: int, width: int, target: int, min_num_patches: int,
-                    max_num_patches: int, log_aspect: tuple[float, float]) -> list[bool]:
-    """BEiT block-wise mask of one sample: rectangles until ``target`` patches are masked, then random patches to
-    make the count exact when the rectangles get stuck (so every sample of a batch masks the same number)."""
+# Philox streams of block-wise masking (fourth counter word): rectangles, then the single patches completing a count
+_BLOCK_STREAM = 3
+_BLOCK_FILL_STREAM = 4
+BLOCK_ATTEMPTS = 10  # rectangle draws per round, as BEiT
+ASPECT_BITS = 10  # log-uniform aspect ratios in 2^10 bins
+_FIXED_ONE = 1 << 16  # areas and aspect ratios in units of 2^-16
+# the kernel's int64 products area * aspect stay below 2^62 while max(L, min_num_patches) * aspect_bound < 2^30
+_BLOCK_PRODUCT_LIMIT = 1 << 30
+
+
+@functools.lru_cache(maxsize=32)
+def aspect_table(log_aspect: tuple[float, float]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(aspect, 1 / aspect) at the centres of 2^ASPECT_BITS equal bins of [log min_aspect, log max_aspect], in
+    units of 2^-16: the aspect ratios block-wise masking draws from (computed once on the host for every backend)."""
+    lo, hi = log_aspect
+    bins = 1 << ASPECT_BITS
+    centres = [lo + (j + 0.5) * (hi - lo) / bins for j in range(bins)]
+    return (tuple(round(math.exp(c) * _FIXED_ONE) for c in centres),
+            tuple(round(math.exp(-c) * _FIXED_ONE) for c in centres))
+
+
+def _rectangle_side(area_q: int, aspect_q: int) -> int:
+    """round-half-up(sqrt(area * aspect)) for area and aspect in units of 2^-16, exactly: side i fits when
+    (i - 1/2)^2 <= area * aspect, i.e. (2i - 1)^2 <= area_q * aspect_q / 2^30."""
+    return (math.isqrt((area_q * aspect_q) >> 30) + 1) // 2
+
+
+def _block_mask_one(seed: int, sample: int, height: int, width: int, target: int, min_num_patches: int,
+                    max_num_patches: int, table: tuple[tuple[int, ...], tuple[int, ...]]) -> list[bool]:
+    """BEiT block-wise mask of global sample ``sample``: rectangles until ``target`` patches are masked, then random
+    single patches to make the count exact when the rectangles get stuck (so every sample masks the same number).
+    Randomness: Philox words of counter (attempt slot, sample low, sample high, _BLOCK_STREAM), in Python integers;
+    the kernel in
+    :mod:`mimfast.kernels.block_masking` follows the same steps."""
+    aspects, inverses = table
     masked = [False] * (height * width)
-    count = 0
+    s_lo, s_hi = sample & _MASK32, sample >> 32
+    count, round_ = 0, 0
     while count < target:
         budget = min(target - count, max_num_patches)
         added = 0
-        for _attempt in range(10):
-            area = rng.uniform(min_num_patches, budget)
-            aspect = math.exp(rng.uniform(*log_aspect))
-            h = int(round(math.sqrt(area * aspect)))
-            w = int(round(math.sqrt(area / aspect)))
-            if not (0 < w < width and 0 < h < height):
+        for attempt in range(BLOCK_ATTEMPTS):
+            r0, r1, r2, r3 = philox4x32(seed, round_ * BLOCK_ATTEMPTS + attempt, s_lo, s_hi, _BLOCK_STREAM)
+            # area uniform between min_num_patches and budget (either may be the larger), 16 fractional bits
+            area_q = min_num_patches * _FIXED_ONE + (budget - min_num_patches) * (r0 >> 16)
+            bin_ = r1 >> (32 - ASPECT_BITS)
+            h = _rectangle_side(area_q, aspects[bin_])
+            w = _rectangle_side(area_q, inverses[bin_])
+            if not (0 < h < height and 0 < w < width):
                 continue
-            top = rng.randint(0, height - h)
-            left = rng.randint(0, width - w)
-            cells = [r * width + c for r in range(top, top + h) for c in range(left, left + w)]
-            fresh = [i for i in cells if not masked[i]]
+            top = (r2 * (height - h + 1)) >> 32
+            left = (r3 * (width - w + 1)) >> 32
+            fresh = [r * width + c for r in range(top, top + h) for c in range(left, left + w)
+                     if not masked[r * width + c]]
             if 0 < len(fresh) <= budget:
                 for i in fresh:
                     masked[i] = True
@@ -324,8 +358,12 @@ def _block_mask_one(rng: random.Random, height: int, width: int, target: int, mi
         if added == 0:
             break
         count += added
+        round_ += 1
     if count < target:
-        for i in rng.sample([i for i, m in enumerate(masked) if not m], target - count):
+        L = height * width
+        keys = random_keys_ref(1, L, seed, sample, stream=_BLOCK_FILL_STREAM)[0].tolist()
+        free = sorted((keys[i], i) for i in range(L) if not masked[i])
+        for _, i in free[:target - count]:
             masked[i] = True
     return masked
 
@@ -341,11 +379,11 @@ def _block_args(grid, num_masking_patches, min_num_patches, max_num_patches, min
         max_num_patches = num_masking_patches
     elif not isinstance(max_num_patches, int) or max_num_patches < 1:
         raise ValueError(f"max_num_patches must be a positive int, got {max_num_patches!r}")
-    if not min_aspect > 0:
-        raise ValueError(f"min_aspect must be positive, got {min_aspect}")
+    if not (isinstance(min_aspect, (int, float)) and 0 < min_aspect < math.inf):
+        raise ValueError(f"min_aspect must be a positive finite number, got {min_aspect!r}")
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
-    if not min_aspect <= max_aspect:
-        raise ValueError(f"need 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}")
+    if not (isinstance(max_aspect, (int, float)) and min_aspect <= max_aspect < math.inf):
+        raise ValueError(f"need 0 < min_aspect <= max_aspect < inf, got {min_aspect}, {max_aspect}")
     return height, width, max_num_patches, (math.log(min_aspect), math.log(max_aspect))
 
 
@@ -353,21 +391,87 @@ def block_masking_ref(N: int, grid: Union[int, tuple[int, int]], num_masking_pat
                       max_num_patches: Optional[int] = None, min_aspect: float = 0.3,
                       max_aspect: Optional[float] = None, *, seed: int = 0, sample_offset: int = 0,
                       device: Device = None) -> MaskInfo:
-    """Torch implementation of :func:`block_masking` for a resolved seed (host loop, one RNG per sample)."""
+    """Torch implementation of :func:`block_masking` for a resolved seed: the rectangles of each sample drawn on the
+    host (Python integers), the mask moved to ``device``."""
     height, width, max_num_patches, log_aspect = _block_args(grid, num_masking_patches, min_num_patches,
                                                              max_num_patches, min_aspect, max_aspect)
-    rows = [
-        _block_mask_one(random.Random(fold_seed(seed, sample_offset + n)), height, width, num_masking_patches,
-                        min_num_patches, max_num_patches, log_aspect)
-        for n in range(N)
-    ]
+    table = aspect_table(log_aspect)
+    rows = [_block_mask_one(seed, sample_offset + n, height, width, num_masking_patches, min_num_patches,
+                            max_num_patches, table) for n in range(N)]
     mask = torch.tensor(rows, dtype=torch.bool).reshape(N, height * width)
     mask = _host_to_device(mask, resolve_device(None, device))
     return mask_info_from_mask(mask, height * width - num_masking_patches)
 
 
+_aspect_tensors: dict[tuple[tuple[float, float], str], torch.Tensor] = {}
+
+
+def _aspect_tensor(log_aspect: tuple[float, float], device: torch.device) -> torch.Tensor:
+    """:func:`aspect_table` as a [2, 2^ASPECT_BITS] int64 tensor on ``device``, built once per (range, device)."""
+    key = (log_aspect, str(device))
+    if key not in _aspect_tensors:
+        _aspect_tensors[key] = torch.tensor(aspect_table(log_aspect), dtype=torch.int64, device=device)
+    return _aspect_tensors[key]
+
+
+def _block_launch(N: int, height: int, width: int, num_masking_patches: int, min_num_patches: int,
+                  max_num_patches: int, log_min_aspect: float, log_max_aspect: float, seed: int, sample_offset: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mimfast.kernels.block_masking import launch_block_masking
+
+    L = height * width
+    K = L - num_masking_patches
+    ids_keep = _empty((N, K), torch.int64, device)
+    ids_restore = _empty((N, L), torch.int64, device)
+    mask = _empty((N, L), torch.float32, device)
+    launch_block_masking(ids_keep, ids_restore, mask, _aspect_tensor((log_min_aspect, log_max_aspect), device),
+                         height=height, width=width, min_num_patches=min_num_patches,
+                         max_num_patches=max_num_patches, seed=seed, sample_offset=sample_offset,
+                         attempts=BLOCK_ATTEMPTS, block_stream=_BLOCK_STREAM, fill_stream=_BLOCK_FILL_STREAM,
+                         index_bits=key_index_bits(L))
+    return ids_keep, ids_restore, mask
+
+
+# as for random masking: compiled graphs trace the custom op, eager calls launch directly
+_block_kernel_op = torch.library.custom_op("mimfast::block_masking", mutates_args=())(_block_launch)
+
+
+@_block_kernel_op.register_fake
+def _(N, height, width, num_masking_patches, min_num_patches, max_num_patches, log_min_aspect, log_max_aspect, seed,
+      sample_offset, device):
+    L = height * width
+    return (torch.empty(N, L - num_masking_patches, dtype=torch.int64, device=device),
+            torch.empty(N, L, dtype=torch.int64, device=device),
+            torch.empty(N, L, dtype=torch.float32, device=device))
+
+
+def _block_triton(N: int, grid: Union[int, tuple[int, int]], num_masking_patches: int, min_num_patches: int = 4,
+                  max_num_patches: Optional[int] = None, min_aspect: float = 0.3,
+                  max_aspect: Optional[float] = None, *, seed: int = 0, sample_offset: int = 0,
+                  device: Device = None) -> MaskInfo:
+    height, width, max_num_patches, (lo, hi) = _block_args(grid, num_masking_patches, min_num_patches,
+                                                           max_num_patches, min_aspect, max_aspect)
+    launch = _block_kernel_op if torch.compiler.is_compiling() else _block_launch
+    ids_keep, ids_restore, mask = launch(N, height, width, num_masking_patches, min_num_patches, max_num_patches,
+                                         lo, hi, seed, sample_offset, resolve_device(None, device))
+    return MaskInfo(ids_keep, ids_restore, mask)
+
+
+def _block_reasons(N, grid, num_masking_patches, min_num_patches=4, max_num_patches=None, min_aspect=0.3,
+                   max_aspect=None, *, device=None, **_) -> list[str]:
+    height, width, _max, log_aspect = _block_args(grid, num_masking_patches, min_num_patches, max_num_patches,
+                                                  min_aspect, max_aspect)
+    reasons = triton_masking_reasons(height * width, None, device)
+    aspect_bound = math.exp(max(abs(log_aspect[0]), abs(log_aspect[1])))
+    if max(height * width, min_num_patches) * aspect_bound >= _BLOCK_PRODUCT_LIMIT:
+        reasons.append(f"max(L, min_num_patches) * max(max_aspect, 1 / min_aspect) must stay below 2^30 for the "
+                       f"kernel's int64 arithmetic, got {max(height * width, min_num_patches)} * {aspect_bound:.4g}")
+    return reasons
+
+
 _block_op = get_op("block_masking")
 _block_op.register("torch")(block_masking_ref)
+_block_op.register("triton", reasons=_block_reasons)(_block_triton)
 
 
 def block_masking(
@@ -392,8 +496,12 @@ def block_masking(
     random (strictly smaller than the grid), up to 10 tries per rectangle, each adding at least one and at most
     the remaining budget of new patches, until the target is reached. When no rectangle fits any more, random
     single patches complete the count, so every sample masks exactly ``num_masking_patches`` and the batch stays
-    dense. L = h*w, K = L - num_masking_patches, kept ids ascending. The rectangles are drawn on the host (a
-    Python loop per sample, as in BEiT's data pipeline) and the result is moved to ``device``.
+    dense. L = h*w, K = L - num_masking_patches, kept ids ascending.
+
+    Randomness is counter-based (Philox of (attempt, sample_offset + n)) and the geometry integer arithmetic
+    (areas and aspect ratios with 16 fractional bits, sides rounded exactly), so every backend gives the same
+    masks for a seed: ``torch`` draws them on the host and copies the mask to ``device``; ``triton`` runs one
+    program per sample, one launch, no host synchronisation.
 
     Equivalent PyTorch::
 

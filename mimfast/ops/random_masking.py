@@ -159,7 +159,11 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> int:
     return fold_seed(gen.initial_seed(), offset)
 
 
-def _mulhilo32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# a uint32 word: an int64 tensor of them, or one Python int
+Word = Union[torch.Tensor, int]
+
+
+def _mulhilo32(a: int, x: Word) -> tuple[Word, Word]:
     """High and low 32 bits of a * x for a < 2^32 and x int64 holding values < 2^32, without int64 overflow."""
     low_product = a * (x & 0xFFFF)  # < 2^48
     high_product = a * (x >> 16)  # < 2^48
@@ -169,11 +173,13 @@ def _mulhilo32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32(
-    seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, rounds: int = 10
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Philox4x32 of counters (c0, c1, c2, c3) (int64 tensors holding uint32 values) under the 64-bit key ``seed``.
+    seed: int, c0: Word, c1: Word, c2: Word, c3: Word, rounds: int = 10
+) -> tuple[Word, Word, Word, Word]:
+    """Philox4x32 of counters (c0, c1, c2, c3) (int64 tensors holding uint32 values, or Python ints) under the
+    64-bit key ``seed``.
 
-    Returns four int64 tensors holding uint32 values, bit-identical to ``triton.language.philox``.
+    Returns four int64 tensors holding uint32 values (Python ints for int counters), bit-identical to
+    ``triton.language.philox``.
     """
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(rounds):
@@ -190,18 +196,19 @@ def key_index_bits(L: int) -> int:
     return max(4, (L - 1).bit_length())
 
 
-def random_keys_ref(N: int, L: int, seed: int, sample_offset: int = 0, device: Device = None) -> torch.Tensor:
+def random_keys_ref(N: int, L: int, seed: int, sample_offset: int = 0, device: Device = None,
+                    stream: int = 0) -> torch.Tensor:
     """[N, L] int64 distinct non-negative sort keys: Philox random high bits, patch index in the low bits.
 
-    Sample n uses counters (patch j, (sample_offset + n) low 32 bits, high 32 bits, 0); the triton kernel builds
-    the same keys, so argsort of these keys is what it computes.
+    Sample n uses counters (patch j, (sample_offset + n) low 32 bits, high 32 bits, ``stream``); the triton kernel
+    builds the same keys (stream 0), so argsort of these keys is what it computes.
     """
     idx = torch.arange(L, dtype=torch.int64, device=device)
     sample = torch.arange(N, dtype=torch.int64, device=device) + sample_offset
     c0 = idx.expand(N, L)
     c1 = (sample & _MASK32)[:, None].expand(N, L)
     c2 = (sample >> 32)[:, None].expand(N, L)
-    r0, r1, _, _ = philox4x32(seed, c0, c1, c2, torch.zeros_like(c0))
+    r0, r1, _, _ = philox4x32(seed, c0, c1, c2, torch.full_like(c0, stream))
     bits = key_index_bits(L)
     rnd = (r0 << 31) | (r1 >> 1)
     return ((rnd >> bits) << bits) | idx
