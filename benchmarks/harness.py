@@ -16,6 +16,10 @@ Two optional views separate the two (CUDA only), each in its own columns:
   whose queue the host keeps full. GB/s and the fraction of copy bandwidth are also given at this time.
 - ``--profile``: the summed duration of the call's kernels (torch.profiler), their number, and the host time to
   enqueue one call.
+
+The "% copy bw" column divides by the nominal copy bandwidth of the lent H100; cases that also time a ``copy``
+provider (a device-to-device copy of their own bytes) get the fraction of that bandwidth, measured in the same
+run, in a list of their own (:func:`measured_copy_fractions`).
 """
 
 from __future__ import annotations
@@ -332,6 +336,17 @@ def speedups(rows: list[Row], ours: str = "mimfast", key: str = "ms_median") -> 
     return out
 
 
+def measured_copy_fractions(rows: list[Row], ours: str = "mimfast") -> dict[str, dict[str, float]]:
+    """Per case with a ``copy`` row: the fraction of the copy bandwidth measured in the same run at the case's own
+    bytes that ours reaches (the copy's time / ours), ``eager`` and, where both were graph-timed, ``graph``."""
+    out: dict[str, dict[str, float]] = {}
+    for key, label in (("ms_median", "eager"), ("graph_ms", "graph")):
+        for case, sp in speedups(rows, ours, key).items():
+            if COPY_PROVIDER in sp:
+                out.setdefault(case, {})[label] = sp[COPY_PROVIDER]
+    return out
+
+
 def write_results(name: str, rows: list[Row], device: torch.device, extra: Optional[dict[str, Any]] = None) -> str:
     """Append a run to results/<name>.json and rewrite results/<name>.md with the newest run first."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
@@ -340,6 +355,9 @@ def write_results(name: str, rows: list[Row], device: torch.device, extra: Optio
     graph_speedups = speedups(rows, key="graph_ms")
     if graph_speedups:
         run_record["speedups_graph"] = graph_speedups
+    copy_fractions = measured_copy_fractions(rows)
+    if copy_fractions:
+        run_record["measured_copy_fraction"] = copy_fractions
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     history = []
     if os.path.exists(path):
@@ -375,6 +393,12 @@ def write_results(name: str, rows: list[Row], device: torch.device, extra: Optio
             md += ["", "The same at device time (graph_ms: CUDA-graph replay, no host overhead):", ""]
             for case, sp in rec["speedups_graph"].items():
                 md.append(f"- {case}: " + ", ".join(f"{p} {v:.2f}x" for p, v in sp.items()))
+        if rec.get("measured_copy_fraction"):
+            md += ["", "Fraction of the copy bandwidth measured in this run at each case's bytes (the `copy` row's "
+                   "time / mimfast's; the table's % copy bw is against the nominal "
+                   f"{COPY_BW_BYTES_PER_S / 1e12:.1f} TB/s):", ""]
+            for case, fr in rec["measured_copy_fraction"].items():
+                md.append(f"- {case}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fr.items()))
         md.append("")
     with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
         f.write("\n".join(md))

@@ -60,6 +60,27 @@ def test_speedups_at_graph_time_and_md_lists_them(tmp_path, monkeypatch):
     assert "graph_ms 0.1000" in md and "- c: reference 5.00x" in md
 
 
+def test_fraction_of_the_measured_copy_bandwidth(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+
+    def row(case: str, provider: str, ms: float, graph_ms=None) -> harness.Row:
+        extra = {} if graph_ms is None else {"graph_ms": graph_ms}
+        return harness.Row(case, provider, ms, ms, ms, None, None, None, None, None, extra=extra)
+
+    rows = [row("gather", "mimfast", 0.5, 0.25), row("gather", harness.COPY_PROVIDER, 0.4, 0.2),
+            row("loss", "mimfast", 1.0), row("loss", harness.COPY_PROVIDER, 0.25),
+            row("embed", "mimfast", 1.0), row("embed", "reference", 2.0)]
+    fractions = harness.measured_copy_fractions(rows)
+    assert fractions == {"gather": {"eager": pytest.approx(0.8), "graph": pytest.approx(0.8)},
+                         "loss": {"eager": pytest.approx(0.25)}}
+    write_results("bench_c", rows, torch.device("cpu"))
+    assert json.loads((tmp_path / "bench_c.json").read_text())[0]["measured_copy_fraction"]["loss"] == {
+        "eager": pytest.approx(0.25)}
+    md = (tmp_path / "bench_c.md").read_text()
+    assert "- gather: eager 80.0%, graph 80.0%" in md and "- loss: eager 25.0%" in md and "- embed:" not in md.split(
+        "Fraction of the copy bandwidth")[1]
+
+
 @pytest.mark.gpu
 def test_graph_time_is_device_time_of_a_copy():
     # a 512 MiB copy: long enough that the profiler's kernel time and the graph replay time must agree
