@@ -18,6 +18,7 @@ from mimfast.models.vit import MIMModel, MIMOutput, check_model_input, init_line
 from mimfast.nn.block import Block
 from mimfast.nn.patch_embed import TubeletEmbed
 from mimfast.ops.embed_visible import embed_visible
+from mimfast.ops.masking import shuffle_from_mask
 from mimfast.ops.patchify import patchify
 from mimfast.ops.random_masking import MaskInfo
 from mimfast.ops.restore_tokens import restore_tokens
@@ -84,12 +85,7 @@ def mask_indices(mask: torch.Tensor, num_visible: int) -> tuple[torch.Tensor, to
         ids_keep, ids_masked = ids_shuffle[:, :K], ids_shuffle[:, K:]
         ids_restore = torch.argsort(ids_shuffle, dim=1)
     """
-    masked = mask.long()
-    rank_masked = masked.cumsum(1) - 1
-    rank_visible = (1 - masked).cumsum(1) - 1
-    ids_restore = torch.where(mask, num_visible + rank_masked, rank_visible)
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(ids_restore)
-    ids_shuffle = torch.empty_like(ids_restore).scatter_(1, ids_restore, positions)
+    ids_shuffle, ids_restore = shuffle_from_mask(mask, num_visible)
     return ids_shuffle[:, :num_visible], ids_shuffle[:, num_visible:], ids_restore
 
 

@@ -47,6 +47,7 @@ from mimfast.ops.random_masking import (
 __all__ = [
     "RaggedMaskInfo",
     "mask_info_from_mask",
+    "shuffle_from_mask",
     "simmim_masking",
     "simmim_masking_ref",
     "block_masking",
@@ -106,22 +107,29 @@ def mask_info_from_mask(mask: torch.Tensor, num_keep: Optional[int] = None) -> M
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         raise ValueError(f"mask must be a 2-D [N, L] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
     removed = mask.bool()
-    kept = ~removed
-    N, L = mask.shape
+    N = mask.shape[0]
     if num_keep is None:
         if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
             raise ValueError("mask must hold only 0 and 1 (or be bool)")
-        counts = kept.sum(1)
+        counts = (~removed).sum(1)
         num_keep = int(counts[0]) if N else 0
         if N and not bool((counts == num_keep).all()):
             raise ValueError(f"every row of mask must keep the same number of patches, got counts {counts.tolist()}")
-    kept_rank = kept.long().cumsum(1) - 1
-    removed_rank = removed.long().cumsum(1) - 1 + num_keep
-    ids_restore = torch.where(kept, kept_rank, removed_rank)
-    positions = torch.arange(L, device=mask.device).expand(N, L)
-    ids_shuffle = torch.empty_like(ids_restore).scatter_(1, ids_restore, positions)
+    ids_shuffle, ids_restore = shuffle_from_mask(removed, num_keep)
     ids_keep = ids_shuffle[:, :num_keep].contiguous()
     return MaskInfo(ids_keep, ids_restore, removed.to(torch.float32))
+
+
+def shuffle_from_mask(removed: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [N, L] (True = removed, ``num_keep`` False per row) -> (ids_shuffle, ids_restore) [N, L] int64: the
+    kept patches then the removed ones, each ascending, and its inverse; cumulative sums and a scatter, no sort
+    and no host synchronisation."""
+    kept_rank = (~removed).long().cumsum(1) - 1
+    removed_rank = removed.long().cumsum(1) - 1 + num_keep
+    ids_restore = torch.where(removed, removed_rank, kept_rank)
+    positions = torch.arange(removed.shape[1], device=removed.device).expand_as(ids_restore)
+    ids_shuffle = torch.empty_like(ids_restore).scatter_(1, ids_restore, positions)
+    return ids_shuffle, ids_restore
 
 
 def _unit_mask(N: int, U: int, K: int, seed: int, sample_offset: int, device: Device, use_triton: bool) -> torch.Tensor:
