@@ -234,6 +234,113 @@ def test_scale_sign_on_the_tiled_path(interpret, scale):
     assert_error_ratio(got, run(ref, (q, k, v), g), run(ref, (q, k, v), g, torch.float64))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The tiled kernels (_attn_fwd, _attn_bwd_delta, _attn_bwd): sequences past the short path's limit. Every case
+# asserts that short_config refuses it, so a change of the limits cannot move these tests to the short path.
+
+TILED_CASES = [
+    # (lengths, heads, head dim, dtype, packed tail rows, loose max_seqlen: an int, or None for T)
+    # fp32's short path stops at 64 tokens; 32-row blocks: one-row-partial (65 = 2 x 32 + 1), whole, an empty
+    # sequence and one shorter than a block
+    pytest.param([65, 0, 64, 3], 2, 32, torch.float32, 37, None, id="fp32-d32-len65-0-64-3"),
+    # fp16 with d > 64 stops at 64 tokens; the bound 200 also grows the forward's query block from 64 to 128 rows
+    pytest.param([100, 1, 65], 1, 80, torch.float16, 70, 200, id="fp16-d80-len100-1-65"),
+    # fp32 with d > 64 stops at 32 tokens; a tail longer than a whole grid column, so its zeroing loop steps twice
+    pytest.param([33, 5, 40, 1], 1, 96, torch.float32, 70, 100, id="fp32-d96-len33-5-40-1"),
+]
+
+
+def assert_tiled(d: int, dtype: torch.dtype, *max_seqlens: int) -> None:
+    """Fail unless every max_seqlen runs the tiled kernels, forward and backward."""
+    from mimfast.kernels.visible_attention import short_config
+
+    fp32 = dtype == torch.float32
+    for ms in max_seqlens:
+        assert short_config(d, ms, fp32) is None, f"max_seqlen {ms} would take the short forward"
+        assert short_config(d, ms, fp32, backward=True) is None, f"max_seqlen {ms} would take the short backward"
+
+
+def lse_ref(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """[H, cu_seqlens[-1]] base-2 log-sum-exp of each query's scaled scores, computed in q's dtype."""
+    bounds = cu_seqlens.tolist()
+    return torch.cat([(torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) * scale).logsumexp(-1) / math.log(2)
+                      for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
+
+
+@pytest.mark.parametrize("lengths,H,d,dtype,tail,loose", TILED_CASES)
+def test_tiled_max_seqlen_upper_bound_matches_exact(interpret, lengths, H, d, dtype, tail, loose):
+    from mimfast.kernels.visible_attention import fwd_config
+
+    exact = max(lengths)
+    bound = sum(lengths) + tail if loose is None else loose
+    assert bound > exact
+    assert_tiled(d, dtype, exact, bound)
+    torch.manual_seed(0)
+    with_exact = check_packed(lengths, H, d, dtype, tail=tail)
+    torch.manual_seed(0)
+    with_bound = check_packed(lengths, H, d, dtype, tail=tail, max_seqlen=loose)
+    fp32 = dtype == torch.float32
+    if fwd_config(d, exact, fp32) == fwd_config(d, bound, fp32):
+        # the same tiles, the bound only adds idle programs: the same bits
+        for name, a, b in zip(("out", "dq", "dk", "dv"), with_exact, with_bound):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("lengths,H,d,dtype,tail,loose", TILED_CASES)
+def test_tiled_every_element_written_and_tail_never_read(interpret, lengths, H, d, dtype, tail, loose):
+    del loose
+    max_seqlen, n = max(lengths), sum(lengths)
+    assert_tiled(d, dtype, max_seqlen)
+    cu, scale = cu_of(lengths), 1 / math.sqrt(d)
+    q, k, v, g = (torch.randn(n + tail, H, d).to(dtype) for _ in range(4))
+    for t in (q, k, v, g):
+        t[n:] = float("nan")
+    out, lse = torch.full_like(q, float("nan")), torch.full((H, n + tail), float("nan"))
+    launch_forward(q, k, v, cu, max_seqlen, scale, out, lse)
+    for name, t in (("out", out), ("lse", lse.T)):
+        assert torch.isfinite(t).all(), f"{name}: NaN left or leaked"
+        assert not t[n:].any(), f"{name}: tail rows must be zero"
+    # the backward must not read the tail of the forward's results either
+    out[n:], lse[:, n:] = float("nan"), float("nan")
+    dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
+    launch_backward(g, q, k, v, out, lse, cu, max_seqlen, scale, dq, dk, dv)
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all(), f"{name}: NaN left or leaked"
+        assert not t[n:].any(), f"{name}: tail rows must be zero"
+
+    clean = [t[:n] for t in (q, k, v, g)]
+
+    def ref(a, b, c):
+        return visible_attention_ref(a, b, c, cu_seqlens=cu)
+
+    assert_error_ratio([out[:n], dq[:n], dk[:n], dv[:n]], run(ref, clean[:3], clean[3]),
+                       run(ref, clean[:3], clean[3], torch.float64))
+    lse64 = lse_ref(clean[0].double(), clean[1].double(), cu, scale)
+    err = (lse[:, :n].double() - lse64).abs().max().item()
+    base = (lse_ref(clean[0], clean[1], cu, scale).double() - lse64).abs().max().item()
+    # the log-sum-exp is O(log2(n) + scores), not O(1): the fp32 rounding floor scales with it
+    atol = 4 * math.sqrt(d) * torch.finfo(torch.float32).eps * lse64.abs().max().item()
+    assert err <= 2 * base + atol, f"lse: error {err:.3e} vs torch {base:.3e} (+{atol:.1e})"
+
+
+@pytest.mark.parametrize("lengths,H,d,dtype,tail,loose", TILED_CASES)
+def test_tiled_forward_and_backward_are_deterministic(interpret, lengths, H, d, dtype, tail, loose):
+    del loose
+    max_seqlen = max(lengths)
+    assert_tiled(d, dtype, max_seqlen)
+    cu = cu_of(lengths)
+    q, k, v, g = (torch.randn(sum(lengths) + tail, H, d) for _ in range(4))
+
+    def once():
+        return run(lambda a, b, c: visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=max_seqlen, backend="triton"),
+                   (q, k, v), g, dtype)
+
+    first, second = once(), once()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
 def test_empty_inputs(interpret):
     q = torch.randn(0, 2, 32)
     assert visible_attention(q, q, q, cu_seqlens=cu_of([]), backend="triton").shape == (0, 2, 32)
@@ -462,6 +569,36 @@ def test_gpu_torch_compile_inductor():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths,short", [([50, 1, 0, 49, 37], True), ([197, 129, 3, 0, 64], False)],
+                         ids=["short-path", "tiled-path"])
+def test_gpu_packed_bf16_forward_backward_without_host_sync(lengths, short):
+    from mimfast.kernels.visible_attention import short_config
+
+    max_seqlen = max(lengths)
+    for backward in (False, True):
+        assert (short_config(64, max_seqlen, False, backward=backward) is not None) == short
+    seen = cu_of(lengths, "cuda")
+    unseen = seen.clone()  # never checked yet: its values are checked on the device, by an asynchronous assertion
+    q, k, v, g = (torch.randn(sum(lengths) + 5, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+
+    def step(cu):
+        return run(lambda a, b, c: visible_attention(a, b, c, cu_seqlens=cu, max_seqlen=max_seqlen, backend="triton"),
+                   (q, k, v), g)
+
+    first = step(seen)  # compiles the kernels and checks `seen` outside the sync check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = step(seen)
+        checked = step(unseen)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), first, again, checked):
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
 # --------------------------------------------------------------------------------------------------------------
 # End to end: MAE with one mask ratio per sample (packed encoder, dense decoder).
 
@@ -470,10 +607,10 @@ RAGGED_MAE = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, 
 RAGGED_RATIOS = [0.0, 0.5, 0.75, 0.9, 0.6]  # K = 16, 8, 4, 1, 6 of L = 16 patches
 
 
-def per_sample_reference(model, imgs, noise):
+def per_sample_reference(model, imgs, noise, ratios=RAGGED_RATIOS):
     """The official single-ratio model run on one sample at a time, with that sample's ratio and noise row."""
     model.fused = False
-    outs = [model(imgs[n:n + 1], mask_ratio=r, noise=noise[n:n + 1]) for n, r in enumerate(RAGGED_RATIOS)]
+    outs = [model(imgs[n:n + 1], mask_ratio=r, noise=noise[n:n + 1]) for n, r in enumerate(ratios)]
     pred, mask = torch.cat([o.pred for o in outs]), torch.cat([o.mask for o in outs])
     return model.forward_loss(imgs, pred, mask), pred, mask
 
@@ -515,3 +652,40 @@ def test_ragged_mae_triton_kernels(interpret):
     atol = 4 * math.sqrt(8) * torch.finfo(torch.float32).eps
     assert (pred.double() - pred64).abs().max() <= 2 * (pred32.double() - pred64).abs().max() + atol
     assert abs(loss.item() - loss64.item()) <= 2 * abs(loss32.item() - loss64.item()) + atol
+
+
+def test_ragged_mae_triton_kernels_gradients(interpret):
+    # fused fp32 model on the Triton kernels (packed encoder attention, dense decoder attention, the fused
+    # embedding, restore and loss ops) against the per-sample reference model in float64; the reference model in
+    # fp32 sets each parameter's error budget
+    from mimfast import backend
+    from mimfast.models import MaskedAutoencoderViT
+
+    ratios = [0.0, 0.9, 0.6]  # K = L, K = 1 and between (three samples: the interpreter's pixel loss is slow)
+    model = MaskedAutoencoderViT(**RAGGED_MAE)
+    N = len(ratios)
+    imgs = torch.randn(N, 3, 16, 16)
+    noise = torch.rand(N, 16)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+
+    def grads(loss):
+        return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    loss64, _, _ = per_sample_reference(model.double(), imgs.double(), noise, ratios)
+    grads64 = grads(loss64)
+    loss32, _, _ = per_sample_reference(model.float(), imgs, noise, ratios)
+    grads32 = grads(loss32)
+    model.fused = True
+    with backend.use("triton"):
+        loss = model.forward_ragged(imgs, ratios, noise=noise).loss
+        got = grads(loss)
+    eps = torch.finfo(torch.float32).eps
+    head_dim = RAGGED_MAE["embed_dim"] // RAGGED_MAE["num_heads"]
+    assert abs(loss.item() - loss64.item()) <= 2 * abs(loss32.item() - loss64.item()) + 4 * math.sqrt(head_dim) * eps
+    for name, g, g32, g64 in zip(names, got, grads32, grads64):
+        assert torch.isfinite(g).all(), f"{name}: non-finite gradient"
+        err = (g.double() - g64).abs().max().item()
+        base = (g32.double() - g64).abs().max().item()
+        # gradients here are O(1e-2), not O(1): the fp32 rounding floor of assert_error_ratio scaled to their size
+        atol = 4 * math.sqrt(head_dim) * eps * g64.abs().max().item()
+        assert err <= 2 * base + atol, f"{name}: error {err:.3e} vs reference fp32 {base:.3e} (+{atol:.1e})"
