@@ -86,6 +86,94 @@ def test_variants(case):
                  chunk_size=20)
 
 
+def ids_with_mask(N, L, R, first=()):
+    """ids_masked [N, R] (the patches in ``first``, then random others, in shuffled order) and its 0/1 mask."""
+    first = torch.tensor(first, dtype=torch.long)
+    ids = []
+    for _ in range(N):
+        rest = torch.tensor([l for l in torch.randperm(L).tolist() if l not in first.tolist()])
+        row = torch.cat([first, rest[: R - len(first)]])
+        ids.append(row[torch.randperm(R)])
+    ids = torch.stack(ids)
+    return ids, torch.zeros(N, L).scatter_(1, ids, 1.0)
+
+
+@pytest.mark.parametrize("chunk_size", [6, 10_000], ids=["chunk_1_sample", "one_chunk"])
+@pytest.mark.parametrize("rows", ["all_rows", "ids_masked"])
+def test_all_patches_masked(rows, chunk_size):
+    # mask ratio 1: every row is scored; without ids the hidden gradient is written by the GEMMs alone
+    imgs, _, hidden, weight, bias, _ = make(2, 3, 8, 12, 4, 16)  # L = 6
+    N, L, _ = hidden.shape
+    mask = torch.ones(N, L)
+    kw = {"ids_masked": torch.argsort(torch.rand(N, L), dim=1)} if rows == "ids_masked" else {}
+    _, g = run_case(hidden, weight, bias, imgs, mask, 4, norm_pix=True, chunk_size=chunk_size, **kw)
+    assert (g[0] != 0).all()
+
+
+@pytest.mark.parametrize("case", ["one_per_sample_ids", "one_per_sample_all_rows", "one_in_batch_all_rows"])
+def test_exactly_one_masked_patch(case):
+    imgs, _, hidden, weight, bias, _ = make(3, 3, 8, 8, 4, 16)  # L = 4
+    N, L, _ = hidden.shape
+    where = torch.tensor([0, 2, L - 1])  # first, middle and last patch
+    mask = torch.zeros(N, L)
+    mask[torch.arange(N), where] = 1.0
+    if case == "one_in_batch_all_rows":
+        mask[:2] = 0.0  # samples 0 and 1 mask nothing
+    kw = {"ids_masked": where[:, None]} if case.endswith("ids") else {}
+    _, g = run_case(hidden, weight, bias, imgs, mask, 4, norm_pix=True, chunk_size=1, **kw)
+    assert (g[0][mask == 0] == 0).all() and (g[0][mask == 1] != 0).all()
+
+
+@pytest.mark.parametrize("rows", ["ids_masked", "all_rows"])
+def test_constant_patches_norm_pix(rows):
+    # zero variance: the normalised target is exactly 0 for those patches (not rounding noise times 1 / sqrt(eps))
+    imgs, _, hidden, weight, bias, _ = make(2, 3, 8, 12, 4, 16)  # 2 x 3 patches
+    N, L, _ = hidden.shape
+    imgs[:, :, :4, :4] = 0.3  # patch 0 of every sample
+    imgs[1, :, 4:, 8:] = -1.7  # patch 5 of sample 1
+    ids, mask = ids_with_mask(N, L, 3, first=(0, 5))
+    kw = {"ids_masked": ids} if rows == "ids_masked" else {}
+    run_case(hidden, weight, bias, imgs, mask, 4, norm_pix=True, chunk_size=6, **kw)
+
+
+@pytest.mark.parametrize("huge", ["imgs", "pred"], ids=["huge_imgs", "huge_pred"])
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
+def test_huge_values(norm_pix, huge):
+    # huge imgs: pixels around 3e4 +- 1e4 and (raw target) predictions at that scale; huge pred: predictions 1e4
+    # times the target's scale, from a huge weight and bias
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 12, 4, 16)
+    if huge == "imgs":
+        imgs = imgs * 1e4 + 3e4
+        if not norm_pix:
+            weight, bias = weight * 1e4, bias + 3e4
+    else:
+        weight, bias = weight * 1e4, bias * 1e4
+    run_case(hidden, weight, bias, imgs, info.mask, 4, ids_masked=ids, norm_pix=norm_pix, chunk_size=5)
+
+
+def poison_torch_empty(monkeypatch):
+    """Every tensor torch.empty allocates from here on starts as NaN (floating) or -1 (integer)."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+@pytest.mark.parametrize("rows,chunk_size", [("all_rows", 6), ("ids_masked", 10_000)],
+                         ids=["all_rows_chunk_1_sample", "ids_masked_one_chunk"])
+def test_poisoned_internal_buffers_fully_overwritten(rows, chunk_size, monkeypatch):
+    # the op exposes no buffers: its own torch.empty allocations (the hidden gradient when every row is scored, the
+    # weight and error partials, the loss) are poisoned instead, and every output must be finite and match
+    imgs, info, hidden, weight, bias, ids = make(3, 3, 8, 12, 4, 16)
+    kw = {"ids_masked": ids} if rows == "ids_masked" else {}
+    poison_torch_empty(monkeypatch)
+    assert torch.isnan(torch.empty(2)).all()
+    run_case(hidden, weight, bias, imgs, info.mask, 4, norm_pix=True, chunk_size=chunk_size, **kw)
+
+
 def test_hidden_view_without_cls_row_and_bool_mask():
     imgs, info, hidden, weight, bias, ids = make(2, 3, 12, 12, 4, 16)
     with_cls = torch.randn(2, 1 + hidden.shape[1], 16)
@@ -247,3 +335,26 @@ def test_mae_fused_head_equals_reference_mode(norm_pix):
     torch.testing.assert_close(tri.loss, plain.loss, rtol=1e-5, atol=1e-6)
     for name in plain_grads:
         torch.testing.assert_close(tri_grads[name], plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def two_runs(hidden, weight, bias, imgs, mask, p, **kw):
+    """[loss, d/dhidden, d/dweight, d/dbias] of two identical calls."""
+    outs = []
+    for _ in range(2):
+        xs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss = fused_head_masked_pixel_loss(*xs, imgs, mask, p, backend="triton", **kw)
+        loss.backward()
+        outs.append([loss.detach()] + [x.grad for x in xs])
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_size", [1024, 65536], ids=["chunks", "one_chunk"])
+@pytest.mark.parametrize("rows", ["ids_masked", "all_rows"])
+def test_gpu_bf16_run_to_run_bit_equality(rows, chunk_size):
+    torch.manual_seed(2)
+    imgs, info, hidden, weight, bias, ids = make(16, 3, 224, 224, 16, 512, dtype=torch.bfloat16, device="cuda")
+    kw = {"ids_masked": ids} if rows == "ids_masked" else {}
+    first, second = two_runs(hidden, weight, bias, imgs, info.mask, 16, norm_pix=True, chunk_size=chunk_size, **kw)
+    assert torch.isfinite(first[0]) and all(torch.isfinite(g).all() and g.dtype == torch.bfloat16 for g in first[1:])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

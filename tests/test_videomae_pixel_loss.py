@@ -27,19 +27,21 @@ def tube_mask(N, t, hw, masked_per_slice):
     return spatial.repeat(1, t)
 
 
-def run_case(pred, videos, mask, p, pt, **kw):
+def run_case(pred, videos, mask, p, pt, view=lambda t: t, **kw):
+    """Kernel vs float64 reference vs torch in pred's dtype, loss and gradient, same grad_output. ``view`` maps
+    the leaf ``pred`` to the tensor the loss gets (a strided view, say): the gradients compared are the leaf's."""
     # half precision: a power-of-two grad_output, as the gradient is rounded to pred's dtype in the forward
     half = pred.dtype in (torch.float16, torch.bfloat16)
     grad_out = (torch.tensor(0.5) if half else torch.rand(()) + 0.5).to(pred.device)
     x = pred.detach().clone().requires_grad_()
-    loss = videomae_pixel_loss(x, videos, mask, p, pt, backend="triton", **kw)
+    loss = videomae_pixel_loss(view(x), videos, mask, p, pt, backend="triton", **kw)
     loss.backward(grad_out)
     x32 = pred.detach().clone().requires_grad_()
-    videomae_pixel_loss_ref(x32, videos, mask, p, pt, **kw).backward(grad_out)
+    videomae_pixel_loss_ref(view(x32), videos, mask, p, pt, **kw).backward(grad_out)
     x64 = pred.detach().double().requires_grad_()
-    loss64 = videomae_pixel_loss_ref(x64, videos.double(), mask, p, pt, **kw)
+    loss64 = videomae_pixel_loss_ref(view(x64), videos.double(), mask, p, pt, **kw)
     loss64.backward(grad_out.double())
-    loss32 = videomae_pixel_loss_ref(pred, videos, mask, p, pt, **kw)
+    loss32 = videomae_pixel_loss_ref(view(pred), videos, mask, p, pt, **kw)
     assert torch.isfinite(x.grad).all() and x.grad.dtype == pred.dtype
     assert_by_error_ratio(loss, loss32, loss64)
     assert_by_error_ratio(x.grad, x32.grad, x64.grad)
@@ -47,8 +49,9 @@ def run_case(pred, videos, mask, p, pt, **kw):
 
 
 @pytest.mark.parametrize("norm_target", [True, False], ids=["norm_target", "raw_target"])
-@pytest.mark.parametrize("shape", [(2, 3, 4, 8, 12, 4, 2), (1, 3, 2, 16, 16, 8, 2), (3, 1, 3, 4, 8, 4, 3)],
-                         ids=["N2_T4_p4", "P768_pt2_p8", "C1_pt3_prime"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 8, 12, 4, 2), (1, 3, 2, 16, 16, 8, 2), (3, 1, 3, 4, 8, 4, 3),
+                                   (1, 3, 4, 32, 32, 16, 2)],
+                         ids=["N2_T4_p4", "P768_pt2_p8", "C1_pt3_prime", "P1536_pt2_p16"])
 def test_matches_float64(shape, norm_target):
     N, C, T, H, W, p, pt = shape
     videos = torch.randn(N, C, T, H, W)
@@ -79,6 +82,109 @@ def test_random_non_tube_mask_constant_cubes_and_all_masked():
     mask[:, 0] = True  # + the constant one: 5 per sample
     run_case(torch.randn(N, 5, 96), videos, mask, p, pt)
     run_case(torch.randn(N, L, 96), videos, torch.ones(N, L, dtype=torch.bool), p, pt)
+
+
+@pytest.mark.parametrize("huge", ["videos", "pred"], ids=["huge_videos", "huge_pred"])
+@pytest.mark.parametrize("norm_target", [True, False], ids=["norm_target", "raw_target"])
+def test_huge_values(norm_target, huge):
+    # huge videos: un-normalised values around 7e3 +- 2e3 (per-channel statistics of a large offset), predictions at
+    # the target's scale; huge pred: predictions 1e4 times the target's scale
+    N, C, T, H, W, p, pt = 2, 3, 4, 8, 8, 4, 2
+    videos = torch.randn(N, C, T, H, W)
+    mask = tube_mask(N, T // pt, 4, 3)
+    pred = torch.randn(N, int(mask[0].sum()), pt * p * p * C)
+    if huge == "videos":
+        videos = videos * 1e4 + 3e4
+        if not norm_target:
+            pred = pred * 2e3 + 7e3
+    else:
+        pred = pred * 1e4
+    run_case(pred, videos, mask, p, pt, norm_target=norm_target)
+
+
+@pytest.mark.parametrize("norm_target", [True, False], ids=["norm_target", "raw_target"])
+def test_one_masked_token_per_sample(norm_target):
+    # 3 rows in all, fewer than one program's rows; the masked token is the first, a middle and the last one
+    N, C, T, H, W, p, pt = 3, 3, 4, 8, 12, 4, 2
+    L = (T // pt) * (H // p) * (W // p)
+    mask = torch.zeros(N, L, dtype=torch.bool)
+    mask[torch.arange(N), torch.tensor([0, 7, L - 1])] = True
+    run_case(torch.randn(N, 1, pt * p * p * C), torch.randn(N, C, T, H, W), mask, p, pt, norm_target=norm_target)
+
+
+@pytest.mark.parametrize("layout", ["pred_transposed", "pred_element_stride_2", "pred_sample_minor",
+                                    "videos_channels_last_strided_frames"])
+def test_non_contiguous_inputs(layout):
+    N, C, T, H, W, p, pt = 2, 3, 4, 8, 8, 4, 2
+    mask = tube_mask(N, T // pt, 4, 2)
+    R, P = int(mask[0].sum()), pt * p * p * C
+    videos = torch.randn(N, C, T, H, W)
+    view = lambda t: t  # noqa: E731
+    if layout == "pred_transposed":  # element stride R
+        base, view = torch.randn(N, P, R), lambda t: t.transpose(1, 2)
+    elif layout == "pred_element_stride_2":  # not dense: half of the leaf's gradient must stay 0
+        base, view = torch.randn(N, R, 2 * P), lambda t: t[..., ::2]
+    elif layout == "pred_sample_minor":
+        base, view = torch.randn(R, N, P), lambda t: t.transpose(0, 1)
+    else:
+        base = torch.randn(N, R, P)
+        videos = torch.randn(N, C, 2 * T, H, W).to(memory_format=torch.channels_last_3d)[:, :, ::2]
+        assert not videos.is_contiguous()
+    assert view(base).shape == (N, R, P)
+    assert layout.startswith("videos") or not view(base).is_contiguous()
+    run_case(base, videos, mask, p, pt, view=view)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["separate_grad", "grad_in_pred"])
+def test_poisoned_buffers_fully_overwritten(in_place, monkeypatch):
+    """At the launcher level, with the per-channel normalisation and the un-normalisation: the token list, the
+    flags, the partial sums and the gradient start as poison and every element is written."""
+    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_masked_ids, launch_pixel_loss, num_partials
+    from mimfast.ops.masked_pixel_loss import NORM_CHANNEL
+    from mimfast.ops.videomae_pixel_loss import STD_EPS, masked_ids
+
+    N, C, T, H, W, p, pt = 3, 3, 2, 8, 12, 4, 2
+    videos = torch.randn(N, C, T, H, W)
+    mask = tube_mask(N, T // pt, 6, 3)
+    R, P = int(mask[0].sum()), pt * p * p * C  # 9 rows: not a multiple of the rows per program
+    pred = torch.randn(N, R, P)
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    # launch_masked_ids allocates its outputs itself: poison every torch.empty for its calls only
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    ids, bad = launch_masked_ids(mask, R)
+    short = mask.clone()
+    short[1, int(short[1].nonzero()[0])] = False  # sample 1 masks R - 1 tokens
+    short_ids, short_bad = launch_masked_ids(short, R)
+    monkeypatch.undo()
+    assert torch.equal(ids, masked_ids(mask, R)) and torch.equal(bad, torch.zeros(N, dtype=torch.int32))
+    assert torch.equal(short_bad, torch.tensor([0, 1, 0], dtype=torch.int32))
+    # the row past sample 1's count still holds a valid token index
+    assert torch.equal(short_ids[:, :R - 1], masked_ids(short, R - 1)) and short_ids[1, R - 1] == 0
+
+    stats = torch.tensor(IMAGENET_MEAN + IMAGENET_STD, dtype=torch.float32).view(2, C)
+    partials = torch.full((num_partials(N * R),), float("nan"))
+    buf = pred.clone()
+    grad = buf if in_place else torch.full_like(pred, float("nan"))
+    launch_pixel_loss(buf, videos, ids, None, None, N * R, partials, grad, p, pt, NORM_CHANNEL, False, STD_EPS, stats)
+    assert torch.isfinite(partials).all() and torch.isfinite(grad).all()
+    x = pred.clone().requires_grad_()
+    loss = videomae_pixel_loss(x, videos, mask, p, pt, backend="triton")
+    loss.backward()
+    assert torch.equal(grad, x.grad)
+    assert torch.equal(launch_loss_finalize(partials, None, N * R, P, torch.float32, bad), loss.detach())
+    assert torch.isnan(launch_loss_finalize(partials, None, N * R, P, torch.float32, short_bad))
+    x32, x64 = pred.clone().requires_grad_(), pred.double().requires_grad_()
+    loss32 = videomae_pixel_loss_ref(x32, videos, mask, p, pt)
+    loss32.backward()
+    loss64 = videomae_pixel_loss_ref(x64, videos.double(), mask, p, pt)
+    loss64.backward()
+    assert_by_error_ratio(loss.detach(), loss32.detach(), loss64.detach())
+    assert_by_error_ratio(grad, x32.grad, x64.grad)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -154,3 +260,38 @@ def test_gpu_bf16_videomae_b_shape():
     pred = torch.randn(N, int(mask[0].sum()), 1536, device="cuda").bfloat16()
     for norm_target in (True, False):
         run_case(pred, videos, mask, p, pt, norm_target=norm_target)
+
+
+@pytest.mark.slow
+def test_real_videomae_b_shape_interpreter():
+    # 16 frames of 224 x 224, cubes 2 x 16 x 16 (P = 1536, L = 1568), tube masking at ratio 0.9
+    N, T, p, pt = 1, 16, 16, 2
+    videos = torch.randn(N, 3, T, 224, 224)
+    mask = tube_mask(N, T // pt, 196, 176)
+    pred = torch.randn(N, int(mask[0].sum()), 1536)
+    run_case(pred, videos, mask, p, pt)
+
+
+def two_runs(pred, videos, mask, p, pt, **kw):
+    """(loss, d loss / d pred) of two identical calls."""
+    outs = []
+    for _ in range(2):
+        x = pred.clone().requires_grad_()
+        loss = videomae_pixel_loss(x, videos, mask, p, pt, backend="triton", **kw)
+        loss.backward()
+        outs.append((loss.detach(), x.grad))
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("videos_dtype", [torch.float32, torch.bfloat16], ids=["videos_fp32", "videos_bf16"])
+@pytest.mark.parametrize("norm_target", [True, False], ids=["norm_target", "raw_target"])
+def test_gpu_bf16_run_to_run_bit_equality(norm_target, videos_dtype):
+    torch.manual_seed(2)
+    N, T, p, pt = 4, 16, 16, 2
+    videos = torch.randn(N, 3, T, 224, 224, device="cuda").to(videos_dtype)
+    mask = tube_mask(N, T // pt, 196, 176).cuda()
+    pred = torch.randn(N, int(mask[0].sum()), 1536, device="cuda").bfloat16()
+    (loss_a, grad_a), (loss_b, grad_b) = two_runs(pred, videos, mask, p, pt, norm_target=norm_target)
+    assert torch.isfinite(loss_a) and torch.isfinite(grad_a).all() and grad_a.dtype == torch.bfloat16
+    assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
