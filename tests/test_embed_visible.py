@@ -1,4 +1,6 @@
 
+import importlib
+
 import pytest
 import torch
 from compile_check import assert_compiles_for_h100
@@ -10,14 +12,20 @@ from mimfast.ops.patchify import grid_size
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Every floating tensor the op allocates with torch.empty starts as NaN: an unwritten element shows."""
-    empty = torch.empty
+    """Every floating tensor the op allocates with torch.empty or Tensor.new_empty (the pos_embed gradient buffer)
+    starts as NaN: an unwritten element shows."""
+    empty, new_empty = torch.empty, torch.Tensor.new_empty
 
     def poisoned(*args, **kwargs):
         t = empty(*args, **kwargs)
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
+    def poisoned_new(self, *args, **kwargs):
+        t = new_empty(self, *args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
     monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned_new)
 
 
 def assert_by_error_ratio(out, same_dtype, ref64, rel_atol=1e-6):
@@ -75,6 +83,11 @@ CASES = {
     "video_t3_C2_cls": ((1, 2, 3, 8, 12), 4, 3, 24, "cls", True, 0.5),
     "keep_none": ((2, 3, 16, 16), 4, None, 32, "cls", True, 0.99),
     "keep_all": ((2, 3, 16, 16), 4, None, 32, "cls", True, 0.0),
+    # real patch sizes on small grids, narrow D: ViT-H/14 P = 588, ViT-B/16 P = 768, VideoMAE 2x16x16 P = 1536
+    "vith_p14_P588_D16": ((2, 3, 28, 42), 14, None, 16, "cls", True, 0.5),
+    "vitb_p16_P768_D16_batch1": ((1, 3, 48, 48), 16, None, 16, "nocls", True, 0.75),
+    "videomae_t2_p16_P1536_D16": ((1, 3, 4, 32, 48), 16, 2, 16, "cls", True, 0.5),
+    "videomae_P1536_ratio09": ((1, 3, 4, 64, 80), 16, 2, 16, "cls", True, 0.9),
 }
 
 
@@ -150,6 +163,41 @@ def test_deterministic_forward_and_backward():
     second = run(kernel, imgs, ids_keep, weight, bias, pos, 4, None, grad_out)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+class _SkippedLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("pos_kind", ["cls", "nocls"])
+def test_pos_embed_grad_buffer_starts_poisoned_and_is_fully_written(pos_kind, poison, monkeypatch):
+    # the launcher allocates the [pos_rows, D] fp32 pos_embed gradient with grad.new_empty, which the fixture fills
+    # with NaN: the cls row must come from the zero fill and all L patch rows from the kernel, including the rows
+    # no sample kept (ratio 0.75, two samples: most of them), which must be exact zeros
+    ev = importlib.import_module("mimfast.ops.embed_visible")  # the module, not the op of the same name
+    imgs, ids_keep, weight, bias, pos = make((2, 3, 16, 16), 4, None, 24, pos_kind, True, 0.75)
+    L, K, D = 16, ids_keep.shape[1], 24
+    pos_rows = pos.shape[1]
+    grad_out = torch.randn(2, K, D)
+    _, g_pos = ev._backward_grads(grad_out, imgs, ids_keep, weight, 4, 1, None, False, pos_rows)
+    # reference gradient: with two samples each pos_embed element sums at most two terms, one rounding whatever
+    # the order, so the kernel's sample-order sum is bit-equal to it
+    leaf = pos.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(embed_visible_ref(imgs, ids_keep, weight, bias, leaf, 4), leaf, grad_out)
+    assert g_pos.shape == (pos_rows, D) and g_pos.dtype == torch.float32
+    assert not g_pos.isnan().any()
+    assert torch.equal(g_pos, g_ref[0])
+    never_kept = torch.ones(L, dtype=torch.bool)
+    never_kept[ids_keep.flatten()] = False
+    assert never_kept.any() and (g_pos[pos_rows - L:][never_kept] == 0).all()
+    # the poison does reach this buffer: with the kernel's launch skipped, every patch row is left NaN
+    monkeypatch.setattr(importlib.import_module("mimfast.kernels.embed_visible"), "embed_visible_bwd_pos_kernel",
+                        _SkippedLaunch())
+    _, unwritten = ev._backward_grads(grad_out, imgs, ids_keep, weight, 4, 1, None, False, pos_rows)
+    assert unwritten[pos_rows - L:].isnan().all() and not unwritten[:pos_rows - L].isnan().any()
 
 
 def test_frozen_weight_and_images_give_only_bias_and_pos_grads():

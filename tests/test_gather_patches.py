@@ -39,6 +39,11 @@ CASES = {
     "video_t3_p4_C2": ((1, 2, 6, 8, 12), 4, 3, 0.5),
     "keep_none": ((2, 3, 16, 16), 4, None, 0.99),
     "keep_all": ((2, 3, 16, 16), 4, None, 0.0),
+    # real patch sizes on small grids: ViT-H/14 P = 588, ViT-B/16 P = 768, VideoMAE 2x16x16 P = 1536
+    "vith_p14_P588": ((2, 3, 42, 56), 14, None, 0.75),
+    "vitb_p16_P768_batch1": ((1, 3, 48, 64), 16, None, 0.5),
+    "videomae_t2_p16_P1536": ((2, 3, 4, 32, 48), 16, 2, 0.5),
+    "videomae_P1536_ratio09": ((1, 3, 4, 64, 80), 16, 2, 0.9),
 }
 
 
@@ -91,7 +96,8 @@ def test_noncontiguous_images(name):
     assert torch.equal(gather_patches(imgs, ids_keep, p, t, backend="triton"), gather_patches_ref(imgs, ids_keep, p, t))
 
 
-@pytest.mark.parametrize("case", ["vit_224px_p16_L196", "odd_p3_C5", "video_t2_p8", "keep_none"])
+@pytest.mark.parametrize("case", ["vit_224px_p16_L196", "odd_p3_C5", "video_t2_p8", "keep_none", "vith_p14_P588",
+                                  "videomae_P1536_ratio09"])
 def test_backward_scatters_into_zero_image(case):
     shape, p, t, ratio = CASES[case]
     imgs = torch.randn(shape, requires_grad=True)
@@ -173,6 +179,29 @@ def test_gpu_real_shapes(shape, p, t, dtype):
     assert torch.equal(out, ref)
     grad = torch.randn_like(out)
     assert torch.equal(torch.autograd.grad(out, imgs, grad)[0], torch.autograd.grad(ref, imgs, grad)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,p,t", [((64, 3, 224, 224), 16, None), ((8, 3, 16, 224, 224), 16, 2),
+                                       ((16, 3, 224, 224), 14, None)], ids=["vitb", "videomae", "vith_p14"])
+def test_gpu_runs_twice_bit_identical(shape, p, t, dtype, layout):
+    # compiled kernels: the same call twice gives the same bits, forward and backward (each output element is one
+    # copy, each image-gradient element at most one write, so nothing may depend on scheduling)
+    imgs = torch.randn(shape, device="cuda").to(dtype)
+    if layout == "channels_last":
+        imgs = imgs.contiguous(memory_format=torch.channels_last if t is None else torch.channels_last_3d)
+    imgs.requires_grad_()
+    ids_keep = random_masking(shape[0], num_patches(shape, p, t), 0.75, device="cuda").ids_keep
+    grad = torch.randn(*ids_keep.shape, shape[1] * (t or 1) * p * p, device="cuda").to(dtype)
+    runs = []
+    for _ in range(2):
+        out = gather_patches(imgs, ids_keep, p, t, backend="triton")
+        runs.append((out, torch.autograd.grad(out, imgs, grad)[0]))
+    (out, g), (out_again, g_again) = runs
+    assert out.shape == grad.shape and not out.isnan().any()
+    assert torch.equal(out, out_again) and torch.equal(g, g_again)
 
 
 def test_indices_from_the_masking_op_skip_the_value_check_until_changed(monkeypatch):

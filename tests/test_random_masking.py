@@ -33,10 +33,29 @@ def assert_same(a, b):
         assert torch.equal(x, y), f"{name} differs"
 
 
-def chi2_critical(df: int) -> float:
-    """Upper 0.1% point of chi-square with ``df`` degrees of freedom (Wilson-Hilferty, within 1% for df >= 8)."""
-    z = 3.090232
+# standard normal upper points: P(Z > z) = 1e-3 and 1e-6
+Z_1E3 = 3.090232
+Z_1E6 = 4.753424
+
+
+def chi2_critical(df: int, z: float = Z_1E3) -> float:
+    """Upper point of chi-square with ``df`` degrees of freedom at the normal upper point ``z`` (0.1% by default;
+    Wilson-Hilferty, within 1% for df >= 8; at df = 195 and 1e-6 it gives 303.8, the exact point is 303.6)."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def keep_frequency_chi2(mask: torch.Tensor, K: int) -> float:
+    """Chi-square statistic (L - 1 degrees of freedom) of the per-position keep counts of [N, L] masks.
+
+    A sample keeps K of L positions without replacement, so its keep indicators (p = K / L each) have covariance
+    p(1 - p) L / (L - 1) (I - J / L), J all ones: a rank L - 1 projection. The Pearson sum over the expected count
+    N p alone is (1 - p) L / (L - 1) times a chi-square (about 3/4 at ratio 0.75: a test that hardly ever fails),
+    so it is divided by that factor.
+    """
+    N, L = mask.shape
+    counts = (1 - mask).sum(0).double().cpu()
+    expected = N * K / L
+    return float(((counts - expected) ** 2).sum() / (expected * (1 - K / L) * L / (L - 1)))
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -125,10 +144,7 @@ def test_seeded_reference_is_uniform():
     # per-position keep frequency over many samples of the Philox keys the kernel sorts (bit-equal, tested below)
     N, L, ratio = 4000, 196, 0.75
     info = random_masking(N, L, ratio, seed=2024, backend="torch")
-    K = num_kept(L, ratio)
-    counts = (1 - info.mask).sum(0).double()
-    expected = N * K / L
-    stat = float(((counts - expected) ** 2 / expected).sum())
+    stat = keep_frequency_chi2(info.mask, num_kept(L, ratio))
     assert stat < chi2_critical(L - 1), stat
     # the first kept slot (the encoder's first visible token) is uniform over positions too
     first = torch.bincount(info.ids_keep[:, 0], minlength=L).double()
@@ -229,11 +245,22 @@ def test_triton_kernel_is_uniform():
     # per-position keep frequency of the kernel itself, fixed generator so the test is deterministic
     N, L, ratio = 160, 16, 0.75
     info = random_masking(N, L, ratio, generator=torch.Generator().manual_seed(5), backend="triton")
-    K = num_kept(L, ratio)
-    counts = (1 - info.mask).sum(0).double()
-    expected = N * K / L
-    stat = float(((counts - expected) ** 2 / expected).sum())
+    stat = keep_frequency_chi2(info.mask, num_kept(L, ratio))
     assert stat < chi2_critical(L - 1), stat
+
+
+def test_triton_masks_differ_across_seeds_and_samples_L196():
+    # two independent uniform 49-of-196 kept sets share 12.25 patches on average (hypergeometric, sd 2.6) and 30 or
+    # more with probability 1.6e-10: every pair of (seed, sample) below must look independent, not merely differ
+    L, ratio = 196, 0.75
+    K = num_kept(L, ratio)
+    a = random_masking(2, L, ratio, seed=2024, backend="triton")
+    b = random_masking(1, L, ratio, seed=2025, backend="triton")  # sample 0 again, under another seed
+    assert_valid(a, 2, L, K)
+    assert_valid(b, 1, L, K)
+    kept = [set(row.tolist()) for row in torch.cat([a.ids_keep, b.ids_keep])]
+    shared = {(i, j): len(kept[i] & kept[j]) for i in range(len(kept)) for j in range(i + 1, len(kept))}
+    assert max(shared.values()) < 30, shared
 
 
 def _poisoned_empty(shape, dtype, device):
@@ -332,6 +359,45 @@ def test_gpu_triton_equals_reference(N, L, ratio):
     got = random_masking(N, L, ratio, seed=31, sample_offset=1000, device="cuda", backend="triton")
     assert_same(got, random_masking(N, L, ratio, seed=31, sample_offset=1000, device="cuda", backend="torch"))
     assert_valid(tuple(t.cpu() for t in got), N, L, num_kept(L, ratio))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,L,ratio", [(256, 196, 0.75), (64, 1568, 0.9), (7, 1, 0.5)], ids=lambda v: str(v))
+def test_gpu_runs_twice_bit_identical(N, L, ratio):
+    # compiled kernel: the same inputs (noise, seed, or a generator in the same state) give the same bits
+    for dtype in (torch.float32, torch.bfloat16):
+        noise = torch.rand(N, L, device="cuda").to(dtype)
+        assert_same(random_masking(N, L, ratio, noise=noise, backend="triton"),
+                    random_masking(N, L, ratio, noise=noise, backend="triton"))
+    seeded = random_masking(N, L, ratio, seed=31, sample_offset=1000, device="cuda", backend="triton")
+    assert_same(seeded, random_masking(N, L, ratio, seed=31, sample_offset=1000, device="cuda", backend="triton"))
+    drawn = [random_masking(N, L, ratio, generator=torch.Generator(device="cuda").manual_seed(5), backend="triton")
+             for _ in range(2)]
+    assert_same(*drawn)
+    assert_valid(tuple(t.cpu() for t in drawn[0]), N, L, num_kept(L, ratio))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["seed", "generator"])
+def test_gpu_triton_kernel_is_uniform_L196(source):
+    # the interpreter sorts a 196-patch row in about a second, too slow for enough samples in the default tier.
+    # Per-position keep frequency and first-slot frequency over 20000 samples against uniform (df = 195); fixed
+    # seeds, so the test is deterministic, and a threshold at a false-alarm probability of 1e-6 for a correct kernel
+    N, L, ratio = 20000, 196, 0.75
+    K = num_kept(L, ratio)
+    kwargs = {"seed": 2024} if source == "seed" else {"generator": torch.Generator(device="cuda").manual_seed(5)}
+    info = random_masking(N, L, ratio, device="cuda", backend="triton", **kwargs)
+    stat = keep_frequency_chi2(info.mask, K)
+    assert stat < chi2_critical(L - 1, Z_1E6), stat
+    first = torch.bincount(info.ids_keep[:, 0].cpu(), minlength=L).double()
+    stat_first = float(((first - N / L) ** 2 / (N / L)).sum())
+    assert stat_first < chi2_critical(L - 1, Z_1E6), stat_first
+    # masks differ across samples: consecutive samples share 12.25 kept patches on average (hypergeometric, sd 2.6,
+    # so the mean over 19999 pairs has sd about 0.02, 0.3 is over 10 sd), 30 or more with probability 1.6e-10 a pair
+    keep = 1 - info.mask
+    shared = (keep[1:] * keep[:-1]).sum(1).double()
+    assert abs(shared.mean().item() - K * K / L) < 0.3, shared.mean().item()
+    assert shared.max().item() < 30
 
 
 @pytest.mark.gpu
