@@ -30,27 +30,24 @@ does not count.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
 import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Optional
 
-os.environ["TRITON_INTERPRET"] = "0"  # the kernel modules must be real JIT functions, not interpreted ones
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from typing import Any, Callable, Iterator, Optional  # noqa: E402
-
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from benchmarks.bench_masking import FULL, QUICK, Shape  # noqa: E402
-from benchmarks.harness import RESULTS_DIR, environment  # noqa: E402
+from benchmarks.bench_masking import FULL, QUICK, Shape
+from benchmarks.harness import RESULTS_DIR, environment
 
 SM90 = {"regs": 65536, "warps": 64, "blocks": 32, "smem": 228 * 1024, "smem_reserved": 1024}
 
@@ -418,6 +415,9 @@ def write(rows: list[KernelRow]) -> str:
 
 
 def main() -> None:
+    # before any kernel module is imported: they must be real JIT functions, not interpreted ones (set here, not at
+    # import, so importing this module leaves the environment of its importer alone)
+    os.environ["TRITON_INTERPRET"] = "0"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one tiny shape")
     ap.add_argument("--cases", default=None, help="comma-separated shape names (mae_vit_b16, videomae_b16, ...)")

@@ -154,13 +154,13 @@ def test_poisoned_buffers_fully_overwritten(in_place, monkeypatch):
         t = real_empty(*args, **kwargs)
         return t.fill_(float("nan") if t.is_floating_point() else -1)
 
-    # launch_masked_ids allocates its outputs itself: poison every torch.empty for its calls only
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-    ids, bad = launch_masked_ids(mask, R)
     short = mask.clone()
     short[1, int(short[1].nonzero()[0])] = False  # sample 1 masks R - 1 tokens
-    short_ids, short_bad = launch_masked_ids(short, R)
-    monkeypatch.undo()
+    # launch_masked_ids allocates its outputs itself: poison every torch.empty for its calls only
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "empty", poisoned_empty)
+        ids, bad = launch_masked_ids(mask, R)
+        short_ids, short_bad = launch_masked_ids(short, R)
     assert torch.equal(ids, masked_ids(mask, R)) and torch.equal(bad, torch.zeros(N, dtype=torch.int32))
     assert torch.equal(short_bad, torch.tensor([0, 1, 0], dtype=torch.int32))
     # the row past sample 1's count still holds a valid token index
