@@ -201,6 +201,7 @@ def test_block_exact_counts(grid, num, min_num, max_num):
     (1, (6, 6), 36, 4, 8, 0.3, 5, 0),  # every patch, rectangles of at most 8
     (3, (1, 8), 3, 1, None, 0.3, 1, 0),  # one row: no rectangle is strictly smaller, all single patches
     (2, (5, 1), 2, 1, None, 0.3, 1, 9),  # one column
+    (2, (3, 4), 5, 1, 1, 0.3, 6, 0),  # rectangles of one patch
     (1, (9, 5), 20, 2, 6, 1.0, 3, 0),  # squares only
     (3, (14, 14), 0, 4, None, 0.3, 2, 0),  # nothing masked
     (1, (3, 3), 4, 50, None, 0.3, 4, 0),  # min_num_patches above L
