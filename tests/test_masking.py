@@ -224,6 +224,24 @@ def test_block_triton_reproducible_and_distinct():
     assert torch.equal(block_masking(1, (6, 6), 12, 4, seed=1, sample_offset=2, backend="triton").mask, a.mask[2:])
 
 
+def test_block_custom_op_opcheck():
+    # the op torch.compile traces: (N, height, width, num_masking_patches, min, max, log aspect range, seed,
+    # sample_offset, device)
+    op = torch.ops.mimfast.block_masking.default
+    lo, hi = math.log(0.3), math.log(1 / 0.3)
+    torch.library.opcheck(op, (2, 4, 5, 8, 2, 8, lo, hi, 2**40 + 3, 7, torch.device("cpu")))
+
+
+@pytest.mark.slow
+def test_block_compiles_without_graph_break():
+    def f():
+        info = block_masking(2, (5, 6), 12, 4, seed=9, sample_offset=1, backend="triton")
+        return info.mask * 2, info.ids_restore
+
+    got, want = torch.compile(f, fullgraph=True)(), f()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_philox_of_python_ints_equals_the_tensor_words():
     # the host rule of block masking draws its words from Python-int counters
     counters = torch.randint(0, 2**32, (4, 32), dtype=torch.int64)
