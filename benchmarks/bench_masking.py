@@ -11,7 +11,8 @@ count what must move: the kept pixels (read forward and again for the weight gra
 gradient, indices and mask; gather: the kept pixels in, [N, K, P] out, ids_keep; restore: visible rows in,
 decoder input out, and the same backward. Gather and restore also time ``copy``: a device-to-device copy of
 the same number of bytes, the bandwidth their targets are stated against. Flops: the kept-patch GEMMs (forward
-and weight gradient).
+and weight gradient). Image shapes also time BEiT block-wise masking (40% of the patches): the kernel against the
+same rule drawn on the host and copied to the device (``reference``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import COPY_PROVIDER, Case, common_args, copy_provider, default_device, run, write_results
-from mimfast.ops import embed_visible, gather_patches, patchify, random_masking, restore_tokens
+from mimfast.ops import block_masking, embed_visible, gather_patches, patchify, random_masking, restore_tokens
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,21 @@ def restore_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Ca
                   "reference+compile": provider(compiled), COPY_PROVIDER: copy_provider(moved, device)}
 
 
+def block_case(s: Shape, device: torch.device) -> tuple[Case, dict[str, Callable[[], Any]]]:
+    """BEiT block-wise masking of the image grid (40% of the patches, rectangles of at least 16): the kernel against
+    the same rule drawn on the host and copied over, as a data pipeline would."""
+    N, L = s.batch, s.grid
+    side = s.img // s.patch
+    num = int(0.4 * L)
+    moved = N * ((L - num) * 8 + L * 12)  # ids_keep, ids_restore, mask written
+    case = Case(f"{s.name}/block masking", bytes=moved, meta={"N": N, "L": L, "masked": num})
+
+    def provider(backend: str) -> Callable[[], Any]:
+        return lambda: block_masking(N, (side, side), num, 16, device=device, backend=backend)
+
+    return case, {"mimfast": provider("triton"), "reference": provider("torch")}
+
+
 def main() -> None:
     ap = common_args(__doc__.splitlines()[0])
     args = ap.parse_args()
@@ -201,6 +217,8 @@ def main() -> None:
         cases.append(embed_case(s, device, dtype))
         cases.append(gather_case(s, device, dtype))
         cases.append(restore_case(s, device, dtype))
+        if not s.frames:
+            cases.append(block_case(s, device))
     rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph)
     if not args.no_save:
         write_results("bench_masking", rows, device, {"dtype": args.dtype})
