@@ -418,7 +418,7 @@ def _aspect_tensor(log_aspect: tuple[float, float], device: torch.device) -> tor
     """:func:`aspect_table` as a [2, 2^ASPECT_BITS] int64 tensor on ``device``, built once per (range, device)."""
     key = (log_aspect, str(device))
     if key not in _aspect_tensors:
-        _aspect_tensors[key] = torch.tensor(aspect_table(log_aspect), dtype=torch.int64, device=device)
+        _aspect_tensors[key] = _host_to_device(torch.tensor(aspect_table(log_aspect), dtype=torch.int64), device)
     return _aspect_tensors[key]
 
 
