@@ -58,6 +58,7 @@ def block_masking_kernel(
     ATTEMPTS: tl.constexpr, ASPECT_BITS: tl.constexpr, BLOCK_STREAM: tl.constexpr, FILL_STREAM: tl.constexpr,
     IDX_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    tl.static_assert(ATTEMPTS <= LANES, "one Philox lane per attempt slot")
     n = tl.program_id(0).to(tl.int64)
     L = height * width
     target = L - K

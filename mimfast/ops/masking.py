@@ -336,8 +336,7 @@ def _block_mask_one(seed: int, sample: int, height: int, width: int, target: int
     """BEiT block-wise mask of global sample ``sample``: rectangles until ``target`` patches are masked, then random
     single patches to make the count exact when the rectangles get stuck (so every sample masks the same number).
     Randomness: Philox words of counter (attempt slot, sample low, sample high, _BLOCK_STREAM), in Python integers;
-    the kernel in
-    :mod:`mimfast.kernels.block_masking` follows the same steps."""
+    the kernel in :mod:`mimfast.kernels.block_masking` follows the same steps."""
     aspects, inverses = table
     masked = [False] * (height * width)
     s_lo, s_hi = sample & _MASK32, sample >> 32
@@ -411,15 +410,10 @@ def block_masking_ref(N: int, grid: Union[int, tuple[int, int]], num_masking_pat
     return mask_info_from_mask(mask, height * width - num_masking_patches)
 
 
-_aspect_tensors: dict[tuple[tuple[float, float], str], torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _aspect_tensor(log_aspect: tuple[float, float], device: torch.device) -> torch.Tensor:
     """:func:`aspect_table` as a [2, 2^ASPECT_BITS] int64 tensor on ``device``, built once per (range, device)."""
-    key = (log_aspect, str(device))
-    if key not in _aspect_tensors:
-        _aspect_tensors[key] = _host_to_device(torch.tensor(aspect_table(log_aspect), dtype=torch.int64), device)
-    return _aspect_tensors[key]
+    return _host_to_device(torch.tensor(aspect_table(log_aspect), dtype=torch.int64), device)
 
 
 def _block_launch(N: int, height: int, width: int, num_masking_patches: int, min_num_patches: int,
