@@ -16,7 +16,7 @@ from mimfast.ops import (
     simmim_masking,
     tube_masking,
 )
-from mimfast.ops.random_masking import philox4x32, random_keys_ref
+from mimfast.ops.random_masking import MaskInfo, philox4x32, random_keys_ref
 
 masking_module = sys.modules["mimfast.ops.masking"]
 
@@ -224,12 +224,44 @@ def test_block_triton_reproducible_and_distinct():
     assert torch.equal(block_masking(1, (6, 6), 12, 4, seed=1, sample_offset=2, backend="triton").mask, a.mask[2:])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_block_sample_ids_give_each_row_its_global_sample(monkeypatch, backend):
+    # a shuffled batch of data-set indices: row n is the mask of sample ids[n], whatever its batch position
+    monkeypatch.setattr(masking_module, "_empty", _poisoned_empty)
+    ids = torch.tensor([7, 0, 2**40 + 3, 7, 5])
+    got = block_masking(5, (6, 7), 15, 4, seed=3, sample_ids=ids, backend=backend)
+    assert_valid(got, 5, 42, 27)
+    for n, i in enumerate(ids.tolist()):
+        one = block_masking(1, (6, 7), 15, 4, seed=3, sample_offset=i, backend="torch")
+        assert_same(MaskInfo(*(t[n:n + 1] for t in got)), one)
+    small = torch.tensor([7, 0, 9, 7, 5])
+    assert_same(block_masking(5, (6, 7), 15, 4, seed=3, sample_ids=small, backend=backend),
+                block_masking(5, (6, 7), 15, 4, seed=3, sample_ids=small.to(torch.int32), backend=backend))
+    contiguous = block_masking(4, (6, 7), 15, 4, seed=3, sample_offset=2, backend=backend)
+    assert_same(block_masking(4, (6, 7), 15, 4, seed=3, sample_ids=torch.arange(2, 6), backend=backend), contiguous)
+
+
+def test_block_sample_ids_errors():
+    ids = torch.arange(3)
+    with pytest.raises(ValueError, match="seed"):
+        block_masking(3, (4, 4), 5, sample_ids=ids)
+    with pytest.raises(ValueError, match="not both"):
+        block_masking(3, (4, 4), 5, seed=1, sample_offset=2, sample_ids=ids)
+    with pytest.raises(ValueError, match=r"\[N\]"):
+        block_masking(2, (4, 4), 5, seed=1, sample_ids=ids)
+    with pytest.raises(TypeError, match="integers"):
+        block_masking(3, (4, 4), 5, seed=1, sample_ids=ids.float())
+    with pytest.raises(ValueError, match=">= 0"):
+        block_masking(3, (4, 4), 5, seed=1, sample_ids=torch.tensor([0, -1, 2]))
+
+
 def test_block_custom_op_opcheck():
     # the op torch.compile traces: (N, height, width, num_masking_patches, min, max, log aspect range, seed,
     # sample_offset, device)
     op = torch.ops.mimfast.block_masking.default
     lo, hi = math.log(0.3), math.log(1 / 0.3)
     torch.library.opcheck(op, (2, 4, 5, 8, 2, 8, lo, hi, 2**40 + 3, 7, torch.device("cpu")))
+    torch.library.opcheck(op, (3, 4, 5, 8, 2, 8, lo, hi, 5, 0, torch.device("cpu"), torch.tensor([9, 2**35, 0])))
 
 
 @pytest.mark.slow
@@ -476,6 +508,9 @@ def test_gpu_generators_match_torch():
                 ragged_random_masking(256, 196, ratios, seed=3, device=dev, backend="torch"))
     assert_same(block_masking(256, (14, 14), 75, 16, seed=3, device=dev, backend="triton"),
                 block_masking(256, (14, 14), 75, 16, seed=3, device=dev, backend="torch"))
+    sample_ids = torch.randperm(10_000)[:256]
+    assert_same(block_masking(256, (14, 14), 75, 16, seed=3, sample_ids=sample_ids, device=dev, backend="triton"),
+                block_masking(256, (14, 14), 75, 16, seed=3, sample_ids=sample_ids, device=dev, backend="torch"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:  # device-side generators never wait for the device
@@ -484,5 +519,6 @@ def test_gpu_generators_match_torch():
         simmim_masking(64, 192, 32, 4, 0.6, device=dev, backend="triton")
         importance_masking(scores, 0.75, backend="triton")
         block_masking(256, (14, 14), 75, 16, device=dev, backend="triton")
+        block_masking(256, (14, 14), 75, 16, seed=3, sample_ids=sample_ids, device=dev, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -47,16 +47,17 @@ def _lane(x, lanes, i):
 @triton.jit(do_not_specialize=["seed", "sample_offset"])
 def block_masking_kernel(
     aspect_ptr,  # [2, 2^ASPECT_BITS] int64: aspect then 1 / aspect of each log-uniform bin, in units of 2^-16
+    sample_ids_ptr,  # [N] int64: global index of each sample (read when HAS_IDS)
     ids_keep_ptr,  # [N, K] int64 out: kept patches, ascending
     ids_restore_ptr,  # [N, L] int64 out
     mask_ptr,  # [N, L] float out, 1 = removed
     seed,  # 64-bit Philox key
-    sample_offset,  # global index of sample 0
+    sample_offset,  # global index of sample 0 (without HAS_IDS: sample n is sample_offset + n)
     height, width,  # patch grid, L = height * width
     K,  # kept patches per sample, L - num_masking_patches
     min_num, max_num,  # BEiT's min_num_patches and max_num_patches (rectangle area bounds)
     ATTEMPTS: tl.constexpr, ASPECT_BITS: tl.constexpr, BLOCK_STREAM: tl.constexpr, FILL_STREAM: tl.constexpr,
-    IDX_BITS: tl.constexpr, BLOCK: tl.constexpr,
+    IDX_BITS: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tl.static_assert(ATTEMPTS <= LANES, "one Philox lane per attempt slot")
     n = tl.program_id(0).to(tl.int64)
@@ -66,7 +67,10 @@ def block_masking_kernel(
     valid = offs < L
     row = offs // width
     col = offs % width
-    sample = sample_offset + n
+    if HAS_IDS:
+        sample = tl.load(sample_ids_ptr + n).to(tl.int64)
+    else:
+        sample = sample_offset + n
     lanes = tl.arange(0, LANES)
     zeros = lanes.to(tl.uint32) * 0
     s_lo = zeros + (sample & 0xFFFFFFFF).to(tl.uint32)
@@ -132,6 +136,7 @@ def launch_block_masking(
     ids_restore: torch.Tensor,
     mask: torch.Tensor,
     aspect_table: torch.Tensor,
+    sample_ids: "torch.Tensor | None" = None,
     *,
     height: int,
     width: int,
@@ -144,7 +149,8 @@ def launch_block_masking(
     fill_stream: int,
     index_bits: int,
 ) -> None:
-    """Fill the preallocated outputs (ids_keep [N, K] fixes K, ids_restore [N, L] fixes N) in one launch."""
+    """Fill the preallocated outputs (ids_keep [N, K] fixes K, ids_restore [N, L] fixes N) in one launch; sample n
+    draws from global index ``sample_ids[n]`` ([N] int64 on the outputs' device) when given, else sample_offset + n."""
     N, L = ids_restore.shape
     K = ids_keep.shape[1]
     if N == 0:
@@ -154,8 +160,9 @@ def launch_block_masking(
     num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
     with torch.cuda.device(ids_restore.device) if ids_restore.is_cuda else contextlib.nullcontext():
         block_masking_kernel[(N,)](
-            aspect_table, ids_keep, ids_restore, mask, seed, sample_offset, height, width, K,
+            aspect_table, aspect_table if sample_ids is None else sample_ids, ids_keep, ids_restore, mask, seed,
+            sample_offset, height, width, K,
             min_num_patches, max_num_patches,
             ATTEMPTS=attempts, ASPECT_BITS=aspect_bits, BLOCK_STREAM=block_stream, FILL_STREAM=fill_stream,
-            IDX_BITS=index_bits, BLOCK=block, num_warps=num_warps,
+            IDX_BITS=index_bits, HAS_IDS=sample_ids is not None, BLOCK=block, num_warps=num_warps,
         )

@@ -397,14 +397,15 @@ def _block_args(grid, num_masking_patches, min_num_patches, max_num_patches, min
 def block_masking_ref(N: int, grid: Union[int, tuple[int, int]], num_masking_patches: int, min_num_patches: int = 4,
                       max_num_patches: Optional[int] = None, min_aspect: float = 0.3,
                       max_aspect: Optional[float] = None, *, seed: int = 0, sample_offset: int = 0,
-                      device: Device = None) -> MaskInfo:
+                      sample_ids: Optional[torch.Tensor] = None, device: Device = None) -> MaskInfo:
     """Torch implementation of :func:`block_masking` for a resolved seed: the rectangles of each sample drawn on the
-    host (Python integers), the mask moved to ``device``."""
+    host (Python integers), the mask moved to ``device``. ``sample_ids`` on a device is read back (a sync)."""
     height, width, max_num_patches, log_aspect = _block_args(grid, num_masking_patches, min_num_patches,
                                                              max_num_patches, min_aspect, max_aspect)
     table = aspect_table(log_aspect)
-    rows = [_block_mask_one(seed, sample_offset + n, height, width, num_masking_patches, min_num_patches,
-                            max_num_patches, table) for n in range(N)]
+    samples = range(sample_offset, sample_offset + N) if sample_ids is None else sample_ids.tolist()
+    rows = [_block_mask_one(seed, sample, height, width, num_masking_patches, min_num_patches, max_num_patches,
+                            table) for sample in samples]
     mask = torch.tensor(rows, dtype=torch.bool).reshape(N, height * width)
     mask = _host_to_device(mask, resolve_device(None, device))
     return mask_info_from_mask(mask, height * width - num_masking_patches)
@@ -418,7 +419,8 @@ def _aspect_tensor(log_aspect: tuple[float, float], device: torch.device) -> tor
 
 def _block_launch(N: int, height: int, width: int, num_masking_patches: int, min_num_patches: int,
                   max_num_patches: int, log_min_aspect: float, log_max_aspect: float, seed: int, sample_offset: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  device: torch.device, sample_ids: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from mimfast.kernels.block_masking import launch_block_masking
 
     L = height * width
@@ -427,6 +429,7 @@ def _block_launch(N: int, height: int, width: int, num_masking_patches: int, min
     ids_restore = _empty((N, L), torch.int64, device)
     mask = _empty((N, L), torch.float32, device)
     launch_block_masking(ids_keep, ids_restore, mask, _aspect_tensor((log_min_aspect, log_max_aspect), device),
+                         sample_ids,
                          height=height, width=width, min_num_patches=min_num_patches,
                          max_num_patches=max_num_patches, seed=seed, sample_offset=sample_offset,
                          attempts=BLOCK_ATTEMPTS, block_stream=_BLOCK_STREAM, fill_stream=_BLOCK_FILL_STREAM,
@@ -440,7 +443,7 @@ _block_kernel_op = torch.library.custom_op("mimfast::block_masking", mutates_arg
 
 @_block_kernel_op.register_fake
 def _(N, height, width, num_masking_patches, min_num_patches, max_num_patches, log_min_aspect, log_max_aspect, seed,
-      sample_offset, device):
+      sample_offset, device, sample_ids=None):
     L = height * width
     return (torch.empty(N, L - num_masking_patches, dtype=torch.int64, device=device),
             torch.empty(N, L, dtype=torch.int64, device=device),
@@ -450,12 +453,15 @@ def _(N, height, width, num_masking_patches, min_num_patches, max_num_patches, l
 def _block_triton(N: int, grid: Union[int, tuple[int, int]], num_masking_patches: int, min_num_patches: int = 4,
                   max_num_patches: Optional[int] = None, min_aspect: float = 0.3,
                   max_aspect: Optional[float] = None, *, seed: int = 0, sample_offset: int = 0,
-                  device: Device = None) -> MaskInfo:
+                  sample_ids: Optional[torch.Tensor] = None, device: Device = None) -> MaskInfo:
     height, width, max_num_patches, (lo, hi) = _block_args(grid, num_masking_patches, min_num_patches,
                                                            max_num_patches, min_aspect, max_aspect)
+    device = resolve_device(None, device)
+    if sample_ids is not None:
+        sample_ids = _host_to_device(sample_ids.to(torch.int64).contiguous(), device)
     launch = _block_kernel_op if torch.compiler.is_compiling() else _block_launch
     ids_keep, ids_restore, mask = launch(N, height, width, num_masking_patches, min_num_patches, max_num_patches,
-                                         lo, hi, seed, sample_offset, resolve_device(None, device))
+                                         lo, hi, seed, sample_offset, device, sample_ids)
     return MaskInfo(ids_keep, ids_restore, mask)
 
 
@@ -488,6 +494,7 @@ def block_masking(
     generator: Optional[torch.Generator] = None,
     seed: Optional[int] = None,
     sample_offset: int = 0,
+    sample_ids: Optional[torch.Tensor] = None,
     device: Device = None,
     backend: Optional[str] = None,
 ) -> MaskInfo:
@@ -505,6 +512,11 @@ def block_masking(
     masks for a seed: ``torch`` draws them on the host and copies the mask to ``device``; ``triton`` runs one
     program per sample, one launch, no host synchronisation.
 
+    ``sample_ids`` [N] (integers in [0, 2**63), with ``seed``, instead of ``sample_offset``) gives each row the
+    mask of that global sample, e.g. the data-set indices of a shuffled batch: row n equals row 0 of
+    ``block_masking(1, ..., seed=seed, sample_offset=sample_ids[n])``. Pass them on the CPU: ``torch`` reads them
+    on the host (device ids would be read back, a sync), ``triton`` copies them to ``device`` without blocking.
+
     Equivalent PyTorch::
 
         mask = torch.stack([beit_mask_generator() for _ in range(N)]).flatten(1)  # [N, L], 1 = masked
@@ -512,10 +524,28 @@ def block_masking(
     """
     check_sizes(N, 1)
     check_seed(seed, sample_offset, N)
+    _check_sample_ids(sample_ids, N, seed, sample_offset)
     _block_args(grid, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect)
     return _block_op(N, grid, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect,
-                     seed=_resolve_seed(seed, generator), sample_offset=sample_offset, device=device,
-                     backend=backend)
+                     seed=_resolve_seed(seed, generator), sample_offset=sample_offset, sample_ids=sample_ids,
+                     device=device, backend=backend)
+
+
+def _check_sample_ids(sample_ids: Optional[torch.Tensor], N: int, seed: Optional[int], sample_offset: int) -> None:
+    if sample_ids is None:
+        return
+    if not isinstance(sample_ids, torch.Tensor):
+        raise TypeError(f"sample_ids must be a tensor, got {type(sample_ids).__name__}")
+    if sample_ids.dtype.is_floating_point or sample_ids.dtype.is_complex or sample_ids.dtype == torch.bool:
+        raise TypeError(f"sample_ids must hold integers, got {sample_ids.dtype}")
+    if tuple(sample_ids.shape) != (N,):
+        raise ValueError(f"sample_ids must be [N] = [{N}], got shape {tuple(sample_ids.shape)}")
+    if seed is None:
+        raise ValueError("sample_ids only has a meaning together with seed")
+    if sample_offset:
+        raise ValueError("pass sample_ids or sample_offset, not both")
+    if host_checks(sample_ids) and N and int(sample_ids.min()) < 0:
+        raise ValueError(f"sample_ids must be >= 0, got {int(sample_ids.min())}")
 
 
 # ----------------------------------------------------------------------------------------------------- importance
