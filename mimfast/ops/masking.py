@@ -458,7 +458,11 @@ def _block_triton(N: int, grid: Union[int, tuple[int, int]], num_masking_patches
                                                            max_num_patches, min_aspect, max_aspect)
     device = resolve_device(None, device)
     if sample_ids is not None:
-        sample_ids = _host_to_device(sample_ids.to(torch.int64).contiguous(), device)
+        sample_ids = sample_ids.to(torch.int64).contiguous()
+        if sample_ids.device.type == "cpu":
+            sample_ids = _host_to_device(sample_ids, device)
+        else:
+            sample_ids = sample_ids.to(device)
     launch = _block_kernel_op if torch.compiler.is_compiling() else _block_launch
     ids_keep, ids_restore, mask = launch(N, height, width, num_masking_patches, min_num_patches, max_num_patches,
                                          lo, hi, seed, sample_offset, device, sample_ids)
