@@ -75,9 +75,14 @@ def test_demo_style_run_writes_artifacts_and_beats_the_trivial_predictor(tmp_pat
             assert 0.1 < ev["probes"][name][metric] <= 1.0
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("masking", [
+    [],
+    ["--mask-strategy", "block", "--mask-ratio", "0.3", "--mask-ratio-end", "0.9"],  # K moves every few steps
+    ["--mask-ratio-range", "0.5", "0.9"],  # ragged: packed encoder
+], ids=["random", "block-progressive", "per-sample-ratios"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, masking):
     flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--accum-iter", "2",
-             "--log-every", "1", "--no-eval", "--clip-grad", "1.0"]
+             "--log-every", "1", "--no-eval", "--clip-grad", "1.0", *masking]
     run(tmp_path / "straight", *flags, "--max-steps", "6")
     run(tmp_path / "split", *flags, "--max-steps", "3")
     assert ckpt.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 3
@@ -177,6 +182,20 @@ def test_simmim_and_videomae_runs(tmp_path):
     assert 0.8 < r.eval["trivial_loss"] < 1.1
     with Image.open(tmp_path / "video" / "reconstructions.png") as img:
         assert img.size[0] > img.size[1]
+
+
+def test_mask_strategies_run_and_report(tmp_path):
+    r = run(tmp_path / "importance", "--model", "mae_vit_nano_patch4", "--epochs", "1", "--max-steps", "3",
+            "--batch-size", "8", "--log-every", "1", "--eval-max-images", "16", "--mask-strategy", "importance",
+            "--mask-ratio", "0.6", "--mask-ratio-end", "0.8", "--mask-schedule", "cosine")
+    assert (r.eval["mask_strategy"], r.eval["mask_ratio"]) == ("importance", 0.8)
+    ratios = [m["mask_ratio"] for m in read_metrics(str(tmp_path / "importance" / "metrics.jsonl"))]
+    assert ratios[0] == 0.6 and ratios == sorted(ratios) and ratios[-1] < 0.61  # step 2 of 179
+    assert (tmp_path / "importance" / "reconstructions.png").is_file()
+    r = run(tmp_path / "block", "--model", "simmim_vit_nano_patch4", "--data", "synthetic", "--epochs", "1",
+            "--max-steps", "2", "--batch-size", "4", "--eval-max-images", "8", "--mask-strategy", "block",
+            "--block-min-patches", "4")
+    assert r.step == 2 and r.eval["mask_strategy"] == "block" and np.isfinite(r.eval["reconstruction_loss"])
 
 
 def _error_of(capsys, *argv):

@@ -82,6 +82,138 @@ def test_mae_noise_gives_masks_independent_of_batch_split():
     assert torch.equal(whole, halves)
 
 
+class _Capture:
+    """Stands in for a model: returns the mask arguments it was called with."""
+
+    def __call__(self, images, *args, **kwargs):
+        return args, kwargs
+
+
+def _objective(*flags):
+    from mimfast.train.objectives import Objective, build_model
+
+    config = resolve(parse_args(["--output-dir", "unused", *flags]))
+    torch.manual_seed(0)
+    return Objective(config, build_model(config, 1)), config
+
+
+def _kept_by_noise(noise, ratio):
+    from mimfast.ops import random_masking
+
+    return random_masking(noise.shape[0], noise.shape[1], ratio, noise=noise).mask
+
+
+def test_engine_block_masks_are_beit_rectangles_of_each_data_set_index():
+    from mimfast.ops import block_masking
+    from mimfast.ops.random_masking import fold_seed
+
+    objective, config = _objective("--mask-strategy", "block", "--block-min-patches", "6", "--seed", "4")
+    images = torch.randn(5, 1, 32, 32)
+    idx = torch.tensor([17, 3, 900, 17, 5])
+    args, kwargs = objective.forward(_Capture(), images, idx, epoch=2, step=0)
+    assert kwargs["mask_ratio"] == 0.75
+    mask = _kept_by_noise(kwargs["noise"], 0.75)
+    for n, i in enumerate(idx.tolist()):
+        one = block_masking(1, (8, 8), 48, 6, seed=fold_seed(4, 2), sample_offset=i).mask
+        assert torch.equal(mask[n:n + 1], one)
+    assert torch.equal(mask[0], mask[3]) and not torch.equal(mask[0], mask[1])
+    # kept patches listed in ascending order, like mask_info_from_mask
+    keep = torch.argsort(kwargs["noise"], dim=1)[:, :16]
+    assert torch.equal(keep, keep.sort(1).values)
+    # another epoch, other rectangles
+    _, later = objective.forward(_Capture(), images, idx, epoch=3, step=0)
+    assert not torch.equal(_kept_by_noise(later["noise"], 0.75), mask)
+
+    simmim, _ = _objective("--model", "simmim_vit_micro_patch4", "--mask-strategy", "block")
+    (m,), _ = simmim.forward(_Capture(), images, idx, epoch=0, step=0)
+    assert m.dtype == torch.bool and m.sum(1).tolist() == [math.ceil(64 * 0.6)] * 5
+
+
+def test_engine_importance_masks_keep_textured_patches():
+    objective, _ = _objective("--mask-strategy", "importance", "--mask-ratio", "0.75")
+    images = torch.zeros(64, 1, 32, 32)
+    images[:, :, :, 16:] = torch.randn(64, 1, 32, 16)  # right half textured: 32 of 64 patches
+    idx = torch.arange(64)
+    _, kwargs = objective.forward(_Capture(), images, idx, epoch=0, step=0)
+    mask = _kept_by_noise(kwargs["noise"], 0.75).view(64, 8, 8)
+    assert bool((mask[:, :, :4] == 1).all())  # flat patches never kept while textured ones are left
+    kept_cols = (1 - mask).sum((0, 1))[4:]
+    assert bool((kept_cols > 0).all())  # every textured column is sometimes kept
+    assert len({tuple(r.flatten().tolist()) for r in mask}) == 64
+    # fewer textured patches than K: the flat ones complete the count
+    _, few = objective.forward(_Capture(), images[:4] * 0, idx[:4], epoch=0, step=0)
+    assert _kept_by_noise(few["noise"], 0.75).sum(1).tolist() == [48.0] * 4
+
+
+def test_engine_per_sample_ratios_are_host_tensors_of_each_index():
+    objective, _ = _objective("--mask-ratio-range", "0.6", "0.9")
+    images = torch.randn(6, 1, 32, 32)
+    idx = torch.tensor([8, 1, 8, 40, 2, 3])
+    _, kwargs = objective.forward(_Capture(), images, idx, epoch=1, step=5)
+    ratios = kwargs["mask_ratio"]
+    assert isinstance(ratios, torch.Tensor) and ratios.device.type == "cpu" and ratios.shape == (6,)
+    assert bool(((ratios >= 0.6) & (ratios <= 0.9)).all()) and ratios[0] == ratios[2]
+    assert len(set(ratios.tolist())) == 5
+    many = objective.forward(_Capture(), torch.randn(4000, 1, 32, 32), torch.arange(4000), epoch=1, step=0)[1]
+    assert abs(float(many["mask_ratio"].mean()) - 0.75) < 0.01  # uniform on [0.6, 0.9]
+    # evaluation masks every sample at --mask-ratio
+    assert objective.forward(_Capture(), images, idx, epoch=1, step=None)[1]["mask_ratio"] == 0.75
+
+
+def test_engine_progressive_ratio():
+    objective, _ = _objective("--mask-ratio", "0.5", "--mask-ratio-end", "0.9", "--mask-schedule", "linear")
+    objective.total_steps = 100
+    assert [objective.ratio_at(s) for s in (0, 50, 100, 150)] == pytest.approx([0.5, 0.7, 0.9, 0.9])
+    assert objective.ratio_at(None) == pytest.approx(0.9)
+    images = torch.randn(2, 1, 32, 32)
+    assert objective.forward(_Capture(), images, torch.arange(2), 0, step=25)[1]["mask_ratio"] == pytest.approx(0.6)
+    video, _ = _objective("--model", "videomae_vit_micro_patch4", "--mask-ratio", "0.5", "--mask-ratio-end", "0.8")
+    video.total_steps = 10
+    for step, ratio in ((0, 0.5), (10, 0.8)):
+        (info,), _ = video.forward(_Capture(), torch.randn(2, 1, 4, 32, 32), torch.arange(2), 0, step=step)
+        assert info.ids_keep.shape[1] == 2 * (64 - int(64 * ratio))
+    with pytest.raises(ValueError, match="mask-ratio-end 0.01 masks no token"):
+        _objective("--model", "videomae_vit_micro_patch4", "--mask-ratio-end", "0.01")
+
+
+def test_masking_flag_checks():
+    with pytest.raises(ValueError, match="videomae masks tubes"):
+        resolve(parse_args(["--model", "videomae_vit_micro_patch4", "--mask-strategy", "block"]))
+    with pytest.raises(ValueError, match="needs --method mae with --mask-strategy random"):
+        resolve(parse_args(["--model", "simmim_vit_micro_patch4", "--mask-ratio-range", "0.5", "0.7"]))
+    with pytest.raises(ValueError, match="needs --method mae with --mask-strategy random"):
+        resolve(parse_args(["--mask-strategy", "block", "--mask-ratio-range", "0.5", "0.7"]))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        resolve(parse_args(["--mask-ratio-range", "0.5", "0.7", "--mask-ratio-end", "0.8"]))
+    with pytest.raises(ValueError, match="LOW <= HIGH"):
+        resolve(parse_args(["--mask-ratio-range", "0.8", "0.7"]))
+    with pytest.raises(ValueError, match="mask-ratio-end"):
+        resolve(parse_args(["--mask-ratio-end", "1.0"]))
+    with pytest.raises(ValueError, match="block-min-patches"):
+        resolve(parse_args(["--block-min-patches", "0"]))
+    with pytest.raises(ValueError, match="importance-temperature"):
+        resolve(parse_args(["--importance-temperature", "0"]))
+    assert parse_args(["--mask-ratio-range", "0.5", "0.7"]).mask_ratio_range == (0.5, 0.7)
+
+
+def test_noise_from_mask_keeps_the_unmasked_patches_in_order():
+    from mimfast.train.masks import noise_from_mask
+
+    rows = [torch.rand(196) < p for p in torch.linspace(0, 1, 50)]  # from nothing to everything masked
+    for row in rows:
+        noise = noise_from_mask(row[None])
+        K = int((~row).sum())
+        keep = torch.argsort(noise[0])[:K]
+        assert torch.equal(keep, torch.nonzero(~row)[:, 0])
+
+
+def test_hash_noise_streams_are_independent_draws():
+    idx = torch.arange(1000)
+    a, b = hash_noise(3, 0, idx, 8), hash_noise(3, 0, idx, 8, stream=1)
+    assert not torch.equal(a, b) and torch.equal(hash_noise(3, 0, idx, 8, stream=0), a)
+    assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.03
+
+
 def test_warmup_cosine_schedule():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)

@@ -644,6 +644,23 @@ def test_ragged_mae_equals_per_sample_loop_float64(fused):
         assert (g - r).abs().max() < 1e-12
 
 
+def test_mae_forward_with_per_sample_ratios_is_forward_ragged():
+    # one ratio per sample through __call__ (so DDP / FSDP wrappers see it): list, CPU tensor, 0-d tensor
+    from mimfast.models import MaskedAutoencoderViT
+
+    model = MaskedAutoencoderViT(**RAGGED_MAE).double()
+    imgs = torch.randn(len(RAGGED_RATIOS), 3, 16, 16, dtype=torch.float64)
+    noise = torch.rand(len(RAGGED_RATIOS), 16)
+    want = model.forward_ragged(imgs, RAGGED_RATIOS, noise=noise)
+    for ratios in (RAGGED_RATIOS, torch.tensor(RAGGED_RATIOS, dtype=torch.float64)):
+        got = model(imgs, mask_ratio=ratios, noise=noise)
+        assert torch.equal(got.mask, want.mask) and torch.equal(got.pred, want.pred) and got.loss == want.loss
+    one = model(imgs, mask_ratio=torch.tensor(0.5), noise=noise)
+    assert torch.equal(one.mask, model(imgs, mask_ratio=0.5, noise=noise).mask)
+    with pytest.raises(ValueError):
+        model(imgs, mask_ratio=[0.5, 0.5], noise=noise)
+
+
 def test_ragged_mae_triton_kernels(interpret):
     from mimfast import backend
     from mimfast.models import MaskedAutoencoderViT

@@ -195,7 +195,15 @@ class MaskedAutoencoderViT(MIMModel):
         loss = ((pred - target) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None) -> MIMOutput:
+    def forward(self, imgs: torch.Tensor, mask_ratio: Union[float, torch.Tensor, Sequence[float]] = 0.75,
+                noise: Optional[torch.Tensor] = None) -> MIMOutput:
+        """``mask_ratio`` one float for the batch, or one ratio per sample ([N] tensor or sequence; a CPU tensor
+        keeps the kept counts on the host): the latter is :meth:`forward_ragged`, reached through ``__call__`` so
+        DDP / FSDP wrappers see it."""
+        if isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0:
+            mask_ratio = float(mask_ratio)
+        if not isinstance(mask_ratio, (int, float)):
+            return self.forward_ragged(imgs, mask_ratio, noise)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         if self.fused and self.fused_head:
             hidden = self.forward_decoder_features(latent, ids_restore)[:, 1:, :]

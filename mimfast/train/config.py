@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-__all__ = ["PretrainConfig", "build_parser", "parse_args", "resolve", "METHODS", "BACKEND_CHOICES"]
+__all__ = ["PretrainConfig", "build_parser", "parse_args", "resolve", "METHODS", "BACKEND_CHOICES", "MASK_STRATEGIES"]
 
 METHODS = ("mae", "simmim", "videomae")
+MASK_STRATEGIES = ("random", "block", "importance")
+MASK_SCHEDULES = ("linear", "cosine")
 BACKEND_CHOICES = ("reference", "torch", "triton", "cuda", "auto")
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -53,6 +55,12 @@ class PretrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: Optional[int] = None
     mask_ratio: Optional[float] = None
+    mask_strategy: str = "random"
+    mask_ratio_end: Optional[float] = None
+    mask_schedule: str = "linear"
+    mask_ratio_range: Optional[tuple[float, float]] = None
+    block_min_patches: int = 16
+    importance_temperature: float = 1.0
     norm_pix_loss: bool = True
     clip_grad: Optional[float] = None
     output_dir: Optional[str] = None
@@ -103,7 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
     a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases and 1-D parameters)")
     a("--warmup-epochs", type=int, default=None, help="epochs of linear warm-up")
-    a("--mask-ratio", type=float, default=None, help="fraction of tokens masked (default per method)")
+    a("--mask-ratio", type=float, default=None, help="fraction of tokens masked (default per method); with "
+                                                     "--mask-ratio-end the starting ratio; evaluation masks at the "
+                                                     "final ratio")
+    a("--mask-strategy", default="random", choices=MASK_STRATEGIES,
+      help="'random': the method's own masks (MAE uniform patches, SimMIM mask units, VideoMAE tubes); 'block': "
+           "BEiT-style rectangles (MAE, SimMIM); 'importance': patches kept with probability proportional to their "
+           "pixel variance ** (1 / --importance-temperature) (MAE, SimMIM)")
+    a("--mask-ratio-end", type=float, default=None,
+      help="progressive masking: the ratio moves from --mask-ratio at step 0 to this one at the last step")
+    a("--mask-schedule", default="linear", choices=MASK_SCHEDULES, help="shape of the --mask-ratio-end schedule")
+    a("--mask-ratio-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+      help="MAE with random masks: each sample draws its own ratio uniformly in [LOW, HIGH] and the encoder runs "
+           "on the packed visible tokens (no padding); --mask-ratio is then the evaluation ratio")
+    a("--block-min-patches", type=int, default=16, help="smallest rectangle of --mask-strategy block, in patches")
+    a("--importance-temperature", type=float, default=1.0,
+      help="--mask-strategy importance: towards 0 keeps the most textured patches, large values approach random")
     a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
       help="per-patch normalised pixel targets (MAE; VideoMAE's normalised target)")
     a("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
@@ -132,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
     ns = build_parser().parse_args(None if argv is None else list(argv))
+    if ns.mask_ratio_range is not None:
+        ns.mask_ratio_range = tuple(ns.mask_ratio_range)
     return PretrainConfig(**vars(ns))
 
 
@@ -184,9 +209,33 @@ def _check(c: PretrainConfig) -> None:
         raise ValueError("--warmup-epochs and --num-workers must be >= 0")
     if not 0.0 <= c.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {c.mask_ratio}")
+    _check_masking(c)
     if (c.lr is None and c.blr <= 0) or (c.lr is not None and c.lr <= 0):
         raise ValueError("the learning rate (--blr / --lr) must be positive")
     if c.clip_grad is not None and c.clip_grad <= 0:
         raise ValueError(f"--clip-grad must be positive, got {c.clip_grad}")
     if c.method not in METHODS:
         raise ValueError(f"unknown method {c.method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _check_masking(c: PretrainConfig) -> None:
+    if c.mask_strategy not in MASK_STRATEGIES:
+        raise ValueError(f"unknown --mask-strategy {c.mask_strategy!r}; choose one of {', '.join(MASK_STRATEGIES)}")
+    if c.mask_strategy != "random" and c.method == "videomae":
+        raise ValueError(f"--mask-strategy {c.mask_strategy} is for images (mae, simmim); videomae masks tubes")
+    if c.mask_schedule not in MASK_SCHEDULES:
+        raise ValueError(f"unknown --mask-schedule {c.mask_schedule!r}; choose one of {', '.join(MASK_SCHEDULES)}")
+    if c.mask_ratio_end is not None and not 0.0 <= c.mask_ratio_end < 1.0:
+        raise ValueError(f"--mask-ratio-end must be in [0, 1), got {c.mask_ratio_end}")
+    if c.mask_ratio_range is not None:
+        low, high = c.mask_ratio_range
+        if not 0.0 <= low <= high < 1.0:
+            raise ValueError(f"--mask-ratio-range needs 0 <= LOW <= HIGH < 1, got {low} {high}")
+        if c.method != "mae" or c.mask_strategy != "random":
+            raise ValueError("--mask-ratio-range (per-sample ratios) needs --method mae with --mask-strategy random")
+        if c.mask_ratio_end is not None:
+            raise ValueError("--mask-ratio-range and --mask-ratio-end cannot be combined")
+    if c.block_min_patches < 1:
+        raise ValueError(f"--block-min-patches must be positive, got {c.block_min_patches}")
+    if not 0.0 < c.importance_temperature < float("inf"):
+        raise ValueError(f"--importance-temperature must be positive and finite, got {c.importance_temperature}")

@@ -188,6 +188,7 @@ class Trainer:
         self.loader = make_loader(self.train_set, self.sampler, config.num_workers,
                                   pin_memory=self.device.type == "cuda")
         self.total_steps = config.epochs * self.steps_per_epoch
+        self.objective.total_steps = self.total_steps
         self.last_step = min(self.total_steps, config.max_steps or self.total_steps)
         self.samples_per_step = B * world * accum
 
@@ -198,6 +199,9 @@ class Trainer:
             enable_grad_checkpointing(self.model)
         self.ddp_model = wrap_model(self.model, self.info, self.device, config.fsdp)
         self.step_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
+        if config.compile and config.mask_ratio_range is not None:
+            self._log("note: with --mask-ratio-range the packed lengths change every step; torch.compile recompiles "
+                      "the encoder for new lengths until its recompile limit, then runs those parts eagerly")
 
         lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.samples_per_step)
         self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device)
@@ -214,8 +218,8 @@ class Trainer:
 
     def _count_flops(self) -> float:
         x = torch.zeros((1, *self.objective.input_shape()), device=self.device)
-        idx = torch.zeros(1, dtype=torch.long, device=self.device)
-        return train_flops_per_sample(self.model, lambda: self.objective.forward(self.model, x, idx, 0), 1)
+        idx = torch.zeros(1, dtype=torch.long)
+        return train_flops_per_sample(self.model, lambda: self.objective.forward(self.model, x, idx, 0, 0), 1)
 
     def _log(self, message: str) -> None:
         if self.main:
@@ -234,7 +238,8 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         ckpt.check_compatible(state, c.model, c.method, self.model_keys, path)
         saved = state.get("config", {})
-        for name in ("batch_size", "accum_iter", "epochs", "seed", "mask_ratio", "data", "blr", "lr"):
+        for name in ("batch_size", "accum_iter", "epochs", "seed", "mask_ratio", "mask_strategy", "mask_ratio_end",
+                     "mask_schedule", "mask_ratio_range", "data", "blr", "lr"):
             if name in saved and saved[name] != getattr(c, name):
                 self._log(f"warning: resuming with --{name.replace('_', '-')} {getattr(c, name)!r}, the checkpoint "
                           f"was written with {saved[name]!r}; the run will not reproduce an uninterrupted one")
@@ -299,8 +304,8 @@ class Trainer:
         return use(self.config.backend)
 
     def _micro_batch(self, it: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Next (images, indices, weight) on the device; an all-unreadable batch becomes one zero sample with
-        weight 0, so every rank still runs the same forward / backward collectives."""
+        """Next (images on the device, data-set indices on the host, weight); an all-unreadable batch becomes one
+        zero sample with weight 0, so every rank still runs the same forward / backward collectives."""
         with _nvtx(self.nvtx, "data"):
             batch = next(it)
         if batch.skipped:
@@ -309,9 +314,9 @@ class Trainer:
                 self._log(f"skipped unreadable file {path}")
         if batch.images.numel() == 0:
             x = torch.zeros((1, *self.objective.input_shape()), device=self.device)
-            return x, torch.zeros(1, dtype=torch.long, device=self.device), 0.0
+            return x, torch.zeros(1, dtype=torch.long), 0.0
         images = batch.images.to(self.device, non_blocking=True)
-        return images, batch.indices.to(self.device, non_blocking=True), 1.0
+        return images, batch.indices, 1.0
 
     def _sync_context(self, last_micro: bool) -> Any:
         if self.config.accum_iter == 1 or not self.info.distributed:
@@ -329,7 +334,7 @@ class Trainer:
             images, indices, weight = self._micro_batch(it)
             with self._sync_context(micro == accum - 1):
                 with _nvtx(self.nvtx, "forward"), self._autocast(), self._backend():
-                    loss = self.objective.forward(self.step_model, images, indices, epoch).loss
+                    loss = self.objective.forward(self.step_model, images, indices, epoch, self.step).loss
                 with _nvtx(self.nvtx, "backward"), self._backend():
                     self.scaler.scale(loss.float() * (weight / accum)).backward()
             total += loss.detach().float() * weight
@@ -415,6 +420,8 @@ class Trainer:
             "img_per_s": img_s,
             "peak_mem_mb": peak_memory_mb(self.device),
         }
+        if self.config.mask_ratio_end is not None:
+            record["mask_ratio"] = self.objective.ratio_at(self.step - 1)  # of the window's last step
         util = mfu(img_s, self.flops_per_sample, self.peak, self.info.world_size)
         if util is not None:
             record["mfu"] = util
@@ -469,9 +476,9 @@ class Trainer:
         first: Optional[Batch] = None
         for batch in self._batches(data, c.eval_max_images):
             first = first or batch
-            images, indices = batch.images.to(self.device), batch.indices.to(self.device)
+            images = batch.images.to(self.device)
             with self._autocast(), self._backend():
-                out = self.objective.forward(model, images, indices, EVAL_EPOCH)
+                out = self.objective.forward(model, images, batch.indices, EVAL_EPOCH)
                 trivial = self.objective.trivial_loss(model, images, out)
             n = images.shape[0]
             loss_sum += float(out.loss) * n
@@ -481,7 +488,8 @@ class Trainer:
             "split": self.heldout_name,
             "images": count,
             "method": c.method,
-            "mask_ratio": c.mask_ratio,
+            "mask_ratio": self.objective.ratio_at(None),
+            "mask_strategy": c.mask_strategy,
             "reconstruction_loss": loss_sum / max(count, 1),
             "trivial_loss": trivial_sum / max(count, 1),
             "trivial_predictor": "each masked patch predicted by its own mean pixel value",
@@ -489,12 +497,13 @@ class Trainer:
         if first is not None and self.main:
             mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c.method == "videomae" else (data.mean, data.std)
             with self._autocast(), self._backend():
-                rec = self.objective.reconstruct(model, first.images.to(self.device), first.indices.to(self.device),
-                                                 EVAL_EPOCH, mean, std)
+                rec = self.objective.reconstruct(model, first.images.to(self.device), first.indices, EVAL_EPOCH,
+                                                 mean, std)
             labels = rec.labels or [f"label {int(v)}" if v >= 0 else "" for v in first.labels[:8]]
             save_reconstructions(rec.original.cpu(), rec.masked.cpu(), rec.reconstruction.cpu(),
                                  os.path.join(self.out_dir, "reconstructions.png"),
-                                 title=f"{c.model}, {self.heldout_name} images, mask ratio {c.mask_ratio}"
+                                 title=f"{c.model}, {self.heldout_name} images, {c.mask_strategy} masks, ratio "
+                                       f"{self.objective.ratio_at(None):.3g}"
                                  + ("; predicted patches shown at the original patch's mean and std (normalised "
                                     "targets)" if c.norm_pix_loss and c.method != "simmim" else ""),
                                  column_labels=labels)

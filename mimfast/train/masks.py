@@ -13,12 +13,16 @@ import math
 
 import torch
 
-__all__ = ["hash_noise", "mae_noise", "simmim_mask", "tube_mask", "EVAL_EPOCH"]
+__all__ = ["hash_noise", "mae_noise", "simmim_mask", "tube_mask", "block_mask", "importance_noise", "patch_variance",
+           "sample_ratios", "noise_from_mask", "mask_from_noise", "EVAL_EPOCH"]
 
 # Epoch number reserved for evaluation masks, so they differ from every training epoch's.
 EVAL_EPOCH = 2**20
 
 _M32 = 0xFFFFFFFF
+# hash_noise streams besides the mask noise (0)
+_RATIO_STREAM = 1
+_GUMBEL_STREAM = 2
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -36,11 +40,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hash_noise(seed: int, epoch: int, indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def hash_noise(seed: int, epoch: int, indices: torch.Tensor, num_tokens: int, stream: int = 0) -> torch.Tensor:
     """Uniform noise in [0, 1) for ``indices`` [N] int64 (on any device) and tokens 0..num_tokens-1: [N, num_tokens]
-    float32 on the indices' device, a deterministic function of (seed, epoch, index, token)."""
+    float32 on the indices' device, a deterministic function of (seed, epoch, index, token). Each ``stream`` is
+    an independent draw (0: the mask noise; see the module's ``_*_STREAM`` constants)."""
     key = _mix32(torch.tensor((seed * 0x9E3779B1) & _M32, dtype=torch.int64) ^ 0x6D696D66)
     key = _mix32(key ^ (epoch & _M32))
+    if stream:
+        key = _mix32(key ^ _mul32(torch.tensor(stream, dtype=torch.int64), 0xC2B2AE35))
     key = key.to(indices.device)
     h = _mix32((indices.to(torch.int64) & _M32) ^ key)  # [N]
     tokens = torch.arange(num_tokens, device=indices.device, dtype=torch.int64)
@@ -54,7 +61,7 @@ def mae_noise(seed: int, epoch: int, indices: torch.Tensor, num_patches: int) ->
     return hash_noise(seed, epoch, indices, num_patches)
 
 
-def _mask_lowest(noise: torch.Tensor, num_masked: int) -> torch.Tensor:
+def mask_from_noise(noise: torch.Tensor, num_masked: int) -> torch.Tensor:
     """[N, U] noise -> [N, U] bool, True at the ``num_masked`` largest noise values (the smallest stay visible,
     as in MAE's argsort rule; ties break by index)."""
     rank = torch.argsort(torch.argsort(noise, dim=1, stable=True), dim=1, stable=True)
@@ -71,7 +78,7 @@ def simmim_mask(seed: int, epoch: int, indices: torch.Tensor, input_size: int, m
     side = input_size // mask_patch_size
     scale = mask_patch_size // model_patch_size
     units = side * side
-    unit_mask = _mask_lowest(hash_noise(seed, epoch, indices, units), math.ceil(units * mask_ratio))
+    unit_mask = mask_from_noise(hash_noise(seed, epoch, indices, units), math.ceil(units * mask_ratio))
     grid = unit_mask.view(-1, side, side)
     grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     return grid.reshape(grid.shape[0], -1)
@@ -82,5 +89,51 @@ def tube_mask(seed: int, epoch: int, indices: torch.Tensor, grid_thw: tuple[int,
     """VideoMAE tube masks [N, t*h*w] bool: one spatial mask of int(h*w*ratio) patches shared by every time slice
     (tokens ordered (t, h, w))."""
     t, h, w = grid_thw
-    spatial = _mask_lowest(hash_noise(seed, epoch, indices, h * w), int(h * w * mask_ratio))
+    spatial = mask_from_noise(hash_noise(seed, epoch, indices, h * w), int(h * w * mask_ratio))
     return spatial.unsqueeze(1).expand(-1, t, -1).reshape(spatial.shape[0], t * h * w)
+
+
+def sample_ratios(seed: int, epoch: int, indices: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Per-sample mask ratios [N] float64, uniform in [low, high] and a function of (seed, epoch, index): pass CPU
+    indices, so the ragged kept counts are known on the host without reading the device."""
+    u = hash_noise(seed, epoch, indices, 1, stream=_RATIO_STREAM)[:, 0].double()
+    return low + (high - low) * u
+
+
+def block_mask(seed: int, epoch: int, indices: torch.Tensor, grid: tuple[int, int], num_masked: int,
+               min_num_patches: int, device: torch.device) -> torch.Tensor:
+    """BEiT block-wise masks [N, h*w] bool on ``device`` with exactly ``num_masked`` patches each, a function of
+    (seed, epoch, index) (:func:`mimfast.ops.block_masking` with the data-set indices as ``sample_ids``)."""
+    from mimfast.ops import block_masking
+    from mimfast.ops.random_masking import fold_seed
+
+    info = block_masking(indices.shape[0], grid, num_masked, min_num_patches,
+                         seed=fold_seed(seed, epoch), sample_ids=indices, device=device)
+    return info.mask.bool()
+
+
+def noise_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[N, L] bool mask (True = removed, the same count per row) -> [N, L] float32 ``noise`` whose argsort rule
+    (MAE's ``forward(imgs, mask_ratio, noise)``) keeps exactly the unmasked patches, in ascending order."""
+    L = mask.shape[1]
+    order = torch.arange(L, device=mask.device, dtype=torch.float32) / (2 * L)  # distinct, below 1/2
+    return mask.to(torch.float32) + order
+
+
+def patch_variance(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, L] float32 variance of each patch's pixels (all channels), the importance score."""
+    from mimfast.ops.patchify import patchify
+
+    return patchify(images.float(), patch_size).var(-1, unbiased=False)
+
+
+def importance_noise(seed: int, epoch: int, indices: torch.Tensor, scores: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """[N, L] noise whose argsort rule keeps K patches drawn without replacement with probability proportional to
+    (scores + 1e-6) ** (1 / temperature) (Gumbel-top-k; the floor lets flat patches fill a count the textured ones
+    cannot, in random order). A function of (seed, epoch, index) and the scores."""
+    indices = indices.to(scores.device, non_blocking=True)
+    u = hash_noise(seed, epoch, indices, scores.shape[1], stream=_GUMBEL_STREAM)
+    u = u + 2.0**-25  # centred in its 2^-24 bin: never 0 or 1
+    gumbel = -torch.log(-torch.log(u))
+    return -(torch.log(scores.float() + 1e-6) / temperature + gumbel)

@@ -4,7 +4,8 @@ features the probes read from the encoder."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,17 @@ from torch import nn
 from mimfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mimfast.ops.patchify import patchify, unpatchify
 from mimfast.train.config import PretrainConfig
-from mimfast.train.masks import mae_noise, simmim_mask, tube_mask
+from mimfast.train.masks import (
+    block_mask,
+    importance_noise,
+    mae_noise,
+    mask_from_noise,
+    noise_from_mask,
+    patch_variance,
+    sample_ratios,
+    simmim_mask,
+    tube_mask,
+)
 
 __all__ = ["MICRO_MODELS", "model_factories", "build_model", "Objective", "Reconstruction"]
 
@@ -111,6 +122,13 @@ class Objective:
         self.method = config.method
         self.seed = config.seed
         self.mask_ratio = float(config.mask_ratio)
+        self.strategy = config.mask_strategy
+        self.ratio_end = config.mask_ratio_end
+        self.schedule = config.mask_schedule
+        self.ratio_range = config.mask_ratio_range
+        self.block_min_patches = config.block_min_patches
+        self.temperature = config.importance_temperature
+        self.total_steps = 1  # length of the progressive schedule, set by the trainer
         self.patch_size = model.patch_size
         self.grid = tuple(model.grid_size)
         self.num_patches = model.num_patches
@@ -125,11 +143,23 @@ class Objective:
         if self.method == "videomae":
             self.tubelet_size = model.tubelet_size
             self.num_frames = model.num_frames
-            spatial = self.grid[1] * self.grid[2]
-            self.num_keep = self.num_patches - self.grid[0] * int(spatial * self.mask_ratio)
-            if self.num_keep == self.num_patches:
-                raise ValueError(f"--mask-ratio {self.mask_ratio} masks no token of a {self.grid[1]}x{self.grid[2]} "
-                                 "frame grid; VideoMAE needs at least one masked tube")
+            for flag, ratio in (("--mask-ratio", self.mask_ratio), ("--mask-ratio-end", self.ratio_end)):
+                if ratio is not None and self._video_num_keep(ratio) == self.num_patches:
+                    raise ValueError(f"{flag} {ratio} masks no token of a {self.grid[1]}x{self.grid[2]} frame grid; "
+                                     "VideoMAE needs at least one masked tube")
+
+    def _video_num_keep(self, ratio: float) -> int:
+        return self.num_patches - self.grid[0] * int(self.grid[1] * self.grid[2] * ratio)
+
+    def ratio_at(self, step: Optional[int]) -> float:
+        """The mask ratio at optimizer step ``step``; ``None``: the evaluation ratio (the final one)."""
+        if self.ratio_end is None:
+            return self.mask_ratio
+        if step is None:
+            return self.ratio_end
+        from mimfast.ops import ratio_schedule
+
+        return ratio_schedule(step, self.total_steps, self.mask_ratio, self.ratio_end, self.schedule)
 
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample: (C, H, W), or (C, T, H, W) for VideoMAE."""
@@ -137,24 +167,53 @@ class Objective:
             return (self.channels, self.num_frames, *self.img_size)
         return (self.channels, *self.img_size)
 
-    def mask_arg(self, indices: torch.Tensor, epoch: int) -> Any:
-        """The mask input of the model for data-set samples ``indices`` [N] (on the model's device)."""
+    def _importance_noise(self, images: torch.Tensor, device_indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        scores = patch_variance(images, self.patch_size)
+        return importance_noise(self.seed, epoch, device_indices, scores, self.temperature)
+
+    def forward(self, model: Callable[..., Any], images: torch.Tensor, indices: torch.Tensor, epoch: int,
+                step: Optional[int] = None) -> Any:
+        """``MIMOutput`` of ``model`` (possibly wrapped by DDP / FSDP / compile) for data-set samples ``indices``
+        [N] int64 (pass them on the CPU: block masks and per-sample ratios are drawn from them on the host) at
+        optimizer step ``step`` (``None``: evaluation, the final mask ratio and no per-sample ratios).
+
+        Masks are a function of (seed, epoch, index): the same sample gets the same mask whichever rank, batch
+        position or micro-step it lands in. Everything goes through ``model.__call__`` so DDP / FSDP hooks run.
+        """
+        if indices.shape != images.shape[:1]:
+            raise ValueError(f"need one data-set index per sample: {images.shape[0]} samples, indices of shape "
+                             f"{tuple(indices.shape)}")
+        ratio = self.ratio_at(step)
+        device_indices = indices.to(images.device, non_blocking=True)
+        L = self.num_patches
         if self.method == "mae":
-            return mae_noise(self.seed, epoch, indices, self.num_patches)
+            if self.ratio_range is not None and step is not None:
+                ratios = sample_ratios(self.seed, epoch, indices.cpu(), *self.ratio_range)
+                return model(images, mask_ratio=ratios, noise=mae_noise(self.seed, epoch, device_indices, L))
+            if self.strategy == "random":
+                noise = mae_noise(self.seed, epoch, device_indices, L)
+            elif self.strategy == "importance":
+                noise = self._importance_noise(images, device_indices, epoch)
+            else:
+                from mimfast.ops.random_masking import num_kept
+
+                noise = noise_from_mask(block_mask(self.seed, epoch, indices.cpu(), self.grid, L - num_kept(L, ratio),
+                                                   self.block_min_patches, images.device))
+            return model(images, mask_ratio=ratio, noise=noise)
         if self.method == "simmim":
-            return simmim_mask(self.seed, epoch, indices, self.img_size[0], self.mask_patch_size, self.patch_size,
-                               self.mask_ratio)
+            if self.strategy == "random":
+                mask = simmim_mask(self.seed, epoch, device_indices, self.img_size[0], self.mask_patch_size,
+                                   self.patch_size, ratio)
+            elif self.strategy == "importance":
+                mask = mask_from_noise(self._importance_noise(images, device_indices, epoch), math.ceil(L * ratio))
+            else:
+                mask = block_mask(self.seed, epoch, indices.cpu(), self.grid, math.ceil(L * ratio),
+                                  self.block_min_patches, images.device)
+            return model(images, mask)
         from mimfast.ops.masking import mask_info_from_mask
 
-        mask = tube_mask(self.seed, epoch, indices, self.grid, self.mask_ratio)
-        return mask_info_from_mask(mask, num_keep=self.num_keep)
-
-    def forward(self, model: Callable[..., Any], images: torch.Tensor, indices: torch.Tensor, epoch: int) -> Any:
-        """The training forward: ``MIMOutput`` of ``model`` (possibly wrapped by DDP / compile)."""
-        arg = self.mask_arg(indices, epoch)
-        if self.method == "mae":
-            return model(images, mask_ratio=self.mask_ratio, noise=arg)
-        return model(images, arg)
+        mask = tube_mask(self.seed, epoch, device_indices, self.grid, ratio)
+        return model(images, mask_info_from_mask(mask, num_keep=self._video_num_keep(ratio)))
 
     @torch.no_grad()
     def trivial_loss(self, model: nn.Module, images: torch.Tensor, output: Any) -> torch.Tensor:
