@@ -228,6 +228,20 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
     assert "written for model" in err and "simmim_vit_nano_patch4" in err
 
 
+def test_a_fresh_run_never_overwrites_another_runs_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "4", "--no-eval", "--log-every", "1"]
+    run(out, *flags, "--max-steps", "2")
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "config.json", "metrics.jsonl")}
+    err = _error_of(capsys, *flags, "--max-steps", "1", "--blr", "1e-3", "--output-dir", str(out))
+    assert "already holds a run's checkpoint" in err and "--resume auto" in err
+    assert before == {name: (out / name).read_bytes() for name in before}
+    # a folder whose run stopped before its first checkpoint starts a fresh log
+    (out / "checkpoint.pt").unlink()
+    run(out, *flags, "--max-steps", "1")
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1]
+
+
 def test_a_value_error_during_training_keeps_its_traceback(tmp_path, monkeypatch):
     # only set-up problems become one-line messages: an error inside a training step is a bug to be shown whole
     from mimfast.train.engine import Trainer

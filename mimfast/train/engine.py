@@ -229,11 +229,13 @@ class Trainer:
 
     def resume(self) -> None:
         c = self.config
-        if c.resume is None:
-            return
-        path = ckpt.find_resume_checkpoint(self.out_dir, c.model) if c.resume == "auto" else c.resume
+        path = None
+        if c.resume is not None:
+            path = ckpt.find_resume_checkpoint(self.out_dir, c.model) if c.resume == "auto" else c.resume
         if path is None:
-            self._log(f"--resume auto: no checkpoint in {self.out_dir}, starting from scratch")
+            if c.resume is not None:
+                self._log(f"--resume auto: no checkpoint in {self.out_dir}, starting from scratch")
+            self.metrics.truncate_after(0)  # records of a run stopped before its first checkpoint
             return
         state = ckpt.load_checkpoint(path)
         ckpt.check_compatible(state, c.model, c.method, self.model_keys, path)
@@ -576,12 +578,21 @@ class SetupError(ValueError):
     only; a ValueError during training is a bug and keeps its traceback."""
 
 
+def _check_fresh_output_dir(config: PretrainConfig) -> None:
+    """A run without ``--resume`` must not overwrite another run's checkpoint."""
+    existing = os.path.join(config.output_dir, ckpt.CHECKPOINT_NAME)
+    if config.resume is None and os.path.isfile(existing):
+        raise SetupError(f"{config.output_dir} already holds a run's checkpoint; continue it with --resume auto, or "
+                         "pick another --output-dir")
+
+
 def train(config: PretrainConfig) -> RunResult:
     """Run a whole pretraining job (see the module docstring); ``config`` is resolved first."""
     info, device = init_distributed(config.device)
     try:
         resolved = resolve(config)
         resolved = _agree_on_output_dir(resolved, config.output_dir is not None, info)
+        _check_fresh_output_dir(resolved)
         trainer = Trainer(resolved, info, device)
     except ValueError as e:
         shutdown(info)
