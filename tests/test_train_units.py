@@ -94,7 +94,8 @@ def _objective(*flags):
 
     config = resolve(parse_args(["--output-dir", "unused", *flags]))
     torch.manual_seed(0)
-    return Objective(config, build_model(config, 1)), config
+    model = build_model(config, 1)
+    return Objective(config, model), model
 
 
 def _kept_by_noise(noise, ratio):
@@ -107,7 +108,7 @@ def test_engine_block_masks_are_beit_rectangles_of_each_data_set_index():
     from mimfast.ops import block_masking
     from mimfast.ops.random_masking import fold_seed
 
-    objective, config = _objective("--mask-strategy", "block", "--block-min-patches", "6", "--seed", "4")
+    objective, _ = _objective("--mask-strategy", "block", "--block-min-patches", "6", "--seed", "4")
     images = torch.randn(5, 1, 32, 32)
     idx = torch.tensor([17, 3, 900, 17, 5])
     args, kwargs = objective.forward(_Capture(), images, idx, epoch=2, step=0)
@@ -329,6 +330,28 @@ def test_train_flops_per_sample_counts_every_matmul_of_mae():
     got = train_flops_per_sample(model, lambda: model(x, 0.75), batch=3)
     assert got == pytest.approx(3 * forward, rel=1e-6)
     assert model.fused is True  # restored
+
+
+@pytest.mark.parametrize("masking", [["--mask-ratio", "0.3", "--mask-ratio-end", "0.9"],
+                                     ["--mask-ratio-range", "0.4", "0.8"], ["--mask-ratio", "0.6"]])
+def test_flops_follow_the_mask_ratio(masking):
+    # three counts fix the quadratic in the visible tokens: every other ratio is exact
+    import types
+
+    from mimfast.ops.random_masking import num_kept
+    from mimfast.train.engine import Trainer
+    from mimfast.train.metrics import train_flops_per_sample
+
+    objective, model = _objective(*masking)
+    fake = types.SimpleNamespace(model=model, objective=objective, device=torch.device("cpu"))
+    flops_at = Trainer._count_flops(fake)
+    x = torch.zeros(1, 1, 32, 32)
+    for ratio in (0.3, 0.41, 0.5, 0.66, 0.75, 0.9):
+        noise = torch.rand(1, 64)
+        want = train_flops_per_sample(model, lambda: model(x, ratio, noise), 1)
+        low, high = objective.ratio_span()
+        if low < high or num_kept(64, ratio) == num_kept(64, low):
+            assert flops_at(ratio) == pytest.approx(want, rel=1e-9), ratio
 
 
 def test_mfu_and_peaks():

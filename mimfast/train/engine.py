@@ -21,8 +21,9 @@ import math
 import os
 import signal
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -192,7 +193,8 @@ class Trainer:
         self.last_step = min(self.total_steps, config.max_steps or self.total_steps)
         self.samples_per_step = B * world * accum
 
-        self.flops_per_sample = self._count_flops()
+        self.flops_at = self._count_flops()
+        self.flops_per_sample = self.flops_at(self.objective.mean_ratio_at(0))
         self.peak = peak_flops(self.device, config.precision)
         self.model_keys = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         if config.grad_checkpointing:
@@ -216,10 +218,28 @@ class Trainer:
 
     # -- set-up helpers
 
-    def _count_flops(self) -> float:
-        x = torch.zeros((1, *self.objective.input_shape()), device=self.device)
+    def _count_flops(self) -> Callable[[float], float]:
+        """Model FLOPs of one training sample as a function of the mask ratio. The encoder's matmul FLOPs are a
+        quadratic in its visible tokens K (projections and MLP ~K, attention ~K^2) and the decoder's do not depend
+        on K, so counts at three K of the ratios training uses give every ratio exactly."""
+        objective = self.objective
+        x = torch.zeros((1, *objective.input_shape()), device=self.device)
         idx = torch.zeros(1, dtype=torch.long)
-        return train_flops_per_sample(self.model, lambda: self.objective.forward(self.model, x, idx, 0, 0), 1)
+
+        def count(ratio: float) -> float:
+            return train_flops_per_sample(self.model, lambda: objective.forward(self.model, x, idx, 0, ratio=ratio), 1)
+
+        low, high = objective.ratio_span()
+        points: dict[Optional[int], float] = {}
+        for ratio in (low, (low + high) / 2, high):
+            K = objective.visible_tokens(ratio)
+            if K not in points:
+                points[K] = count(ratio)
+        if len(points) == 1:
+            value = next(iter(points.values()))
+            return lambda ratio: value
+        coeffs = np.polyfit(list(points), list(points.values()), min(2, len(points) - 1))
+        return lambda ratio: float(np.polyval(coeffs, objective.visible_tokens(ratio)))
 
     def _log(self, message: str) -> None:
         if self.main:
@@ -424,7 +444,8 @@ class Trainer:
         }
         if self.config.mask_ratio_end is not None:
             record["mask_ratio"] = self.objective.ratio_at(self.step - 1)  # of the window's last step
-        util = mfu(img_s, self.flops_per_sample, self.peak, self.info.world_size)
+        flops = self.flops_at(self.objective.mean_ratio_at(self.step - 1))
+        util = mfu(img_s, flops, self.peak, self.info.world_size)
         if util is not None:
             record["mfu"] = util
         skipped = self._skipped_total()

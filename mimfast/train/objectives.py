@@ -167,15 +167,39 @@ class Objective:
             return (self.channels, self.num_frames, *self.img_size)
         return (self.channels, *self.img_size)
 
+    def mean_ratio_at(self, step: Optional[int]) -> float:
+        """The batch's mean mask ratio at ``step`` (the middle of --mask-ratio-range in training)."""
+        if self.ratio_range is not None and step is not None:
+            return sum(self.ratio_range) / 2
+        return self.ratio_at(step)
+
+    def ratio_span(self) -> tuple[float, float]:
+        """The lowest and highest mask ratio training uses."""
+        if self.ratio_range is not None:
+            return self.ratio_range
+        ends = (self.mask_ratio, self.mask_ratio if self.ratio_end is None else self.ratio_end)
+        return min(ends), max(ends)
+
+    def visible_tokens(self, ratio: float) -> Optional[int]:
+        """Patches (cubes) the encoder sees per sample at ``ratio``; None for SimMIM, whose encoder sees them all."""
+        if self.method == "mae":
+            from mimfast.ops.random_masking import num_kept
+
+            return num_kept(self.num_patches, ratio)
+        if self.method == "videomae":
+            return self._video_num_keep(ratio)
+        return None
+
     def _importance_noise(self, images: torch.Tensor, device_indices: torch.Tensor, epoch: int) -> torch.Tensor:
         scores = patch_variance(images, self.patch_size)
         return importance_noise(self.seed, epoch, device_indices, scores, self.temperature)
 
     def forward(self, model: Callable[..., Any], images: torch.Tensor, indices: torch.Tensor, epoch: int,
-                step: Optional[int] = None) -> Any:
+                step: Optional[int] = None, ratio: Optional[float] = None) -> Any:
         """``MIMOutput`` of ``model`` (possibly wrapped by DDP / FSDP / compile) for data-set samples ``indices``
         [N] int64 (pass them on the CPU: block masks and per-sample ratios are drawn from them on the host) at
-        optimizer step ``step`` (``None``: evaluation, the final mask ratio and no per-sample ratios).
+        optimizer step ``step`` (``None``: evaluation, the final mask ratio and no per-sample ratios); ``ratio``
+        replaces the step's ratio (one for the whole batch).
 
         Masks are a function of (seed, epoch, index): the same sample gets the same mask whichever rank, batch
         position or micro-step it lands in. Everything goes through ``model.__call__`` so DDP / FSDP hooks run.
@@ -183,11 +207,12 @@ class Objective:
         if indices.shape != images.shape[:1]:
             raise ValueError(f"need one data-set index per sample: {images.shape[0]} samples, indices of shape "
                              f"{tuple(indices.shape)}")
-        ratio = self.ratio_at(step)
+        per_sample = ratio is None and self.ratio_range is not None and step is not None
+        ratio = self.ratio_at(step) if ratio is None else ratio
         device_indices = indices.to(images.device, non_blocking=True)
         L = self.num_patches
         if self.method == "mae":
-            if self.ratio_range is not None and step is not None:
+            if per_sample:
                 ratios = sample_ratios(self.seed, epoch, indices.cpu(), *self.ratio_range)
                 return model(images, mask_ratio=ratios, noise=mae_noise(self.seed, epoch, device_indices, L))
             if self.strategy == "random":
