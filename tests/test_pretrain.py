@@ -281,9 +281,12 @@ def test_resume_auto_without_output_dir_continues_the_newest_run(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_compiled_run_matches_eager(tmp_path):
+@pytest.mark.parametrize("masking", [[], ["--mask-ratio-range", "0.5", "0.9", "--max-steps", "10"]],
+                         ids=["random", "per-sample-ratios"])
+def test_compiled_run_matches_eager(tmp_path, masking):
+    # per-sample ratios: packed lengths change every step; the first steps recompile until they are dynamic
     flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--max-steps", "3",
-             "--log-every", "1", "--no-eval"]
+             "--log-every", "1", "--no-eval", *masking]
     run(tmp_path / "eager", *flags)
     run(tmp_path / "compiled", *flags, "--compile")
     a = [r["loss"] for r in read_metrics(str(tmp_path / "eager" / "metrics.jsonl"))]

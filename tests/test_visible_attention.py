@@ -661,6 +661,23 @@ def test_mae_forward_with_per_sample_ratios_is_forward_ragged():
         model(imgs, mask_ratio=[0.5, 0.5], noise=noise)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_ragged_mae_with_the_compiled_length_bound_is_unchanged(monkeypatch, fused):
+    # compiled graphs run the packed encoder with max_seqlen rounded up to a power of two (an upper bound)
+    from mimfast.models import MaskedAutoencoderViT
+
+    model = MaskedAutoencoderViT(**RAGGED_MAE).double()
+    model.fused = fused
+    ratios = [0.9, 0.75, 0.6]  # K = 1, 4, 6: the bound is 8, the embedding reads 8 rows of each sample
+    imgs = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    noise = torch.rand(3, 16)
+    want = model.forward_ragged(imgs, ratios, noise=noise)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = model.forward_ragged(imgs, ratios, noise=noise)
+    assert torch.equal(got.mask, want.mask)
+    assert (got.pred - want.pred).abs().max() < 1e-12 and abs(got.loss.item() - want.loss.item()) < 1e-12
+
+
 def test_ragged_mae_triton_kernels(interpret):
     from mimfast import backend
     from mimfast.models import MaskedAutoencoderViT

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from mimfast.kernels.sizes import next_pow2
 from mimfast.models.vit import (
     MIMModel,
     MIMOutput,
@@ -239,13 +240,16 @@ class MaskedAutoencoderViT(MIMModel):
                                      backend=None if self.fused else "torch")
         T, dev = info.ids_keep_packed.shape[0], imgs.device
         sample = torch.repeat_interleave(torch.arange(N, device=dev), info.num_kept, output_size=T)
+        # an upper bound is enough (max_seqlen may exceed the longest sequence); compiled graphs get a power of two
+        # so changing lengths do not recompile them at every step
+        bound = min(L, next_pow2(info.max_seqlen)) if torch.compiler.is_compiling() else info.max_seqlen
         if self.fused:
             # embed only the first max(K_n) patches of each sample's shuffled order (distinct ids, kept ones first),
             # then keep each sample's own K_n rows: no convolution over the removed patches
             ids_shuffle = torch.empty_like(info.ids_restore).scatter_(
                 1, info.ids_restore, torch.arange(L, device=dev).expand(N, L))
             proj = self.patch_embed.proj
-            x = embed_visible(imgs, ids_shuffle[:, :info.max_seqlen].contiguous(), proj.weight, proj.bias,
+            x = embed_visible(imgs, ids_shuffle[:, :bound].contiguous(), proj.weight, proj.bias,
                               self.pos_embed, self.patch_size)
             within = torch.arange(T, device=dev) - info.cu_seqlens[:-1].long()[sample]
             patches = x[sample, within]  # [T, D]
@@ -260,7 +264,7 @@ class MaskedAutoencoderViT(MIMModel):
         source[torch.arange(T, device=dev) + sample + 1] = torch.arange(N, N + T, device=dev)
         x = torch.cat((cls, patches))[source]
         for block in self.blocks:
-            x = block(x, cu_seqlens=cu_seqlens, max_seqlen=info.max_seqlen + 1)
+            x = block(x, cu_seqlens=cu_seqlens, max_seqlen=bound + 1)
         return self.norm(x), cu_seqlens, info
 
     def forward_decoder_packed(self, latent: torch.Tensor, cu_seqlens: torch.Tensor,

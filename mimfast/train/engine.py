@@ -201,9 +201,6 @@ class Trainer:
             enable_grad_checkpointing(self.model)
         self.ddp_model = wrap_model(self.model, self.info, self.device, config.fsdp)
         self.step_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
-        if config.compile and config.mask_ratio_range is not None:
-            self._log("note: with --mask-ratio-range the packed lengths change every step; torch.compile recompiles "
-                      "the encoder for new lengths until its recompile limit, then runs those parts eagerly")
 
         lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.samples_per_step)
         self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device)
