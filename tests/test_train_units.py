@@ -130,6 +130,24 @@ def test_engine_block_masks_are_beit_rectangles_of_each_data_set_index():
     assert m.dtype == torch.bool and m.sum(1).tolist() == [math.ceil(64 * 0.6)] * 5
 
 
+@pytest.mark.parametrize("strategy", ["block", "importance"])
+def test_engine_simmim_masks_cover_whole_mask_units(strategy):
+    # 8-pixel units of 4-pixel patches: a 4 x 4 unit grid, ceil(16 * 0.6) = 10 units masked, each 2 x 2 patches
+    from mimfast.ops import block_masking
+    from mimfast.ops.random_masking import fold_seed
+
+    simmim, _ = _objective("--model", "simmim_vit_micro_patch4", "--mask-strategy", strategy, "--mask-patch-size",
+                           "8", "--block-min-patches", "2", "--seed", "1")
+    images = torch.randn(6, 1, 32, 32)
+    (m,), _ = simmim.forward(_Capture(), images, torch.arange(6), epoch=0, step=0)
+    units = m.view(6, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(6, 16, 4)
+    assert bool((units.all(-1) | (~units).all(-1)).all())
+    assert units.all(-1).sum(1).tolist() == [10] * 6
+    if strategy == "block":
+        want = block_masking(6, (4, 4), 10, 2, seed=fold_seed(1, 0)).mask.bool()
+        assert torch.equal(units.all(-1), want)
+
+
 def test_engine_importance_masks_keep_textured_patches():
     objective, _ = _objective("--mask-strategy", "importance", "--mask-ratio", "0.75")
     images = torch.zeros(64, 1, 32, 32)

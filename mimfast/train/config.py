@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--input-size", type=int, default=None, help="image side in pixels (default: the model's)")
     a("--num-frames", type=int, default=None, help="frames per clip for videomae (default: the model's)")
     a("--sampling-rate", type=int, default=4, help="temporal stride between sampled frames (videomae)")
-    a("--mask-patch-size", type=int, default=None, help="SimMIM mask unit in pixels (default 32, or the model "
-                                                        "patch size when 32 does not divide the input)")
+    a("--mask-patch-size", type=int, default=None, help="SimMIM mask unit in pixels, also of its block and "
+                                                        "importance masks (default 32, 16 for --mask-strategy "
+                                                        "block, or the model patch size when that does not divide "
+                                                        "the input)")
     a("--epochs", type=int, default=None, help="length of the schedule in epochs")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (the schedule still "
                                                   "spans --epochs)")

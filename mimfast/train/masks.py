@@ -14,7 +14,7 @@ import math
 import torch
 
 __all__ = ["hash_noise", "mae_noise", "simmim_mask", "tube_mask", "block_mask", "importance_noise", "patch_variance",
-           "sample_ratios", "noise_from_mask", "mask_from_noise", "EVAL_EPOCH"]
+           "sample_ratios", "noise_from_mask", "mask_from_noise", "simmim_units", "units_to_patches", "EVAL_EPOCH"]
 
 # Epoch number reserved for evaluation masks, so they differ from every training epoch's.
 EVAL_EPOCH = 2**20
@@ -68,20 +68,29 @@ def mask_from_noise(noise: torch.Tensor, num_masked: int) -> torch.Tensor:
     return rank >= noise.shape[1] - num_masked
 
 
+def simmim_units(input_size: int, mask_patch_size: int, model_patch_size: int) -> tuple[int, int]:
+    """(units per side, model patches per unit side) of SimMIM's mask units; checks the sizes divide."""
+    if input_size % mask_patch_size or mask_patch_size % model_patch_size:
+        raise ValueError(f"SimMIM needs input size {input_size} divisible by the mask patch size {mask_patch_size} "
+                         f"and that divisible by the model patch size {model_patch_size}")
+    return input_size // mask_patch_size, mask_patch_size // model_patch_size
+
+
+def units_to_patches(unit_mask: torch.Tensor, side: int, scale: int) -> torch.Tensor:
+    """[N, side*side] mask of square units -> [N, L] at model-patch granularity (each unit scale x scale patches)."""
+    grid = unit_mask.view(-1, side, side)
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return grid.reshape(grid.shape[0], -1)
+
+
 def simmim_mask(seed: int, epoch: int, indices: torch.Tensor, input_size: int, mask_patch_size: int,
                 model_patch_size: int, mask_ratio: float) -> torch.Tensor:
     """SimMIM masks [N, L] bool at model-patch granularity: ceil(units * ratio) of the (input/mask_patch)^2 mask
     units are masked, each unit covering (mask_patch/model_patch)^2 model patches."""
-    if input_size % mask_patch_size or mask_patch_size % model_patch_size:
-        raise ValueError(f"SimMIM needs input size {input_size} divisible by the mask patch size {mask_patch_size} "
-                         f"and that divisible by the model patch size {model_patch_size}")
-    side = input_size // mask_patch_size
-    scale = mask_patch_size // model_patch_size
+    side, scale = simmim_units(input_size, mask_patch_size, model_patch_size)
     units = side * side
     unit_mask = mask_from_noise(hash_noise(seed, epoch, indices, units), math.ceil(units * mask_ratio))
-    grid = unit_mask.view(-1, side, side)
-    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    return grid.reshape(grid.shape[0], -1)
+    return units_to_patches(unit_mask, side, scale)
 
 
 def tube_mask(seed: int, epoch: int, indices: torch.Tensor, grid_thw: tuple[int, int, int],
@@ -121,7 +130,8 @@ def noise_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def patch_variance(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, L] float32 variance of each patch's pixels (all channels), the importance score."""
+    """[N, C, H, W] -> [N, L] float32 variance of the pixels (all channels) of each ``patch_size`` square, the
+    importance score."""
     from mimfast.ops.patchify import patchify
 
     return patchify(images.float(), patch_size).var(-1, unbiased=False)

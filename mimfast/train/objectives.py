@@ -23,7 +23,9 @@ from mimfast.train.masks import (
     patch_variance,
     sample_ratios,
     simmim_mask,
+    simmim_units,
     tube_mask,
+    units_to_patches,
 )
 
 __all__ = ["MICRO_MODELS", "model_factories", "build_model", "Objective", "Reconstruction"]
@@ -136,7 +138,9 @@ class Objective:
         self.img_size = tuple(model.img_size)
         if self.method == "simmim":
             size = self.img_size[0]
-            default = 32 if size >= 128 and size % 32 == 0 else self.patch_size
+            # SimMIM's 32-pixel units; block-wise masks in BEiT's 16-pixel units
+            unit = 16 if self.strategy == "block" else 32
+            default = unit if size >= 128 and size % unit == 0 and unit % self.patch_size == 0 else self.patch_size
             self.mask_patch_size = config.mask_patch_size or default
             if self.img_size[0] != self.img_size[1]:
                 raise ValueError("SimMIM masking needs square inputs")
@@ -190,10 +194,6 @@ class Objective:
             return self._video_num_keep(ratio)
         return None
 
-    def _importance_noise(self, images: torch.Tensor, device_indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        scores = patch_variance(images, self.patch_size)
-        return importance_noise(self.seed, epoch, device_indices, scores, self.temperature)
-
     def forward(self, model: Callable[..., Any], images: torch.Tensor, indices: torch.Tensor, epoch: int,
                 step: Optional[int] = None, ratio: Optional[float] = None) -> Any:
         """``MIMOutput`` of ``model`` (possibly wrapped by DDP / FSDP / compile) for data-set samples ``indices``
@@ -218,7 +218,8 @@ class Objective:
             if self.strategy == "random":
                 noise = mae_noise(self.seed, epoch, device_indices, L)
             elif self.strategy == "importance":
-                noise = self._importance_noise(images, device_indices, epoch)
+                noise = importance_noise(self.seed, epoch, device_indices, patch_variance(images, self.patch_size),
+                                         self.temperature)
             else:
                 from mimfast.ops.random_masking import num_kept
 
@@ -229,11 +230,17 @@ class Objective:
             if self.strategy == "random":
                 mask = simmim_mask(self.seed, epoch, device_indices, self.img_size[0], self.mask_patch_size,
                                    self.patch_size, ratio)
-            elif self.strategy == "importance":
-                mask = mask_from_noise(self._importance_noise(images, device_indices, epoch), math.ceil(L * ratio))
-            else:
-                mask = block_mask(self.seed, epoch, indices.cpu(), self.grid, math.ceil(L * ratio),
-                                  self.block_min_patches, images.device)
+            else:  # over SimMIM's mask units, as its random masks
+                side, scale = simmim_units(self.img_size[0], self.mask_patch_size, self.patch_size)
+                num_masked = math.ceil(side * side * ratio)
+                if self.strategy == "importance":
+                    scores = patch_variance(images, self.mask_patch_size)
+                    noise = importance_noise(self.seed, epoch, device_indices, scores, self.temperature)
+                    units = mask_from_noise(noise, num_masked)
+                else:
+                    units = block_mask(self.seed, epoch, indices.cpu(), (side, side), num_masked,
+                                       self.block_min_patches, images.device)
+                mask = units_to_patches(units, side, scale)
             return model(images, mask)
         from mimfast.ops.masking import mask_info_from_mask
 
