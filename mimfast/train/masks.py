@@ -3,8 +3,10 @@
 The noise of token j of data-set sample i in epoch e is a 32-bit integer hash of (seed, epoch, i, j), made
 on the device with integer tensor ops (no host sync, no generator). A sample therefore gets the same mask
 whichever rank, batch position or micro-step it lands in, and a resumed run draws exactly the masks of an
-uninterrupted one. Every mask is then the argsort rule of MAE over that noise: the tokens with the smallest
-noise stay visible.
+uninterrupted one. Random, SimMIM and tube masks are the argsort rule of MAE over that noise (the tokens with the
+smallest noise stay visible); importance masks perturb log-scores with Gumbel noise from another hash stream;
+per-sample ratios come from a third stream; block-wise masks are :func:`mimfast.ops.block_masking` with the
+data-set indices as its ``sample_ids`` and the seed folded with the epoch.
 """
 
 from __future__ import annotations
