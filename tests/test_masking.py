@@ -266,12 +266,16 @@ def test_block_custom_op_opcheck():
 
 @pytest.mark.slow
 def test_block_compiles_without_graph_break():
-    def f():
-        info = block_masking(2, (5, 6), 12, 4, seed=9, sample_offset=1, backend="triton")
+    def f(ids=None):
+        if ids is None:
+            info = block_masking(2, (5, 6), 12, 4, seed=9, sample_offset=1, backend="triton")
+        else:
+            info = block_masking(2, (5, 6), 12, 4, seed=9, sample_ids=ids, backend="triton")
         return info.mask * 2, info.ids_restore
 
-    got, want = torch.compile(f, fullgraph=True)(), f()
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for ids in (None, torch.tensor([4, 1])):
+        got, want = torch.compile(f, fullgraph=True)(ids), f(ids)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_philox_of_python_ints_equals_the_tensor_words():
