@@ -4,6 +4,7 @@ import dataclasses
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -379,3 +380,20 @@ def test_mfu_and_peaks():
     assert mfu(1000.0, 1e9, None, 1) is None
     assert mfu(1000.0, 1e9, 1e13, 2) == pytest.approx(0.05)
     assert peak_memory_mb(torch.device("cpu")) > 10
+
+
+def test_loss_curve_shows_a_moving_mask_ratio_below_the_loss(tmp_path):
+    from PIL import Image
+
+    from mimfast.train.visualize import save_loss_curve
+
+    records = [dict(step=s, loss=1.0 - s / 400, lr=1e-3, mask_ratio=0.4 + s / 400) for s in range(1, 201)]
+    for name, recs in (("moving", records), ("fixed", [{k: v for k, v in r.items() if k != "mask_ratio"}
+                                                      for r in records])):
+        assert save_loss_curve(recs, str(tmp_path / f"{name}.png")) == (640, 400)
+    green = []
+    for name in ("moving", "fixed"):
+        with Image.open(tmp_path / f"{name}.png") as img:
+            px = np.asarray(img.convert("RGB")).astype(int)[300:, :, :]  # the bottom quarter
+        green.append(int(((px[..., 1] > 120) & (px[..., 0] < 80) & (px[..., 2] < 80)).sum()))
+    assert green[0] > 100 and green[1] == 0

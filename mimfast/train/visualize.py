@@ -24,17 +24,26 @@ def _pyplot() -> Any:
 
 
 def save_loss_curve(records: Sequence[dict[str, Any]], path: str, title: str = "") -> tuple[int, int]:
-    """Training loss (and learning rate, right axis) against the optimizer step; returns the PNG size
-    (width, height) in pixels."""
+    """Training loss (and learning rate, right axis) against the optimizer step, and below it the mask ratio when
+    the records log one (a progressive schedule); returns the PNG size (width, height) in pixels."""
     plt = _pyplot()
     width, height = 6.4, 4.0
-    fig, ax = plt.subplots(figsize=(width, height), dpi=DPI)
     steps = [r["step"] for r in records if "loss" in r]
+    ratios = [r.get("mask_ratio", float("nan")) for r in records if "loss" in r]
+    if any(np.isfinite(ratios)):
+        fig, (ax, ax_ratio) = plt.subplots(2, 1, figsize=(width, height), dpi=DPI, sharex=True,
+                                           gridspec_kw={"height_ratios": (3, 1)})
+        ax_ratio.plot(steps, ratios, color="tab:green")
+        ax_ratio.set_ylabel("mask ratio", color="tab:green")
+        ax_ratio.set_xlabel("optimizer step")
+        ax_ratio.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(width, height), dpi=DPI)
+        ax.set_xlabel("optimizer step")
     ax.plot(steps, [r["loss"] for r in records if "loss" in r], color="tab:blue", label="train loss")
     losses = [r["loss"] for r in records if "loss" in r]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 5:
         ax.set_yscale("log")  # the first steps would otherwise flatten the rest of the curve
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss", color="tab:blue")
     ax.grid(alpha=0.3)
     if any("lr" in r for r in records):
