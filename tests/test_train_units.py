@@ -371,6 +371,11 @@ def test_flops_follow_the_mask_ratio(masking):
         low, high = objective.ratio_span()
         if low < high or num_kept(64, ratio) == num_kept(64, low):
             assert flops_at(ratio) == pytest.approx(want, rel=1e-9), ratio
+    if objective.ratio_range is not None:
+        # a step's FLOPs average over the ratios the samples draw: between the ends, above the middle's (convex)
+        fake.config, fake.flops_at = types.SimpleNamespace(mask_ratio_range=objective.ratio_range), flops_at
+        step = Trainer._step_flops(fake, 3)
+        assert flops_at(0.8) < step < flops_at(0.4) and step > flops_at(0.6)
 
 
 def test_mfu_and_peaks():

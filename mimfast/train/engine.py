@@ -194,7 +194,7 @@ class Trainer:
         self.samples_per_step = B * world * accum
 
         self.flops_at = self._count_flops()
-        self.flops_per_sample = self.flops_at(self.objective.mean_ratio_at(0))
+        self.flops_per_sample = self._step_flops(0)
         self.peak = peak_flops(self.device, config.precision)
         self.model_keys = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         if config.grad_checkpointing:
@@ -237,6 +237,13 @@ class Trainer:
             return lambda ratio: value
         coeffs = np.polyfit(list(points), list(points.values()), min(2, len(points) - 1))
         return lambda ratio: float(np.polyval(coeffs, objective.visible_tokens(ratio)))
+
+    def _step_flops(self, step: int) -> float:
+        """Model FLOPs per sample of optimizer step ``step``: at the step's ratio, or averaged over the range
+        with --mask-ratio-range (on a fine grid of ratios, each sample drawing its own)."""
+        if self.config.mask_ratio_range is not None:
+            return float(np.mean([self.flops_at(r) for r in np.linspace(*self.config.mask_ratio_range, 1025)]))
+        return self.flops_at(self.objective.ratio_at(step))
 
     def _log(self, message: str) -> None:
         if self.main:
@@ -441,8 +448,7 @@ class Trainer:
         }
         if self.config.mask_ratio_end is not None:
             record["mask_ratio"] = self.objective.ratio_at(self.step - 1)  # of the window's last step
-        flops = self.flops_at(self.objective.mean_ratio_at(self.step - 1))
-        util = mfu(img_s, flops, self.peak, self.info.world_size)
+        util = mfu(img_s, self._step_flops(self.step - 1), self.peak, self.info.world_size)
         if util is not None:
             record["mfu"] = util
         skipped = self._skipped_total()

@@ -171,12 +171,6 @@ class Objective:
             return (self.channels, self.num_frames, *self.img_size)
         return (self.channels, *self.img_size)
 
-    def mean_ratio_at(self, step: Optional[int]) -> float:
-        """The batch's mean mask ratio at ``step`` (the middle of --mask-ratio-range in training)."""
-        if self.ratio_range is not None and step is not None:
-            return sum(self.ratio_range) / 2
-        return self.ratio_at(step)
-
     def ratio_span(self) -> tuple[float, float]:
         """The lowest and highest mask ratio training uses."""
         if self.ratio_range is not None:
