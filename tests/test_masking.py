@@ -241,6 +241,13 @@ def test_block_sample_ids_give_each_row_its_global_sample(monkeypatch, backend):
     assert_same(block_masking(4, (6, 7), 15, 4, seed=3, sample_ids=torch.arange(2, 6), backend=backend), contiguous)
 
 
+def test_block_host_sample_ids_with_outputs_on_another_device():
+    # the engine passes the data-set indices on the host and asks for masks on the GPU; "meta" stands in for it
+    info = block_masking(3, (4, 4), 5, seed=1, sample_ids=torch.arange(3), device="meta", backend="torch")
+    assert [(t.device.type, tuple(t.shape)) for t in info] == [("meta", (3, 11)), ("meta", (3, 16)), ("meta", (3, 16))]
+    assert get_op("block_masking").which(3, (4, 4), 5, seed=1, sample_ids=(0, 1, 2), device="meta") == "torch"
+
+
 def test_block_sample_ids_errors():
     ids = torch.arange(3)
     with pytest.raises(ValueError, match="seed"):
@@ -404,6 +411,16 @@ def test_ratio_schedule():
         ratio_schedule(0, 10, 0.5, 0.6, "step")
     with pytest.raises(ValueError, match="total_steps"):
         ratio_schedule(0, 0, 0.5, 0.6)
+
+
+def test_philox_uniform_extreme_words_stay_inside_the_unit_interval(monkeypatch):
+    # the largest and smallest Philox words map strictly inside (0, 1) in float32: a uniform of exactly 1 would give
+    # an infinite Gumbel key (a patch kept whatever its score)
+    words = torch.tensor([[0, 1, 2**32 - 1, 2**32 - 2, 2**31]], dtype=torch.int64)
+    monkeypatch.setattr(masking_module, "philox4x32", lambda seed, c0, *rest: (words.expand_as(c0),) * 4)
+    u = masking_module.philox_uniform(1, 5, seed=0)
+    assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all())
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
 
 
 def test_seeded_noise():

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from compile_check import assert_compiles_for_h100
@@ -652,11 +653,13 @@ def test_mae_forward_with_per_sample_ratios_is_forward_ragged():
     imgs = torch.randn(len(RAGGED_RATIOS), 3, 16, 16, dtype=torch.float64)
     noise = torch.rand(len(RAGGED_RATIOS), 16)
     want = model.forward_ragged(imgs, RAGGED_RATIOS, noise=noise)
-    for ratios in (RAGGED_RATIOS, torch.tensor(RAGGED_RATIOS, dtype=torch.float64)):
+    for ratios in (RAGGED_RATIOS, torch.tensor(RAGGED_RATIOS, dtype=torch.float64), np.array(RAGGED_RATIOS),
+                   np.array(RAGGED_RATIOS, dtype=np.float32)):
         got = model(imgs, mask_ratio=ratios, noise=noise)
         assert torch.equal(got.mask, want.mask) and torch.equal(got.pred, want.pred) and got.loss == want.loss
-    one = model(imgs, mask_ratio=torch.tensor(0.5), noise=noise)
-    assert torch.equal(one.mask, model(imgs, mask_ratio=0.5, noise=noise).mask)
+    for scalar in (torch.tensor(0.5), np.float32(0.5), np.array(0.5)):
+        one = model(imgs, mask_ratio=scalar, noise=noise)
+        assert torch.equal(one.mask, model(imgs, mask_ratio=0.5, noise=noise).mask)
     with pytest.raises(ValueError):
         model(imgs, mask_ratio=[0.5, 0.5], noise=noise)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -196,13 +197,19 @@ class MaskedAutoencoderViT(MIMModel):
         loss = ((pred - target) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: Union[float, torch.Tensor, Sequence[float]] = 0.75,
+    def forward(self, imgs: torch.Tensor,
+                mask_ratio: Union[float, torch.Tensor, np.ndarray, Sequence[float]] = 0.75,
                 noise: Optional[torch.Tensor] = None) -> MIMOutput:
-        """``mask_ratio`` one float for the batch, or one ratio per sample ([N] tensor or sequence; a CPU tensor
-        keeps the kept counts on the host): the latter is :meth:`forward_ragged`, reached through ``__call__`` so
-        DDP / FSDP wrappers see it."""
-        if isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0:
+        """``mask_ratio`` one float for the batch, or one ratio per sample: the latter is :meth:`forward_ragged`,
+        reached through ``__call__`` so DDP / FSDP wrappers see it. Per-sample ratios as a NumPy array [N] keep the
+        kept counts on the host without a device sync even under DDP and FSDP2, which move tensor arguments to
+        the device (a CPU tensor or a list does too, without such a wrapper)."""
+        if isinstance(mask_ratio, np.ndarray) and mask_ratio.ndim > 0:
+            mask_ratio = torch.from_numpy(mask_ratio)
+        elif isinstance(mask_ratio, (np.ndarray, np.generic)):
             mask_ratio = float(mask_ratio)
+        elif isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0:
+            mask_ratio = float(mask_ratio)  # reads a device scalar back
         if not isinstance(mask_ratio, (int, float)):
             return self.forward_ragged(imgs, mask_ratio, noise)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)

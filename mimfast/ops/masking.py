@@ -4,8 +4,9 @@ per-sample ratios (ragged, for a packed variable-length encoder), and a progress
 Every generator returns :class:`~mimfast.ops.random_masking.MaskInfo` (or :class:`RaggedMaskInfo`) with
 mask 1 = removed, and is reproducible: randomness comes from ``seed`` (an int in [0, 2**63)) or, when it is None,
 from one seed drawn on the host from ``generator`` (torch's default CPU generator when None; see
-:func:`~mimfast.ops.random_masking.draw_seed`). Sample n's mask depends only on (seed, sample_offset + n), so
-passing the global sample index as ``sample_offset`` (or folding rank and epoch into the seed with
+:func:`~mimfast.ops.random_masking.draw_seed`). Sample n's mask depends only on (seed, sample_offset + n) (for
+block-wise masking, on (seed, sample_ids[n]) when ``sample_ids`` is given), so passing the global sample index as
+``sample_offset`` (or folding rank and epoch into the seed with
 :func:`~mimfast.ops.random_masking.fold_seed`) makes masks distinct across data-parallel ranks and independent
 of how a batch is split. For a given seed every backend returns the same masks.
 
@@ -397,13 +398,17 @@ def _block_args(grid, num_masking_patches, min_num_patches, max_num_patches, min
 def block_masking_ref(N: int, grid: Union[int, tuple[int, int]], num_masking_patches: int, min_num_patches: int = 4,
                       max_num_patches: Optional[int] = None, min_aspect: float = 0.3,
                       max_aspect: Optional[float] = None, *, seed: int = 0, sample_offset: int = 0,
-                      sample_ids: Optional[torch.Tensor] = None, device: Device = None) -> MaskInfo:
+                      sample_ids: Union[torch.Tensor, Sequence[int], None] = None,
+                      device: Device = None) -> MaskInfo:
     """Torch implementation of :func:`block_masking` for a resolved seed: the rectangles of each sample drawn on the
     host (Python integers), the mask moved to ``device``. ``sample_ids`` on a device is read back (a sync)."""
     height, width, max_num_patches, log_aspect = _block_args(grid, num_masking_patches, min_num_patches,
                                                              max_num_patches, min_aspect, max_aspect)
     table = aspect_table(log_aspect)
-    samples = range(sample_offset, sample_offset + N) if sample_ids is None else sample_ids.tolist()
+    if sample_ids is None:
+        samples = range(sample_offset, sample_offset + N)
+    else:
+        samples = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else sample_ids
     rows = [_block_mask_one(seed, sample, height, width, num_masking_patches, min_num_patches, max_num_patches,
                             table) for sample in samples]
     mask = torch.tensor(rows, dtype=torch.bool).reshape(N, height * width)
@@ -453,16 +458,14 @@ def _(N, height, width, num_masking_patches, min_num_patches, max_num_patches, l
 def _block_triton(N: int, grid: Union[int, tuple[int, int]], num_masking_patches: int, min_num_patches: int = 4,
                   max_num_patches: Optional[int] = None, min_aspect: float = 0.3,
                   max_aspect: Optional[float] = None, *, seed: int = 0, sample_offset: int = 0,
-                  sample_ids: Optional[torch.Tensor] = None, device: Device = None) -> MaskInfo:
+                  sample_ids: Union[torch.Tensor, Sequence[int], None] = None, device: Device = None) -> MaskInfo:
     height, width, max_num_patches, (lo, hi) = _block_args(grid, num_masking_patches, min_num_patches,
                                                            max_num_patches, min_aspect, max_aspect)
     device = resolve_device(None, device)
-    if sample_ids is not None:
-        sample_ids = sample_ids.to(torch.int64).contiguous()
-        if sample_ids.device.type == "cpu":
-            sample_ids = _host_to_device(sample_ids, device)
-        else:
-            sample_ids = sample_ids.to(device)
+    if isinstance(sample_ids, tuple):
+        sample_ids = _host_to_device(torch.tensor(sample_ids, dtype=torch.int64), device)
+    elif sample_ids is not None:
+        sample_ids = sample_ids.to(device=device, dtype=torch.int64).contiguous()
     launch = _block_kernel_op if torch.compiler.is_compiling() else _block_launch
     ids_keep, ids_restore, mask = launch(N, height, width, num_masking_patches, min_num_patches, max_num_patches,
                                          lo, hi, seed, sample_offset, device, sample_ids)
@@ -530,6 +533,13 @@ def block_masking(
     check_seed(seed, sample_offset, N)
     _check_sample_ids(sample_ids, N, seed, sample_offset)
     _block_args(grid, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect)
+    if sample_ids is not None and sample_ids.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            sample_ids = sample_ids.to(resolve_device(None, device))
+        else:
+            # host ids as ints: not a tensor on another device for the dispatcher; torch reads them as they are,
+            # triton copies them to the device from pinned memory
+            sample_ids = tuple(sample_ids.tolist())
     return _block_op(N, grid, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect,
                      seed=_resolve_seed(seed, generator), sample_offset=sample_offset, sample_ids=sample_ids,
                      device=device, backend=backend)
@@ -561,8 +571,9 @@ def philox_uniform(N: int, L: int, seed: int, sample_offset: int = 0, device: De
     idx = torch.arange(L, dtype=torch.int64, device=device).expand(N, L)
     sample = (torch.arange(N, dtype=torch.int64, device=device) + sample_offset)[:, None].expand(N, L)
     r0, _, _, _ = philox4x32(seed, idx, sample & 0xFFFFFFFF, sample >> 32, torch.full_like(idx, stream))
-    # 24 random bits centred in their bin: exactly representable in float32, never 0 or 1
-    return ((r0 >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    # 23 random bits centred in their bin: k + 1/2 < 2^23 is exact in float32, so never 0 or 1 (24 bits plus the
+    # half would round the top value up to 1)
+    return ((r0 >> 9).to(torch.float32) + 0.5) * 2.0**-23
 
 
 def seeded_noise(N: int, L: int, seed: int, sample_offset: int = 0, device: Device = None) -> torch.Tensor:
@@ -570,7 +581,7 @@ def seeded_noise(N: int, L: int, seed: int, sample_offset: int = 0, device: Devi
 
     For code paths that take ``noise=`` (a model's ``forward(imgs, mask_ratio, noise)``): masks then depend on the
     seed and the global sample index, not on the batch split. Generated on ``device`` with integer tensor ops, no
-    host sync. 24-bit uniforms: equal values in a row are rare and ordered by patch index.
+    host sync. 23-bit uniforms: equal values in a row are rare and ordered by patch index.
     """
     if seed is None:
         raise ValueError("seeded_noise needs a seed")

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
            "BEiT-style rectangles (MAE, SimMIM); 'importance': patches kept with probability proportional to their "
            "pixel variance ** (1 / --importance-temperature) (MAE, SimMIM)")
     a("--mask-ratio-end", type=float, default=None,
-      help="progressive masking: the ratio moves from --mask-ratio at step 0 to this one at the last step")
+      help="progressive masking: the ratio moves from --mask-ratio at step 0 to this one at the end of the "
+           "schedule (--epochs)")
     a("--mask-schedule", default="linear", choices=MASK_SCHEDULES, help="shape of the --mask-ratio-end schedule")
     a("--mask-ratio-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
       help="MAE with random masks: each sample draws its own ratio uniformly in [LOW, HIGH] and the encoder runs "
@@ -190,6 +191,8 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
     default("save_every", 1000)
     default("log_every", 20)
     default("num_workers", 8)
+    if config.mask_ratio_range is not None:
+        fill["mask_ratio_range"] = tuple(float(r) for r in config.mask_ratio_range)
     out = dataclasses.replace(config, **fill)
     if out.output_dir is None:
         out = dataclasses.replace(out, output_dir=f"runs/{out.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -241,3 +244,11 @@ def _check_masking(c: PretrainConfig) -> None:
         raise ValueError(f"--block-min-patches must be positive, got {c.block_min_patches}")
     if not 0.0 < c.importance_temperature < float("inf"):
         raise ValueError(f"--importance-temperature must be positive and finite, got {c.importance_temperature}")
+    # settings that would be silently ignored
+    defaults = PretrainConfig()
+    if c.mask_schedule != defaults.mask_schedule and c.mask_ratio_end is None:
+        raise ValueError("--mask-schedule shapes a moving ratio: give --mask-ratio-end too")
+    if c.block_min_patches != defaults.block_min_patches and c.mask_strategy != "block":
+        raise ValueError("--block-min-patches applies to --mask-strategy block only")
+    if c.importance_temperature != defaults.importance_temperature and c.mask_strategy != "importance":
+        raise ValueError("--importance-temperature applies to --mask-strategy importance only")

@@ -265,7 +265,8 @@ class Trainer:
         ckpt.check_compatible(state, c.model, c.method, self.model_keys, path)
         saved = state.get("config", {})
         for name in ("batch_size", "accum_iter", "epochs", "seed", "mask_ratio", "mask_strategy", "mask_ratio_end",
-                     "mask_schedule", "mask_ratio_range", "data", "blr", "lr"):
+                     "mask_schedule", "mask_ratio_range", "mask_patch_size", "block_min_patches",
+                     "importance_temperature", "data", "blr", "lr"):
             if name in saved and saved[name] != getattr(c, name):
                 self._log(f"warning: resuming with --{name.replace('_', '-')} {getattr(c, name)!r}, the checkpoint "
                           f"was written with {saved[name]!r}; the run will not reproduce an uninterrupted one")

@@ -12,6 +12,7 @@ data-set indices as its ``sample_ids`` and the seed folded with the epoch.
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
 
@@ -27,13 +28,14 @@ _RATIO_STREAM = 1
 _GUMBEL_STREAM = 2
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32) held in int64, without overflowing int64: split c into 16-bit halves."""
+def _mul32(x: Union[torch.Tensor, int], c: int) -> Union[torch.Tensor, int]:
+    """(x * c) mod 2^32 for x in [0, 2^32) held in int64 (or a Python int), without overflowing int64: split c
+    into 16-bit halves."""
     lo, hi = c & 0xFFFF, c >> 16
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def _mix32(x: Union[torch.Tensor, int]) -> Union[torch.Tensor, int]:
     """A 32-bit avalanche finaliser (xor-shift / multiply rounds, as in MurmurHash3's fmix32)."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
@@ -46,11 +48,11 @@ def hash_noise(seed: int, epoch: int, indices: torch.Tensor, num_tokens: int, st
     """Uniform noise in [0, 1) for ``indices`` [N] int64 (on any device) and tokens 0..num_tokens-1: [N, num_tokens]
     float32 on the indices' device, a deterministic function of (seed, epoch, index, token). Each ``stream`` is
     an independent draw (0: the mask noise; see the module's ``_*_STREAM`` constants)."""
-    key = _mix32(torch.tensor((seed * 0x9E3779B1) & _M32, dtype=torch.int64) ^ 0x6D696D66)
+    # the key in Python ints (the same arithmetic): no host-to-device copy, which would synchronise the stream
+    key = _mix32(((seed * 0x9E3779B1) & _M32) ^ 0x6D696D66)
     key = _mix32(key ^ (epoch & _M32))
     if stream:
-        key = _mix32(key ^ _mul32(torch.tensor(stream, dtype=torch.int64), 0xC2B2AE35))
-    key = key.to(indices.device)
+        key = _mix32(key ^ _mul32(stream & _M32, 0xC2B2AE35))
     h = _mix32((indices.to(torch.int64) & _M32) ^ key)  # [N]
     tokens = torch.arange(num_tokens, device=indices.device, dtype=torch.int64)
     h = _mix32(_mix32(h[:, None] ^ _mul32(tokens, 0x85EBCA6B)[None, :]) ^ key)  # [N, L]
@@ -146,6 +148,6 @@ def importance_noise(seed: int, epoch: int, indices: torch.Tensor, scores: torch
     cannot, in random order). A function of (seed, epoch, index) and the scores."""
     indices = indices.to(scores.device, non_blocking=True)
     u = hash_noise(seed, epoch, indices, scores.shape[1], stream=_GUMBEL_STREAM)
-    u = u + 2.0**-25  # centred in its 2^-24 bin: never 0 or 1
+    u = (torch.floor(u * 2.0**23) + 0.5) * 2.0**-23  # 23 bits centred in their bin, exact in float32: never 0 or 1
     gumbel = -torch.log(-torch.log(u))
     return -(torch.log(scores.float() + 1e-6) / temperature + gumbel)

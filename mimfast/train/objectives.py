@@ -191,7 +191,7 @@ class Objective:
     def forward(self, model: Callable[..., Any], images: torch.Tensor, indices: torch.Tensor, epoch: int,
                 step: Optional[int] = None, ratio: Optional[float] = None) -> Any:
         """``MIMOutput`` of ``model`` (possibly wrapped by DDP / FSDP / compile) for data-set samples ``indices``
-        [N] int64 (pass them on the CPU: block masks and per-sample ratios are drawn from them on the host) at
+        [N] int64 (pass them on the CPU: block masks and per-sample ratios are keyed by them on the host) at
         optimizer step ``step`` (``None``: evaluation, the final mask ratio and no per-sample ratios); ``ratio``
         replaces the step's ratio (one for the whole batch).
 
@@ -207,7 +207,8 @@ class Objective:
         L = self.num_patches
         if self.method == "mae":
             if per_sample:
-                ratios = sample_ratios(self.seed, epoch, indices.cpu(), *self.ratio_range)
+                # a NumPy array: DDP and FSDP2 move tensor arguments to the device, the counts must stay on the host
+                ratios = sample_ratios(self.seed, epoch, indices.cpu(), *self.ratio_range).numpy()
                 return model(images, mask_ratio=ratios, noise=mae_noise(self.seed, epoch, device_indices, L))
             if self.strategy == "random":
                 noise = mae_noise(self.seed, epoch, device_indices, L)
