@@ -246,6 +246,11 @@ def test_block_host_sample_ids_with_outputs_on_another_device():
     info = block_masking(3, (4, 4), 5, seed=1, sample_ids=torch.arange(3), device="meta", backend="torch")
     assert [(t.device.type, tuple(t.shape)) for t in info] == [("meta", (3, 11)), ("meta", (3, 16)), ("meta", (3, 16))]
     assert get_op("block_masking").which(3, (4, 4), 5, seed=1, sample_ids=(0, 1, 2), device="meta") == "torch"
+    # host ids reach the implementations as ints, a tuple or a list
+    op = get_op("block_masking")
+    for backend in ("torch", "triton"):
+        assert_same(op(3, (4, 4), 5, seed=1, sample_ids=[4, 0, 9], backend=backend),
+                    block_masking(3, (4, 4), 5, seed=1, sample_ids=torch.tensor([4, 0, 9]), backend="torch"))
 
 
 def test_block_sample_ids_errors():

@@ -221,7 +221,7 @@ def test_masking_flag_checks():
         resolve(parse_args(["--importance-temperature", "0"]))
     assert parse_args(["--mask-ratio-range", "0.5", "0.7"]).mask_ratio_range == (0.5, 0.7)
     assert resolve(PretrainConfig(mask_ratio_range=[0.5, 0.7])).mask_ratio_range == (0.5, 0.7)
-    for flags, message in ((["--mask-schedule", "cosine"], "give --mask-ratio-end"),
+    for flags, message in ((["--mask-schedule", "cosine"], "--mask-ratio-end, which is not given"),
                            (["--block-min-patches", "4"], "block only"),
                            (["--mask-strategy", "block", "--importance-temperature", "2"], "importance only")):
         with pytest.raises(ValueError, match=message):

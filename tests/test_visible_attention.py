@@ -657,9 +657,20 @@ def test_mae_forward_with_per_sample_ratios_is_forward_ragged():
                    np.array(RAGGED_RATIOS, dtype=np.float32)):
         got = model(imgs, mask_ratio=ratios, noise=noise)
         assert torch.equal(got.mask, want.mask) and torch.equal(got.pred, want.pred) and got.loss == want.loss
-    for scalar in (torch.tensor(0.5), np.float32(0.5), np.array(0.5)):
+    odd = np.array(RAGGED_RATIOS[::-1], dtype=">f8")[::-1]  # big-endian, negative stride
+    for ratios in (odd, np.broadcast_to(np.array(RAGGED_RATIOS), (len(RAGGED_RATIOS),))):  # read-only
+        got = model(imgs, mask_ratio=ratios, noise=noise)
+        assert torch.equal(got.mask, want.mask) and torch.equal(got.pred, want.pred)
+    # a ratio keeps as many patches whatever its type: float32 0.3 counts as the decimal 0.3 (at L = 100: 70 kept,
+    # where its binary value 0.30000001192... would keep 69)
+    from mimfast.models.mae import _scalar_ratio
+
+    for scalar in (torch.tensor(0.3), np.float32(0.3), np.array(0.3, dtype=np.float32), np.float64(0.3),
+                   torch.tensor(0.3, dtype=torch.float64)):
+        assert _scalar_ratio(scalar) == 0.3 and int(100 * (1 - _scalar_ratio(scalar))) == 70
         one = model(imgs, mask_ratio=scalar, noise=noise)
-        assert torch.equal(one.mask, model(imgs, mask_ratio=0.5, noise=noise).mask)
+        assert torch.equal(one.mask, model(imgs, mask_ratio=0.3, noise=noise).mask)
+
     with pytest.raises(ValueError):
         model(imgs, mask_ratio=[0.5, 0.5], noise=noise)
 

@@ -205,11 +205,11 @@ class MaskedAutoencoderViT(MIMModel):
         kept counts on the host without a device sync even under DDP and FSDP2, which move tensor arguments to
         the device (a CPU tensor or a list does too, without such a wrapper)."""
         if isinstance(mask_ratio, np.ndarray) and mask_ratio.ndim > 0:
-            mask_ratio = torch.from_numpy(mask_ratio)
-        elif isinstance(mask_ratio, (np.ndarray, np.generic)):
-            mask_ratio = float(mask_ratio)
-        elif isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0:
-            mask_ratio = float(mask_ratio)  # reads a device scalar back
+            # a native-order, writable, positively strided copy ([N] values: cheap) that torch can wrap
+            mask_ratio = torch.from_numpy(np.array(mask_ratio, dtype=mask_ratio.dtype.newbyteorder("=")))
+        elif isinstance(mask_ratio, (np.ndarray, np.generic)) or (
+                isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0):
+            mask_ratio = _scalar_ratio(mask_ratio)
         if not isinstance(mask_ratio, (int, float)):
             return self.forward_ragged(imgs, mask_ratio, noise)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
@@ -302,6 +302,21 @@ class MaskedAutoencoderViT(MIMModel):
         latent, cu_seqlens, info = self.forward_encoder_packed(imgs, mask_ratios, noise)
         pred = self.forward_decoder_packed(latent, cu_seqlens, info)
         return MIMOutput(self.forward_loss(imgs, pred, info.mask), pred, info.mask)
+
+
+def _scalar_ratio(value: Union[np.ndarray, np.generic, torch.Tensor]) -> float:
+    """A 0-d tensor or NumPy value as a Python float; below float64, its shortest decimal (0.3, not
+    0.30000001192...), the rule per-sample ratios follow, so a ratio keeps as many patches whatever its type. A device
+    tensor is read back."""
+    if isinstance(value, torch.Tensor):
+        double = value.dtype == torch.float64
+        value = value.item()
+    else:
+        double = value.dtype == np.float64
+        value = value.item()
+    if isinstance(value, float) and not double:
+        return float(str(np.float32(value)))
+    return float(value)
 
 
 def _mae(patch_size: int, embed_dim: int, depth: int, num_heads: int, kwargs: dict) -> MaskedAutoencoderViT:

@@ -462,7 +462,7 @@ def _block_triton(N: int, grid: Union[int, tuple[int, int]], num_masking_patches
     height, width, max_num_patches, (lo, hi) = _block_args(grid, num_masking_patches, min_num_patches,
                                                            max_num_patches, min_aspect, max_aspect)
     device = resolve_device(None, device)
-    if isinstance(sample_ids, tuple):
+    if sample_ids is not None and not isinstance(sample_ids, torch.Tensor):
         sample_ids = _host_to_device(torch.tensor(sample_ids, dtype=torch.int64), device)
     elif sample_ids is not None:
         sample_ids = sample_ids.to(device=device, dtype=torch.int64).contiguous()
@@ -522,7 +522,8 @@ def block_masking(
     ``sample_ids`` [N] (integers in [0, 2**63), with ``seed``, instead of ``sample_offset``) gives each row the
     mask of that global sample, e.g. the data-set indices of a shuffled batch: row n equals row 0 of
     ``block_masking(1, ..., seed=seed, sample_offset=sample_ids[n])``. Pass them on the CPU: ``torch`` reads them
-    on the host (device ids would be read back, a sync), ``triton`` copies them to ``device`` without blocking.
+    on the host (device ids would be read back, a sync), ``triton`` copies them to ``device`` without blocking (in
+    eager mode; a compiled graph moves them with a plain copy). Without ``device`` the masks go where the ids are.
 
     Equivalent PyTorch::
 
@@ -533,6 +534,8 @@ def block_masking(
     check_seed(seed, sample_offset, N)
     _check_sample_ids(sample_ids, N, seed, sample_offset)
     _block_args(grid, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect)
+    if sample_ids is not None and device is None:
+        device = sample_ids.device  # the only tensor argument decides, as for the other ops
     if sample_ids is not None and sample_ids.device.type == "cpu":
         if torch.compiler.is_compiling():
             sample_ids = sample_ids.to(resolve_device(None, device))

@@ -247,7 +247,7 @@ def _check_masking(c: PretrainConfig) -> None:
     # settings that would be silently ignored
     defaults = PretrainConfig()
     if c.mask_schedule != defaults.mask_schedule and c.mask_ratio_end is None:
-        raise ValueError("--mask-schedule shapes a moving ratio: give --mask-ratio-end too")
+        raise ValueError("--mask-schedule shapes the ratio moving to --mask-ratio-end, which is not given")
     if c.block_min_patches != defaults.block_min_patches and c.mask_strategy != "block":
         raise ValueError("--block-min-patches applies to --mask-strategy block only")
     if c.importance_temperature != defaults.importance_temperature and c.mask_strategy != "importance":
