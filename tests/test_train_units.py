@@ -203,29 +203,25 @@ def test_engine_progressive_ratio():
 
 
 def test_masking_flag_checks():
-    with pytest.raises(ValueError, match="videomae masks tubes"):
-        resolve(parse_args(["--model", "videomae_vit_micro_patch4", "--mask-strategy", "block"]))
-    with pytest.raises(ValueError, match="needs --method mae with --mask-strategy random"):
-        resolve(parse_args(["--model", "simmim_vit_micro_patch4", "--mask-ratio-range", "0.5", "0.7"]))
-    with pytest.raises(ValueError, match="needs --method mae with --mask-strategy random"):
-        resolve(parse_args(["--mask-strategy", "block", "--mask-ratio-range", "0.5", "0.7"]))
-    with pytest.raises(ValueError, match="cannot be combined"):
-        resolve(parse_args(["--mask-ratio-range", "0.5", "0.7", "--mask-ratio-end", "0.8"]))
-    with pytest.raises(ValueError, match="LOW <= HIGH"):
-        resolve(parse_args(["--mask-ratio-range", "0.8", "0.7"]))
-    with pytest.raises(ValueError, match="mask-ratio-end"):
-        resolve(parse_args(["--mask-ratio-end", "1.0"]))
-    with pytest.raises(ValueError, match="block-min-patches"):
-        resolve(parse_args(["--block-min-patches", "0"]))
-    with pytest.raises(ValueError, match="importance-temperature"):
-        resolve(parse_args(["--importance-temperature", "0"]))
-    assert parse_args(["--mask-ratio-range", "0.5", "0.7"]).mask_ratio_range == (0.5, 0.7)
-    assert resolve(PretrainConfig(mask_ratio_range=[0.5, 0.7])).mask_ratio_range == (0.5, 0.7)
-    for flags, message in ((["--mask-schedule", "cosine"], "--mask-ratio-end, which is not given"),
-                           (["--block-min-patches", "4"], "block only"),
-                           (["--mask-strategy", "block", "--importance-temperature", "2"], "importance only")):
+    for flags, message in (
+        (["--model", "videomae_vit_micro_patch4", "--mask-strategy", "block"], "videomae masks tubes"),
+        (["--model", "simmim_vit_micro_patch4", "--mask-ratio-range", "0.5", "0.7"],
+         "needs --method mae with --mask-strategy random"),
+        (["--mask-strategy", "block", "--mask-ratio-range", "0.5", "0.7"],
+         "needs --method mae with --mask-strategy random"),
+        (["--mask-ratio-range", "0.5", "0.7", "--mask-ratio-end", "0.8"], "cannot be combined"),
+        (["--mask-ratio-range", "0.8", "0.7"], "LOW <= HIGH"),
+        (["--mask-ratio-end", "1.0"], "mask-ratio-end"),
+        (["--block-min-patches", "0"], "block-min-patches"),
+        (["--importance-temperature", "0"], "importance-temperature"),
+        (["--mask-schedule", "cosine"], "--mask-ratio-end, which is not given"),
+        (["--block-min-patches", "4"], "block only"),
+        (["--mask-strategy", "block", "--importance-temperature", "2"], "importance only"),
+    ):
         with pytest.raises(ValueError, match=message):
             resolve(parse_args(flags))
+    assert parse_args(["--mask-ratio-range", "0.5", "0.7"]).mask_ratio_range == (0.5, 0.7)
+    assert resolve(PretrainConfig(mask_ratio_range=[0.5, 0.7])).mask_ratio_range == (0.5, 0.7)
 
 
 def test_noise_from_mask_keeps_the_unmasked_patches_in_order():
@@ -398,8 +394,10 @@ def test_flops_follow_the_mask_ratio(masking):
             assert flops_at(ratio) == flops_at(low) != pytest.approx(want, rel=1e-3)
     if objective.ratio_range is not None:
         # a step's FLOPs average over the ratios the samples draw: between the ends, above the middle's (convex)
-        fake.config, fake.flops_at = types.SimpleNamespace(mask_ratio_range=objective.ratio_range), flops_at
+        fake.config = types.SimpleNamespace(mask_ratio_range=objective.ratio_range)
+        fake.flops_at, fake.range_flops = flops_at, None
         step = Trainer._step_flops(fake, 3)
+        assert Trainer._step_flops(fake, 7) == step == fake.range_flops  # computed once
         assert flops_at(0.8) < step < flops_at(0.4) and step > flops_at(0.6)
 
 

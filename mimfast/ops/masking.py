@@ -610,12 +610,17 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise ValueError("scores must be finite and non-negative (they are keep weights)")
 
 
-def importance_noise(scores: torch.Tensor, temperature: float, seed: int, sample_offset: int = 0) -> torch.Tensor:
-    """[N, L] float32 noise whose ascending argsort is a Gumbel-top-k draw with weights scores**(1/temperature)."""
-    N, L = scores.shape
-    u = philox_uniform(N, L, seed, sample_offset, scores.device)
+def gumbel_top_k_noise(scores: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
+    """[N, L] float32 noise whose ascending argsort is a Gumbel-top-k draw with weights scores**(1/temperature),
+    from uniforms ``u`` [N, L] strictly inside (0, 1)."""
     gumbel = -torch.log(-torch.log(u))
     return -(torch.log(scores.to(torch.float32)) / temperature + gumbel)
+
+
+def importance_noise(scores: torch.Tensor, temperature: float, seed: int, sample_offset: int = 0) -> torch.Tensor:
+    """:func:`gumbel_top_k_noise` with Philox uniforms of (seed, sample_offset + n, patch)."""
+    N, L = scores.shape
+    return gumbel_top_k_noise(scores, temperature, philox_uniform(N, L, seed, sample_offset, scores.device))
 
 
 def importance_masking_ref(scores: torch.Tensor, mask_ratio: float, *, temperature: float = 1.0, seed: int = 0,

@@ -194,6 +194,7 @@ class Trainer:
         self.samples_per_step = B * world * accum
 
         self.flops_at = self._count_flops()
+        self.range_flops: Optional[float] = None  # with --mask-ratio-range, computed once by _step_flops
         self.flops_per_sample = self._step_flops(0)
         self.peak = peak_flops(self.device, config.precision)
         self.model_keys = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
@@ -242,7 +243,10 @@ class Trainer:
         """Model FLOPs per sample of optimizer step ``step``: at the step's ratio, or averaged over the range
         with --mask-ratio-range (on a fine grid of ratios, each sample drawing its own)."""
         if self.config.mask_ratio_range is not None:
-            return float(np.mean([self.flops_at(r) for r in np.linspace(*self.config.mask_ratio_range, 1025)]))
+            if self.range_flops is None:
+                grid = np.linspace(*self.config.mask_ratio_range, 1025)
+                self.range_flops = float(np.mean([self.flops_at(r) for r in grid]))
+            return self.range_flops
         return self.flops_at(self.objective.ratio_at(step))
 
     def _log(self, message: str) -> None:

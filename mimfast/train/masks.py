@@ -146,8 +146,9 @@ def importance_noise(seed: int, epoch: int, indices: torch.Tensor, scores: torch
     """[N, L] noise whose argsort rule keeps K patches drawn without replacement with probability proportional to
     (scores + 1e-6) ** (1 / temperature) (Gumbel-top-k; the floor lets flat patches fill a count the textured ones
     cannot, in random order). A function of (seed, epoch, index) and the scores."""
+    from mimfast.ops.masking import gumbel_top_k_noise
+
     indices = indices.to(scores.device, non_blocking=True)
     u = hash_noise(seed, epoch, indices, scores.shape[1], stream=_GUMBEL_STREAM)
     u = (torch.floor(u * 2.0**23) + 0.5) * 2.0**-23  # 23 bits centred in their bin, exact in float32: never 0 or 1
-    gumbel = -torch.log(-torch.log(u))
-    return -(torch.log(scores.float() + 1e-6) / temperature + gumbel)
+    return gumbel_top_k_noise(scores.float() + 1e-6, temperature, u)
