@@ -217,11 +217,38 @@ def test_masking_flag_checks():
         (["--mask-schedule", "cosine"], "--mask-ratio-end, which is not given"),
         (["--block-min-patches", "4"], "block only"),
         (["--mask-strategy", "block", "--importance-temperature", "2"], "importance only"),
+        # the default values given explicitly are refused as well: they would be ignored all the same
+        (["--mask-schedule", "linear"], "--mask-ratio-end, which is not given"),
+        (["--block-min-patches", "16"], "block only"),
+        (["--mask-strategy", "block", "--importance-temperature", "1"], "importance only"),
     ):
         with pytest.raises(ValueError, match=message):
             resolve(parse_args(flags))
     assert parse_args(["--mask-ratio-range", "0.5", "0.7"]).mask_ratio_range == (0.5, 0.7)
+    plain = resolve(parse_args([]))
+    assert (plain.mask_schedule, plain.block_min_patches, plain.importance_temperature) == (None, None, None)
+    assert resolve(parse_args(["--mask-ratio-end", "0.9"])).mask_schedule == "linear"
+    assert resolve(parse_args(["--mask-strategy", "block"])).block_min_patches == 16
+    assert resolve(parse_args(["--mask-strategy", "importance"])).importance_temperature == 1.0
     assert resolve(PretrainConfig(mask_ratio_range=[0.5, 0.7])).mask_ratio_range == (0.5, 0.7)
+
+
+def test_changed_settings_of_a_resumed_run():
+    from mimfast.train.config import changed_settings
+
+    config = resolve(parse_args(["--mask-ratio", "0.6"]))
+    saved = config.to_dict()
+    assert changed_settings(saved, config) == []
+    # a checkpoint that recorded the block size of a random-mask run (as older ones did) is not a change
+    assert changed_settings(dict(saved, block_min_patches=16, mask_schedule="linear"), config) == []
+    assert changed_settings(dict(saved, mask_ratio=0.75, mask_strategy="block", block_min_patches=16), config) == [
+        ("mask_ratio", 0.6, 0.75), ("mask_strategy", "random", "block")]
+    ranged = resolve(parse_args(["--mask-ratio-range", "0.5", "0.7"]))
+    assert changed_settings(dict(ranged.to_dict(), mask_ratio_range=[0.5, 0.7]), ranged) == []
+    assert changed_settings(dict(ranged.to_dict(), mask_ratio_range=(0.5, 0.8)), ranged) == [
+        ("mask_ratio_range", (0.5, 0.7), (0.5, 0.8))]
+    block = resolve(parse_args(["--mask-strategy", "block"]))
+    assert changed_settings(dict(block.to_dict(), block_min_patches=8), block) == [("block_min_patches", 16, 8)]
 
 
 def test_noise_from_mask_keeps_the_unmasked_patches_in_order():

@@ -13,13 +13,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-__all__ = ["PretrainConfig", "build_parser", "parse_args", "resolve", "METHODS", "BACKEND_CHOICES", "MASK_STRATEGIES"]
+__all__ = ["PretrainConfig", "build_parser", "parse_args", "resolve", "changed_settings", "METHODS", "BACKEND_CHOICES",
+           "MASK_STRATEGIES"]
 
 METHODS = ("mae", "simmim", "videomae")
 MASK_STRATEGIES = ("random", "block", "importance")
 MASK_SCHEDULES = ("linear", "cosine")
 BACKEND_CHOICES = ("reference", "torch", "triton", "cuda", "auto")
 PRECISIONS = ("bf16", "fp16", "fp32")
+
+# Settings a resumed run must share with its checkpoint to reproduce the uninterrupted run.
+_TRAJECTORY_SETTINGS = ("batch_size", "accum_iter", "epochs", "seed", "mask_ratio", "mask_strategy", "mask_ratio_end",
+                        "mask_schedule", "mask_ratio_range", "mask_patch_size", "block_min_patches",
+                        "importance_temperature", "data", "blr", "lr")
+# Settings of one masking variant, None when the run does not use that variant.
+_VARIANT_SETTINGS = ("mask_schedule", "block_min_patches", "importance_temperature")
 
 # MAE paper recipe; the demo overrides it (tiny data, minutes of CPU).
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -57,10 +65,10 @@ class PretrainConfig:
     mask_ratio: Optional[float] = None
     mask_strategy: str = "random"
     mask_ratio_end: Optional[float] = None
-    mask_schedule: str = "linear"
+    mask_schedule: Optional[str] = None
     mask_ratio_range: Optional[tuple[float, float]] = None
-    block_min_patches: int = 16
-    importance_temperature: float = 1.0
+    block_min_patches: Optional[int] = None
+    importance_temperature: Optional[float] = None
     norm_pix_loss: bool = True
     clip_grad: Optional[float] = None
     output_dir: Optional[str] = None
@@ -123,13 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mask-ratio-end", type=float, default=None,
       help="progressive masking: the ratio moves from --mask-ratio at step 0 to this one at the end of the "
            "schedule (--epochs)")
-    a("--mask-schedule", default="linear", choices=MASK_SCHEDULES, help="shape of the --mask-ratio-end schedule")
+    a("--mask-schedule", default=None, choices=MASK_SCHEDULES,
+      help="shape of the --mask-ratio-end schedule (default linear)")
     a("--mask-ratio-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
       help="MAE with random masks: each sample draws its own ratio uniformly in [LOW, HIGH] and the encoder runs "
            "on the packed visible tokens (no padding); --mask-ratio is then the evaluation ratio")
-    a("--block-min-patches", type=int, default=16, help="smallest rectangle of --mask-strategy block, in patches")
-    a("--importance-temperature", type=float, default=1.0,
-      help="--mask-strategy importance: towards 0 keeps the most textured patches, large values approach random")
+    a("--block-min-patches", type=int, default=None,
+      help="smallest rectangle of --mask-strategy block, in patches (default 16)")
+    a("--importance-temperature", type=float, default=None,
+      help="--mask-strategy importance: towards 0 keeps the most textured patches, large values approach random "
+           "(default 1)")
     a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
       help="per-patch normalised pixel targets (MAE; VideoMAE's normalised target)")
     a("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
@@ -193,6 +204,15 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
     default("num_workers", 8)
     if config.mask_ratio_range is not None:
         fill["mask_ratio_range"] = tuple(float(r) for r in config.mask_ratio_range)
+    # settings of one masking variant get their default only when that variant runs, so a value given for another
+    # one (even the default value) is seen by _check_masking and refused rather than ignored
+    for name, value, applies in (
+        ("mask_schedule", "linear", config.mask_ratio_end is not None),
+        ("block_min_patches", 16, config.mask_strategy == "block"),
+        ("importance_temperature", 1.0, config.mask_strategy == "importance"),
+    ):
+        if applies:
+            default(name, value)
     out = dataclasses.replace(config, **fill)
     if out.output_dir is None:
         out = dataclasses.replace(out, output_dir=f"runs/{out.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -228,7 +248,7 @@ def _check_masking(c: PretrainConfig) -> None:
         raise ValueError(f"unknown --mask-strategy {c.mask_strategy!r}; choose one of {', '.join(MASK_STRATEGIES)}")
     if c.mask_strategy != "random" and c.method == "videomae":
         raise ValueError(f"--mask-strategy {c.mask_strategy} is for images (mae, simmim); videomae masks tubes")
-    if c.mask_schedule not in MASK_SCHEDULES:
+    if c.mask_schedule is not None and c.mask_schedule not in MASK_SCHEDULES:
         raise ValueError(f"unknown --mask-schedule {c.mask_schedule!r}; choose one of {', '.join(MASK_SCHEDULES)}")
     if c.mask_ratio_end is not None and not 0.0 <= c.mask_ratio_end < 1.0:
         raise ValueError(f"--mask-ratio-end must be in [0, 1), got {c.mask_ratio_end}")
@@ -240,15 +260,31 @@ def _check_masking(c: PretrainConfig) -> None:
             raise ValueError("--mask-ratio-range (per-sample ratios) needs --method mae with --mask-strategy random")
         if c.mask_ratio_end is not None:
             raise ValueError("--mask-ratio-range and --mask-ratio-end cannot be combined")
-    if c.block_min_patches < 1:
+    if c.block_min_patches is not None and c.block_min_patches < 1:
         raise ValueError(f"--block-min-patches must be positive, got {c.block_min_patches}")
-    if not 0.0 < c.importance_temperature < float("inf"):
+    if c.importance_temperature is not None and not 0.0 < c.importance_temperature < float("inf"):
         raise ValueError(f"--importance-temperature must be positive and finite, got {c.importance_temperature}")
-    # settings that would be silently ignored
-    defaults = PretrainConfig()
-    if c.mask_schedule != defaults.mask_schedule and c.mask_ratio_end is None:
+    # settings that would be silently ignored (resolve fills them only where they apply)
+    if c.mask_schedule is not None and c.mask_ratio_end is None:
         raise ValueError("--mask-schedule shapes the ratio moving to --mask-ratio-end, which is not given")
-    if c.block_min_patches != defaults.block_min_patches and c.mask_strategy != "block":
+    if c.block_min_patches is not None and c.mask_strategy != "block":
         raise ValueError("--block-min-patches applies to --mask-strategy block only")
-    if c.importance_temperature != defaults.importance_temperature and c.mask_strategy != "importance":
+    if c.importance_temperature is not None and c.mask_strategy != "importance":
         raise ValueError("--importance-temperature applies to --mask-strategy importance only")
+
+
+def changed_settings(saved: dict[str, Any], config: PretrainConfig) -> list[tuple[str, Any, Any]]:
+    """(name, value now, value saved) of each trajectory setting that differs from a checkpoint's ``config`` dict.
+    A variant's setting this run leaves unset is not compared (the variant's own flag is), so a checkpoint that
+    recorded, say, the block size of a run with random masks does not count as changed."""
+    changed = []
+    for name in _TRAJECTORY_SETTINGS:
+        now = getattr(config, name)
+        if now is None and name in _VARIANT_SETTINGS:
+            continue
+        then = saved.get(name, now)
+        if isinstance(then, list):  # a tuple setting as some serialisations give it back
+            then = tuple(then)
+        if then != now:
+            changed.append((name, now, then))
+    return changed

@@ -31,7 +31,7 @@ from mimfast.data.datasets import DataError, DigitsDemo, ImageFolder, SyntheticD
 from mimfast.data.loader import Batch, EpochBatchSampler, make_loader
 from mimfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, ImageTransform
 from mimfast.train import checkpoint as ckpt
-from mimfast.train.config import PretrainConfig, resolve
+from mimfast.train.config import PretrainConfig, changed_settings, resolve
 from mimfast.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -267,13 +267,9 @@ class Trainer:
             return
         state = ckpt.load_checkpoint(path)
         ckpt.check_compatible(state, c.model, c.method, self.model_keys, path)
-        saved = state.get("config", {})
-        for name in ("batch_size", "accum_iter", "epochs", "seed", "mask_ratio", "mask_strategy", "mask_ratio_end",
-                     "mask_schedule", "mask_ratio_range", "mask_patch_size", "block_min_patches",
-                     "importance_temperature", "data", "blr", "lr"):
-            if name in saved and saved[name] != getattr(c, name):
-                self._log(f"warning: resuming with --{name.replace('_', '-')} {getattr(c, name)!r}, the checkpoint "
-                          f"was written with {saved[name]!r}; the run will not reproduce an uninterrupted one")
+        for name, now, then in changed_settings(state.get("config", {}), c):
+            self._log(f"warning: resuming with --{name.replace('_', '-')} {now!r}, the checkpoint was written with "
+                      f"{then!r}; the run will not reproduce an uninterrupted one")
         if state.get("world_size", self.info.world_size) != self.info.world_size:
             self._log(f"note: checkpoint written by {state['world_size']} processes, resuming with "
                       f"{self.info.world_size}")
