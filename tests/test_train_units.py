@@ -412,7 +412,7 @@ def test_flops_follow_the_mask_ratio(masking):
     low, high = objective.ratio_span()
     for ratio in (0.3, 0.41, 0.5, 0.6, 0.66, 0.75, 0.9):
         noise = torch.rand(1, 64)
-        want = train_flops_per_sample(model, lambda: model(x, ratio, noise), 1)
+        want = train_flops_per_sample(model, lambda r=ratio, z=noise: model(x, r, z), 1)
         if low < high:
             assert flops_at(ratio) == pytest.approx(want, rel=1e-9), ratio
         elif num_kept(64, ratio) == num_kept(64, low):  # one ratio trained: one count, the training ratio's
