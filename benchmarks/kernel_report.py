@@ -8,9 +8,11 @@ The ops run on CPU tensors with Triton's driver replaced by one that reports an 
 launch turned into a compile-only call, so each kernel is compiled with exactly the specialisation (constexprs,
 integer and pointer-alignment attributes, warps, stages) a real launch of those shapes would get; nothing is
 executed. The cubin's resource usage (cuobjdump, shipped with Triton) gives registers and local memory (spills)
-per thread, and the compiled kernel its shared memory. From those, resident blocks and warps per SM follow from
-the sm_90 limits: 65536 registers (allocated per warp in units of 256), 64 warps, 32 blocks and 228 KB of shared
-memory (1 KB of it reserved per block).
+per thread, and the compiled kernel its shared memory; its PTX shows which matrix instructions its dots became
+(``wgmma``: Hopper's warpgroup MMA; ``mma``: the older warp-level ``mma.sync``, which a dot gets when its tile is
+too small for a warpgroup or its operands' layout does not allow ``wgmma``). From those, resident blocks and warps
+per SM follow from the sm_90 limits: 65536 registers (allocated per warp in units of 256), 64 warps, 32 blocks and
+228 KB of shared memory (1 KB of it reserved per block).
 
 Spills and occupancy are what can be checked without a GPU; they are not timings. Run it with the Triton version
 the GPU machine uses, since register allocation changes between versions.
@@ -63,6 +65,14 @@ class KernelRow:
     smem_bytes: int
     blocks_per_sm: int
     warps_per_sm: int
+    mma: str  # matrix instructions in the PTX: "wgmma", "mma", "wgmma+mma" or "-" (no dot)
+
+
+def mma_kinds(ptx: str) -> str:
+    """Which tensor-core instructions ``ptx`` issues: "wgmma", "mma" (mma.sync), both joined by "+", or "-"."""
+    kinds = [name for name, pattern in (("wgmma", r"\bwgmma\.mma_async"), ("mma", r"\bmma\.sync"))
+             if re.search(pattern, ptx)]
+    return "+".join(kinds) or "-"
 
 
 def occupancy(regs: int, warps: int, smem: int) -> int:
@@ -290,7 +300,7 @@ def report(shapes: list[Shape], arch_capability: int = 90) -> list[KernelRow]:
                     regs, spills = cubin_usage(kernel.asm["cubin"])
                     blocks = occupancy(regs, meta.num_warps, meta.shared)
                     row = KernelRow(f"{s.name}/{label}", name, meta.num_warps, meta.num_stages, regs, spills,
-                                    meta.shared, blocks, blocks * meta.num_warps)
+                                    meta.shared, blocks, blocks * meta.num_warps, mma_kinds(kernel.asm["ptx"]))
                     rows.append(row)
                     print(format_row(row), flush=True)
     return rows
@@ -386,7 +396,7 @@ def _cpu_name() -> str:
 def format_row(r: KernelRow) -> str:
     return (f"{r.case:<52} {r.kernel:<32} warps {r.num_warps:>2} stages {r.num_stages} regs {r.regs:>3} "
             f"spill {r.spill_bytes:>4} B smem {r.smem_bytes / 1024:6.1f} KB  {r.blocks_per_sm:>2} blocks "
-            f"{r.warps_per_sm:>2} warps/SM")
+            f"{r.warps_per_sm:>2} warps/SM  {r.mma}")
 
 
 def _save(name: str, env: dict[str, Any], rows: list[Any], md: list[str]) -> str:
@@ -407,10 +417,10 @@ def write(rows: list[KernelRow]) -> str:
     env.update(device="sm_90 (compiled, not run)", triton=triton.__version__)
     md = ["# kernel_report", "",
           f"sm_90 · triton {env['triton']} · commit {env['commit']} · {env['date']} (compiled for the target, not run)",
-          "", "| case | kernel | warps | stages | regs | spill B | smem KB | blocks/SM | warps/SM |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "", "| case | kernel | warps | stages | regs | spill B | smem KB | blocks/SM | warps/SM | MMA |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.regs} | {r.spill_bytes} | "
-           f"{r.smem_bytes / 1024:.1f} | {r.blocks_per_sm} | {r.warps_per_sm} |" for r in rows]
+           f"{r.smem_bytes / 1024:.1f} | {r.blocks_per_sm} | {r.warps_per_sm} | {r.mma} |" for r in rows]
     return _save("kernel_report", env, rows, md)
 
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from benchmarks.kernel_report import occupancy
+from benchmarks.kernel_report import mma_kinds, occupancy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +18,15 @@ def test_occupancy_follows_the_sm90_limits():
     # allocation is per warp in units of 256 registers: 33 registers cost as much as 40
     assert occupancy(33, 8, 0) == occupancy(40, 8, 0) == 6
     assert occupancy(255, 8, 0) == 1
+
+
+def test_mma_kinds_reads_the_matrix_instructions_of_ptx():
+    wgmma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd1, %rd2;"
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};"
+    assert mma_kinds(wgmma) == "wgmma"
+    assert mma_kinds(mma) == "mma"
+    assert mma_kinds(wgmma + "\n" + mma) == "wgmma+mma"
+    assert mma_kinds("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];") == "-"
 
 
 def test_quick_report_compiles_every_kernel_for_sm90():
@@ -35,6 +44,11 @@ def test_quick_report_compiles_every_kernel_for_sm90():
                  "restore_tokens_bwd_kernel", "pixel_loss_kernel", "_attn_fwd_short", "_attn_bwd_short"):
         assert name in kernels, (name, kernels)
     assert lines[-1].endswith("with register spills")
+    # the last column: matrix instructions, present exactly in the kernels that hold a tl.dot
+    dots = ("embed_visible_fwd_kernel", "embed_visible_bwd_weight_kernel", "_attn_fwd_short", "_attn_bwd_short")
+    for line in rows:
+        name, mma = line.split(" warps ")[0].split()[-1], line.split()[-1]
+        assert (mma != "-") == (name in dots), line
 
 
 def test_quick_host_report_counts_every_op():
