@@ -282,6 +282,8 @@ def test_bad_inputs_raise_clear_errors(backend):
         embed_visible(imgs, ids_keep.int(), weight, bias, pos, 4, backend=backend)
     with pytest.raises(ValueError, match=r"\[0, 16\)"):
         embed_visible(imgs, ids_keep + 16, weight, bias, pos, 4, backend=backend)
+    with pytest.raises(ValueError, match="must not repeat"):
+        embed_visible(imgs, ids_keep[:, :1].expand_as(ids_keep), weight, bias, pos, 4, backend=backend)
     with pytest.raises(ValueError, match="meta"):
         embed_visible(imgs, ids_keep, weight.to("meta"), bias, pos, 4, backend=backend)
     with pytest.raises(TypeError, match="weight must be a floating-point"):

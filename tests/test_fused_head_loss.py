@@ -284,6 +284,27 @@ def test_opcheck_and_errors():
         fused_head_masked_pixel_loss(hidden, weight, bias, imgs, info.mask, 4, chunk_size=0)
     with pytest.raises(ValueError, match="ids_masked"):
         fused_head_masked_pixel_loss(hidden, weight, bias, imgs, info.mask, 4, ids_masked=ids[:1])
+    # the decoder output with its cls row still in: every row would be one patch off
+    with_cls = torch.cat((hidden[:, :1], hidden), dim=1)
+    for mask in (None, info.mask):
+        with pytest.raises(ValueError, match="one row per patch"):
+            fused_head_masked_pixel_loss(with_cls, weight, bias, imgs, mask, 4, ids_masked=ids)
+    with pytest.raises(ValueError, match="rows"):
+        fused_head_masked_pixel_loss(with_cls, weight, bias, imgs, info.mask, 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rows", ["ids_masked", "all_rows"])
+def test_empty_batch(backend, rows):
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 8, 4, 8)
+    params = [t[:0] if t is hidden else t for t in (hidden, weight, bias)]
+    params = [t.clone().requires_grad_() for t in params]
+    kw = {"ids_masked": ids[:0]} if rows == "ids_masked" else {}
+    loss = fused_head_masked_pixel_loss(*params, imgs[:0], info.mask[:0], 4, backend=backend, **kw)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert [t.grad.shape for t in params] == [t.shape for t in params]
+    assert all((t.grad == 0).all() for t in params)
 
 
 @pytest.mark.gpu

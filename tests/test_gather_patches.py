@@ -147,6 +147,9 @@ def test_bad_inputs_raise_clear_errors(backend):
         gather_patches(imgs, ids + 16, 4, backend=backend)
     with pytest.raises(ValueError, match=r"\[0, 16\)"):
         gather_patches(imgs, ids - 16, 4, backend=backend)
+    with pytest.raises(ValueError, match="sample 1 does"):  # one image's gradient row would be lost, not summed
+        gather_patches(imgs, torch.stack((ids[0], ids[1].index_fill(0, torch.tensor([1]), int(ids[1, 0])))), 4,
+                       backend=backend)
     with pytest.raises(ValueError, match="N = 2"):
         gather_patches(imgs, ids[:1], 4, backend=backend)
     with pytest.raises(ValueError, match="keeps 17 patches of 16"):

@@ -112,7 +112,7 @@ def test_video_cubes_with_tubelet():
     run_case(pred, videos, info.mask, p, tubelet_size=pt, norm_pix=True)
 
 
-@pytest.mark.parametrize("case", ["all_masked", "one_masked", "fractional_weights", "bool_mask"])
+@pytest.mark.parametrize("case", ["all_masked", "one_masked", "fractional_weights", "bool_mask", "int64_mask"])
 def test_mask_edge_cases(case):
     pred, imgs, info = mae_inputs(2, 3, 12, 16, 4)
     mask = {
@@ -121,6 +121,7 @@ def test_mask_edge_cases(case):
                                                              torch.tensor(1.0)),
         "fractional_weights": torch.rand_like(info.mask),
         "bool_mask": info.mask.bool(),
+        "int64_mask": info.mask.long(),
     }[case]
     _, grad, *_ = run_case(pred, imgs, mask, 4, norm_pix=True)
     unmasked = (mask == 0)
@@ -140,6 +141,22 @@ def test_no_masked_patch_gives_zero_not_nan(ids):
         loss = masked_pixel_loss(x, imgs, mask, 4, norm_pix=True, backend=backend, **kw)
         loss.backward()
         assert loss.item() == 0.0 and (x.grad == 0).all(), backend
+
+
+def test_unscored_rows_are_not_read_on_triton():
+    """The documented difference: a NaN in a row of weight 0 (prediction or image patch) leaves the kernel's loss
+    finite, where the reference's loss * mask gives NaN; a NaN in a scored row gives NaN on both backends."""
+    pred, imgs, info = mae_inputs(2, 3, 8, 8, 4)
+    kept, removed = (info.mask[0] == 0).nonzero()[0, 0].item(), (info.mask[0] == 1).nonzero()[0, 0].item()
+    for where, row, finite_on_triton in (("pred", kept, True), ("pred", removed, False), ("imgs", kept, True)):
+        p, x = pred.clone(), imgs.clone()
+        if where == "pred":
+            p[0, row, 5] = float("nan")
+        else:
+            x[0, 1, (row // 2) * 4, (row % 2) * 4] = float("nan")
+        assert torch.isnan(masked_pixel_loss(p, x, info.mask, 4, norm_pix=True, backend="torch"))
+        loss = masked_pixel_loss(p, x, info.mask, 4, norm_pix=True, backend="triton")
+        assert torch.isfinite(loss) == finite_on_triton, (where, row)
 
 
 def test_constant_patches_and_huge_values():
@@ -333,8 +350,8 @@ def test_backend_refusals_and_input_errors():
         masked_pixel_loss(pred, imgs, info.mask, 4, kind="huber")
     with pytest.raises(ValueError, match="does not match"):
         masked_pixel_loss(pred[..., :-1], imgs, info.mask, 4)
-    with pytest.raises(TypeError, match="bool or floating"):
-        masked_pixel_loss(pred, imgs, info.mask.long(), 4)
+    with pytest.raises(TypeError, match="bool, integer or floating"):
+        masked_pixel_loss(pred, imgs, info.mask.to(torch.complex64), 4)
     # the imgs gradient exists on the reference path
     x = imgs.clone().requires_grad_()
     masked_pixel_loss(pred, x, info.mask, 4, norm_pix=True, backend="torch").backward()

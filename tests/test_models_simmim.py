@@ -65,7 +65,7 @@ def test_reference_matches_independent_formulation():
     torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mask_form", ["bool", "float", "grid"])
+@pytest.mark.parametrize("mask_form", ["bool", "float", "grid", "int64", "fractional"])
 def test_fused_equals_reference_float64(mask_form):
     model = randomize_(tiny().double(), scale=0.2)
     imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -74,6 +74,10 @@ def test_fused_equals_reference_float64(mask_form):
         mask = mask.double()
     elif mask_form == "grid":
         mask = mask.reshape(2, 4, 4)
+    elif mask_form == "int64":  # what a default collate of SimMIM's mask generator arrays gives
+        mask = mask.long()
+    elif mask_form == "fractional":  # blended tokens and weighted pixels, as SimMIM computes them
+        mask = mask.double() * torch.rand(2, 16, dtype=torch.float64)
     model.fused = False
     ref, ref_grads = run(model, imgs, mask)
     model.fused = True
@@ -197,6 +201,10 @@ def test_clear_errors(fused):
         model(torch.zeros(2, 3, 32, 32, dtype=torch.int64), mask)
     with pytest.raises(ValueError, match="imgs is on meta"):
         model(imgs.to("meta"), mask)
+    with pytest.raises(ValueError, match="empty batch"):
+        model(imgs[:0], mask[:0])
+    with pytest.raises(TypeError, match="bool, integer or floating"):
+        model(imgs, mask.to(torch.complex64))
 
 
 @pytest.mark.gpu

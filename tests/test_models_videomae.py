@@ -242,6 +242,10 @@ def test_clear_errors(fused):
         model(videos, unequal)
     with pytest.raises(ValueError, match="hides no token"):
         model(videos, torch.zeros(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="hides every token"):
+        model(videos, torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="empty batch"):
+        model(videos[:0], mask[:0])
     with pytest.raises(ValueError, match="mask must be"):
         model(videos, mask[:, :7])
     with pytest.raises(TypeError, match="mask must be"):

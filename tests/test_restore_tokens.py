@@ -188,6 +188,8 @@ def test_bad_inputs_raise_clear_errors(backend):
         restore_tokens(x_vis, ids_restore.int(), mask_token, pos, backend=backend)
     with pytest.raises(ValueError, match=r"\[0, 16\)"):
         restore_tokens(x_vis, ids_restore + 1, mask_token, pos, backend=backend)
+    with pytest.raises(ValueError, match="must not repeat"):  # not a permutation
+        restore_tokens(x_vis, torch.zeros_like(ids_restore), mask_token, pos, backend=backend)
     with pytest.raises(ValueError, match="N = 2"):
         restore_tokens(x_vis, ids_restore[:1], mask_token, pos, backend=backend)
     with pytest.raises(ValueError, match="mask_token must be"):

@@ -39,7 +39,7 @@ def run_case(pred, imgs, mask, p):
     return loss, x.grad
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=["bool", "float"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64], ids=["bool", "float", "int64"])
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16, 4), (1, 3, 32, 48, 16), (3, 1, 12, 20, 4)],
                          ids=["tiny", "p16", "C1_prime_grid"])
 def test_matches_float64(shape, mask_dtype):
@@ -105,6 +105,32 @@ def test_refusals_and_errors():
         simmim_pixel_loss(pred[:, :2], imgs, mask, 4)
     with pytest.raises(ValueError, match="model-patch granularity"):
         simmim_pixel_loss(pred, imgs, torch.ones(1, 64), 4)
+    with pytest.raises(ValueError, match="model-patch granularity"):
+        simmim_pixel_loss(pred, imgs, torch.ones(1, 4, 1), 4)
+    with pytest.raises(TypeError, match="bool, integer or floating"):
+        simmim_pixel_loss(pred, imgs, torch.ones(1, 4, dtype=torch.complex64), 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch(backend):
+    pred = torch.randn(0, 3, 8, 8, requires_grad=True)
+    loss = simmim_pixel_loss(pred, torch.randn(0, 3, 8, 8), torch.zeros(0, 4, dtype=torch.bool), 4, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and pred.grad.shape == pred.shape
+
+
+def test_unscored_pixels_are_not_read_on_triton():
+    """The documented difference: a NaN in a patch of weight 0 leaves the kernel's loss finite (the reference's
+    loss * mask gives NaN); a NaN in a scored patch gives NaN on both backends."""
+    pred, imgs = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    unscored, scored = pred.clone(), pred.clone()
+    unscored[0, :, 0, 4] = float("nan")  # patch 1
+    scored[0, :, 4, 4] = float("nan")  # patch 3
+    assert torch.isfinite(simmim_pixel_loss(unscored, imgs, mask, 4, backend="triton"))
+    assert torch.isnan(simmim_pixel_loss(unscored, imgs, mask, 4, backend="torch"))
+    assert torch.isnan(simmim_pixel_loss(scored, imgs, mask, 4, backend="triton"))
+    assert torch.isnan(simmim_pixel_loss(scored, imgs, mask, 4, backend="torch"))
 
 
 @pytest.mark.gpu

@@ -195,7 +195,9 @@ class MaskedAutoencoderViT(MIMModel):
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         loss = ((pred - target) ** 2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
+        # the published formula, but 0 instead of 0 / 0 when nothing is masked, as masked_pixel_loss gives
+        total = mask.sum()
+        return (loss * mask).sum() / torch.where(total == 0, torch.ones_like(total), total)
 
     def forward(self, imgs: torch.Tensor,
                 mask_ratio: Union[float, torch.Tensor, np.ndarray, Sequence[float]] = 0.75,

@@ -55,9 +55,9 @@ class SimMIMEncoder(MIMModel):
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(imgs)
         N, L, _ = x.shape
-        if self.fused:
-            # one select instead of the multiply-add blend; equal for a 0/1 mask
-            x = torch.where(mask.reshape(N, L, 1).bool(), self.mask_token, x)
+        if self.fused and mask.dtype == torch.bool:
+            # one select instead of the multiply-add blend, which it equals for a bool mask
+            x = torch.where(mask.reshape(N, L, 1), self.mask_token, x)
         else:
             w = mask.reshape(N, L, 1).type_as(x)
             x = x * (1 - w) + self.mask_token * w
@@ -133,6 +133,8 @@ class SimMIMViT(MIMModel):
                              f"{tuple(mask.shape)}")
         if mask.device != self.encoder.cls_token.device:
             raise ValueError(f"mask is on {mask.device} but the model is on {self.encoder.cls_token.device}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be bool, integer or floating (1 = masked), got {mask.dtype}")
         return mask.reshape(N, L)
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> MIMOutput:

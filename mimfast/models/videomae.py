@@ -8,6 +8,7 @@ State-dict keys are those of the MCG-NJU/VideoMAE pretraining checkpoints (``enc
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -164,7 +165,7 @@ class VideoMAE(MIMModel):
             bool_mask, num_visible = mask, None
         else:
             raise TypeError(f"mask must be a bool tensor or a MaskInfo, got {type(mask).__name__}")
-        if bool_mask.shape[0] != N or bool_mask[0].numel() != L:
+        if bool_mask.dim() < 2 or bool_mask.shape[0] != N or math.prod(bool_mask.shape[1:]) != L:
             raise ValueError(f"mask must be [N, L] = [{N}, {L}] (or [N, {', '.join(map(str, self.grid_size))}]), "
                              f"got {tuple(bool_mask.shape)}")
         if bool_mask.device != self.mask_token.device:
@@ -179,8 +180,10 @@ class VideoMAE(MIMModel):
                 raise ValueError(f"every sample must mask the same number of tokens (tube masking), got counts "
                                  f"from {lo} to {hi}")
             num_visible = L - hi
-        if num_visible == L:
+        if num_visible == L and N:
             raise ValueError("the mask hides no token: VideoMAE reconstructs masked tokens only")
+        if num_visible == 0:
+            raise ValueError("the mask hides every token: the encoder needs at least one visible token")
         return bool_mask, num_visible
 
     def forward_loss(self, videos: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

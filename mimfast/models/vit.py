@@ -131,6 +131,8 @@ def check_model_input(
     """Raise a clear error unless ``x`` is a floating batch the model can take: [N, C, H, W] (or [N, C, T, H, W]
     with ``tubelet_size``) with the model's channels, size and frame count, on the model's device."""
     check_images(x, patch_size, tubelet_size, name=name)
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (N = 0)")
     if x.shape[1] != in_chans:
         raise ValueError(f"{name} has {x.shape[1]} channels, the model expects {in_chans}")
     if tuple(x.shape[-2:]) != tuple(img_size):

@@ -111,4 +111,4 @@ class Attention(nn.Module):
                 out = visible_attention(q, k, v)
         else:
             out = attention_ref(q, k, v, self.scale, cu_seqlens)
-        return self.proj(out.reshape(*lead, -1))
+        return self.proj(out.reshape(*lead, self.num_heads * self.head_dim))  # (a -1 fails on zero tokens)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mimfast.backend import eager_autograd, get_op
-from mimfast.ops.gather_patches import check_index
+from mimfast.ops.gather_patches import check_distinct, check_index
 from mimfast.ops.patchify import check_images, grid_size, patch_dim
 
 __all__ = ["embed_visible", "embed_visible_ref"]
@@ -74,6 +74,7 @@ def _check(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bia
     check_index(ids_keep, imgs.shape[0], L, imgs.device, "ids_keep")
     if ids_keep.shape[1] > L:
         raise ValueError(f"ids_keep keeps {ids_keep.shape[1]} patches of {L}")
+    check_distinct(ids_keep, "ids_keep")
     for name, t in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
         if t is None:
             if name == "weight":

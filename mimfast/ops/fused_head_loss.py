@@ -13,6 +13,7 @@ incoming gradient (in place, and not at all when it is 1).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import torch
@@ -24,11 +25,13 @@ from mimfast.ops.masked_pixel_loss import (
     KERNEL_DTYPES,
     NORM_NONE,
     NORM_PATCH,
+    as_weights,
     check_pixel_loss_args,
     masked_pixel_loss_ref,
     pixel_loss_triton_reasons,
     scale_saved_grad,
 )
+from mimfast.ops.patchify import grid_size
 
 __all__ = ["fused_head_masked_pixel_loss", "fused_head_masked_pixel_loss_ref", "masked_ids_from_restore"]
 
@@ -124,8 +127,9 @@ def fused_head_forward(
     wparts = None if mask is None else launch_weight_sums(mask, ids, R)
     # as few chunks as chunk_rows allows, of equal numbers of whole samples
     chunks = 0 if N * R == 0 else -(-N // max(1, chunk_rows // max(R, 1)))
+    # no chunk at all when there is no row: the loss is 0 and the gradients are zeros
     per_chunk = -(-N // chunks) if chunks else N
-    bounds = [(n0, min(N, n0 + per_chunk)) for n0 in range(0, N if chunks else 0, per_chunk)]
+    bounds = [(n0, min(N, n0 + per_chunk)) for n0 in range(0, N, per_chunk)] if chunks else []
     offsets = [0]
     for n0, n1 in bounds:
         offsets.append(offsets[-1] + num_partials((n1 - n0) * R))
@@ -324,8 +328,12 @@ def fused_head_masked_pixel_loss(
     if ids_masked is not None and ids_masked.shape[0] != hidden.shape[0]:
         raise ValueError(f"ids_masked must be [N={hidden.shape[0]}, R], got {tuple(ids_masked.shape)}")
     check_pixel_loss_args(pred_shape, imgs, mask, patch_size, ids_masked, tubelet_size, kind, eps)
-    loss = _op(hidden, weight, bias, imgs, mask, patch_size, ids_masked=ids_masked, norm_pix=norm_pix, kind=kind,
-               eps=eps, tubelet_size=tubelet_size, chunk_size=chunk_size, backend=backend)
+    L = math.prod(grid_size(imgs.shape, patch_size, tubelet_size))
+    if hidden.shape[1] != L:  # (without ids_masked the check above already compared pred's rows with L)
+        raise ValueError(f"hidden must be [N, L, D] with one row per patch (L = {L}, no cls row), got "
+                         f"{tuple(hidden.shape)}")
+    loss = _op(hidden, weight, bias, imgs, as_weights(mask), patch_size, ids_masked=ids_masked, norm_pix=norm_pix,
+               kind=kind, eps=eps, tubelet_size=tubelet_size, chunk_size=chunk_size, backend=backend)
     if not return_pred:
         return loss
     with torch.no_grad():

@@ -25,7 +25,8 @@ _VALID_KEPT = 64
 
 
 def mark_valid_index(ids: torch.Tensor, high: int) -> None:
-    """Record that ``ids`` (as it is now) holds only values in [0, high)."""
+    """Record that ``ids`` (as it is now) holds only values in [0, high), and distinct ones within each row
+    wherever its consumers require that (the masking ops' ids_keep and ids_restore)."""
     if torch.compiler.is_compiling():
         return
     _VALID[id(ids)] = (weakref.ref(ids), ids._version, high)
@@ -34,9 +35,11 @@ def mark_valid_index(ids: torch.Tensor, high: int) -> None:
             del _VALID[key]
 
 
-def _known_valid(ids: torch.Tensor, high: int) -> bool:
+def _known_valid(ids: torch.Tensor, high: Optional[int] = None) -> bool:
+    """Whether ``ids`` is registered and unchanged since (with ``high``: registered for a bound <= high)."""
     entry = _VALID.get(id(ids))
-    return entry is not None and entry[0]() is ids and entry[1] == ids._version and entry[2] <= high
+    return (entry is not None and entry[0]() is ids and entry[1] == ids._version
+            and (high is None or entry[2] <= high))
 
 
 def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name: str,
@@ -67,6 +70,17 @@ def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name
         torch._assert_async(ids.clamp(0, high - 1).eq_(ids).all(), f"{name} values must be in [0, {high})")
 
 
+def check_distinct(ids: torch.Tensor, name: str) -> None:
+    """Raise unless no row of the [N, *] index ``ids`` (checked by :func:`check_index`) holds a value twice. A sort
+    per row on CPU; on a device it stays the caller's promise (the masking ops' outputs keep it)."""
+    if (ids.shape[1] < 2 or ids.device.type != "cpu" or torch.compiler.is_compiling()
+            or _known_valid(ids)):
+        return
+    repeats = (ids.sort(dim=1).values.diff(dim=1) == 0).any(dim=1)
+    if repeats.any():
+        raise ValueError(f"{name} must not repeat a value within a sample; sample {int(repeats.nonzero()[0, 0])} does")
+
+
 def gather_patches_ref(
     imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: Optional[int] = None
 ) -> torch.Tensor:
@@ -89,6 +103,7 @@ def _check(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_
     check_index(ids_keep, imgs.shape[0], L, imgs.device, "ids_keep")
     if ids_keep.shape[1] > L:
         raise ValueError(f"ids_keep keeps {ids_keep.shape[1]} patches of {L}")
+    check_distinct(ids_keep, "ids_keep")
 
 
 def _as_video(x: torch.Tensor) -> torch.Tensor:

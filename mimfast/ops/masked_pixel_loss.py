@@ -33,8 +33,16 @@ def _check_mask(mask: torch.Tensor, N: int, L: int, name: str = "mask") -> None:
         raise TypeError(f"{name} must be a tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != (N, L):
         raise ValueError(f"{name} must have shape [N, L] = [{N}, {L}], got {tuple(mask.shape)}")
-    if not (mask.dtype == torch.bool or mask.is_floating_point()):
-        raise TypeError(f"{name} must be bool or floating (1 = masked), got {mask.dtype}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool, integer or floating (1 = masked), got {mask.dtype}")
+
+
+def as_weights(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An integer 0/1 mask (as a default collate of a mask generator's arrays gives) as float32 weights; bool and
+    floating masks as they are."""
+    if mask is None or mask.dtype == torch.bool or mask.is_floating_point():
+        return mask
+    return mask.to(torch.float32)
 
 
 def check_pixel_loss_args(
@@ -308,8 +316,8 @@ def masked_pixel_loss(
 
     pred: [N, L, P] predictions for every patch, or [N, R, P] for the patches listed in ``ids_masked`` [N, R]
     (typically the R = L - K masked ones, in the order the decoder emits them). imgs: [N, C, H, W] (or
-    [N, C, T, H, W] with ``tubelet_size``), P = p*p*C (p_t*p*p*C). mask: [N, L], 1 (True) = masked, weights the
-    per-patch losses; with ``ids_masked`` it may be None (every listed row weighs 1).
+    [N, C, T, H, W] with ``tubelet_size``), P = p*p*C (p_t*p*p*C). mask: [N, L] bool, integer or floating,
+    1 (True) = masked, weights the per-patch losses; with ``ids_masked`` it may be None (every listed row weighs 1).
 
     target = patchify(imgs); with ``norm_pix`` each target patch is normalised by its own mean and unbiased
     variance: (t - mean) / sqrt(var + eps). Per patch: mean over P of (pred - target)^2 (``kind="l1"``:
@@ -318,9 +326,11 @@ def masked_pixel_loss(
     by an asynchronous device assert on CUDA (skipped for indices straight from :func:`masked_ids_from_restore`).
 
     Equivalent PyTorch: see :func:`masked_pixel_loss_ref`. The triton backend treats ``imgs`` and ``mask`` as
-    constants (no gradient for them), as MAE does.
+    constants (no gradient for them), as MAE does. It reads nothing of a row whose weight is 0, so a NaN or inf
+    there (in ``pred`` or in the image patch) does not reach its loss, where the reference's ``loss * mask``
+    turns it into NaN; a non-finite value in a row that is scored gives the same result on both backends.
     """
     check_pixel_loss_args(pred, imgs, mask, patch_size, ids_masked, tubelet_size, kind, eps)
-    return _op(pred, imgs, mask, patch_size, norm_pix=norm_pix, kind=kind, eps=eps, ids_masked=ids_masked,
+    return _op(pred, imgs, as_weights(mask), patch_size, norm_pix=norm_pix, kind=kind, eps=eps, ids_masked=ids_masked,
                tubelet_size=tubelet_size, backend=backend)
 

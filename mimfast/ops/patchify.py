@@ -6,6 +6,7 @@ channel fastest. Video tokens are ordered (t, h, w) and the values inside a cube
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -40,6 +41,9 @@ def check_images(imgs: torch.Tensor, patch_size: int, tubelet_size: Optional[int
     if not imgs.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (convert integer images with .float() / 255), "
                         f"got {imgs.dtype}")
+    for what, size in (("patch_size", patch_size),) + ((("tubelet_size", tubelet_size),) if video else ()):
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool):
+            raise TypeError(f"{what} must be an int, got {size!r}")
     if patch_size <= 0:
         raise ValueError(f"patch_size must be positive, got {patch_size}")
     H, W = imgs.shape[-2:]

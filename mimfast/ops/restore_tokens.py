@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from mimfast.backend import eager_autograd, get_op
-from mimfast.ops.gather_patches import check_index
+from mimfast.ops.gather_patches import check_distinct, check_index
 
 __all__ = ["restore_tokens", "restore_tokens_ref"]
 
@@ -74,6 +74,7 @@ def _check(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Ten
         raise ValueError("ids_restore must be a [N, L] tensor")
     L = ids_restore.shape[1]
     check_index(ids_restore, N, L, x_vis.device, "ids_restore")
+    check_distinct(ids_restore, "ids_restore")  # L distinct values in [0, L): a permutation
     K = x_vis.shape[1] - off
     if K > L:
         raise ValueError(f"x_vis has {K} visible tokens but ids_restore only {L} positions")

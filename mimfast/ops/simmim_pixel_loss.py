@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mimfast.backend import get_op
-from mimfast.ops.masked_pixel_loss import KERNEL_DTYPES, MAX_TILE
+from mimfast.ops.masked_pixel_loss import KERNEL_DTYPES, MAX_TILE, as_weights
 from mimfast.ops.patchify import check_images
 
 __all__ = ["simmim_pixel_loss", "simmim_pixel_loss_ref"]
@@ -27,12 +27,12 @@ def _check_args(pred_imgs: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
         raise ValueError(f"pred_imgs must be a floating tensor shaped like imgs {tuple(imgs.shape)}, "
                          f"got {getattr(pred_imgs, 'shape', type(pred_imgs))}")
     N, _, H, W = imgs.shape
-    L = (H // patch_size) * (W // patch_size)
-    if not isinstance(mask, torch.Tensor) or mask.shape[0] != N or mask[0].numel() != L or mask.dim() not in (2, 3):
-        raise ValueError(f"mask must be [N, L] = [{N}, {L}] (or [N, h, w]) at model-patch granularity, "
-                         f"got {getattr(mask, 'shape', type(mask))}")
-    if not (mask.dtype == torch.bool or mask.is_floating_point()):
-        raise TypeError(f"mask must be bool or floating (1 = masked), got {mask.dtype}")
+    h, w = H // patch_size, W // patch_size
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) not in ((N, h * w), (N, h, w)):
+        raise ValueError(f"mask must be [N, L] = [{N}, {h * w}] (or [N, h, w] = [{N}, {h}, {w}]) at model-patch "
+                         f"granularity, got {getattr(mask, 'shape', type(mask))}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool, integer or floating (1 = masked), got {mask.dtype}")
 
 
 def simmim_pixel_loss_ref(
@@ -101,7 +101,9 @@ simmim_pixel_loss_op.register_autograd(_simmim_backward, setup_context=_simmim_s
 
 def _simmim_triton(pred_imgs, imgs, mask, patch_size) -> torch.Tensor:
     compute_grad = torch.is_grad_enabled() and pred_imgs.requires_grad
-    loss, _ = simmim_pixel_loss_op(pred_imgs, imgs, mask.reshape(mask.shape[0], -1), patch_size, compute_grad)
+    N, _, H, W = imgs.shape
+    flat = mask.reshape(N, (H // patch_size) * (W // patch_size))
+    loss, _ = simmim_pixel_loss_op(pred_imgs, imgs, flat, patch_size, compute_grad)
     return loss
 
 
@@ -134,11 +136,12 @@ def simmim_pixel_loss(
 ) -> torch.Tensor:
     """SimMIM reconstruction loss, a scalar.
 
-    pred_imgs, imgs: [N, C, H, W]. mask: [N, L] (or [N, h, w]) at model-patch granularity, bool or 0/1 float,
-    1 = masked; ``patch_size`` is the model patch size p, L = (H/p) * (W/p). The mask is upsampled to pixels:
-    loss = sum(|imgs - pred_imgs| * mask_px) / (sum(mask_px) + 1e-5) / C, with mask_px the [N, 1, H, W] pixel
+    pred_imgs, imgs: [N, C, H, W]. mask: [N, L] (or [N, h, w]) at model-patch granularity, bool or 0/1 (integer
+    or floating), 1 = masked; ``patch_size`` is the model patch size p, L = (H/p) * (W/p). The mask is upsampled
+    to pixels: loss = sum(|imgs - pred_imgs| * mask_px) / (sum(mask_px) + 1e-5) / C, with mask_px the [N, 1, H, W] pixel
     mask (one channel), exactly as SimMIM computes it. Equivalent PyTorch: see :func:`simmim_pixel_loss_ref`.
-    The triton backend treats ``imgs`` and ``mask`` as constants.
+    The triton backend treats ``imgs`` and ``mask`` as constants, and reads no pixel of a patch whose weight is 0:
+    a NaN or inf there does not reach its loss, where the reference's ``loss * mask_px`` turns it into NaN.
     """
     _check_args(pred_imgs, imgs, mask, patch_size)
-    return _op(pred_imgs, imgs, mask, patch_size, backend=backend)
+    return _op(pred_imgs, imgs, as_weights(mask), patch_size, backend=backend)
