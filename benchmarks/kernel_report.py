@@ -156,12 +156,18 @@ def compile_only(capability: int = 90) -> Iterator[list[tuple[str, Any]]]:
 
 def shuffles(N: int, L: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids_keep, ids_restore, mask) of a valid random masking, built in torch (the compile-only masking kernel
-    leaves its outputs unset)."""
+    leaves its outputs unset), registered as the masking ops register theirs: the ops skip the value checks that
+    CPU indices would otherwise get and device ones do not."""
+    from mimfast.ops.gather_patches import mark_valid_index
+
     ids_shuffle = torch.argsort(torch.rand(N, L), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = torch.ones(N, L)
     mask[:, :K] = 0
-    return ids_shuffle[:, :K].contiguous(), ids_restore, torch.gather(mask, 1, ids_restore)
+    ids_keep = ids_shuffle[:, :K].contiguous()
+    mark_valid_index(ids_keep, L)
+    mark_valid_index(ids_restore, L)
+    return ids_keep, ids_restore, torch.gather(mask, 1, ids_restore)
 
 
 def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, Callable[[], Any]]]:
