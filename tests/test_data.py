@@ -1,6 +1,10 @@
 """Data sets, transforms and sampling of the training engine."""
 
+import os
 import random
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,9 +23,12 @@ from mimfast.data import (
     collate,
     make_loader,
     scan_image_folder,
+    scan_video_folder,
 )
 from mimfast.data.datasets import clip_frame_ids, sample_rng
-from mimfast.data.transforms import center_crop_box, random_resized_crop_box
+from mimfast.data.transforms import center_crop_box, pil_to_tensor, random_resized_crop_box
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_images(folder, names, size=(40, 30), seed=0):
@@ -181,3 +188,184 @@ def test_digits_demo_split():
     assert torch.bincount(held.labels[:20], minlength=10).max() <= 5  # a picture of its first images is varied
     images, labels, idx = held.collate_keys([(0, 3), (0, 7)])
     assert torch.equal(images[1], held.images[7]) and idx.tolist() == [3, 7]
+
+
+_GROUP_SIGTERM_SCRIPT = """
+import os, signal, sys, torch
+from mimfast.data.loader import EpochBatchSampler, make_loader
+
+class Pids:
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, key):
+        return torch.tensor([float(os.getpid()), float(os.getpgid(0))]), -1, key[1]
+
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # what the engine's handler does: note it, go on
+batches = iter(make_loader(Pids(), EpochBatchSampler(8, 1, shuffle=False), num_workers=1))
+pid, pgid = next(batches).images[0].tolist()
+assert int(pid) != os.getpid() and int(pgid) != os.getpgid(0), (pid, pgid)  # a worker, in its own group
+print("ready", flush=True)
+sys.stdin.readline()  # the test signals this process's group, then writes a line
+rest = [int(b.indices[0]) for b in batches]
+print("stop" if stop else "no-stop", rest, flush=True)
+"""
+
+
+def test_loader_workers_survive_sigterm_sent_to_the_process_group():
+    # torchrun / SLURM signal every process of the group; the worker must keep serving the main process, which
+    # stops at the next step by itself (here: a process in a session of its own, so the signal reaches no other)
+    proc = subprocess.Popen([sys.executable, "-c", _GROUP_SIGTERM_SCRIPT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate("go\n", timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.strip() == "stop [1, 2, 3, 4, 5, 6, 7]", err
+
+
+def _write_grey(path, value, size=(12, 10)):
+    Image.fromarray(np.full((size[1], size[0]), value, dtype=np.uint8)).save(path)
+
+
+def test_frame_folders_are_read_in_numeric_order(tmp_path):
+    clips = {
+        "ffmpeg": [f"frame{t}.png" for t in range(12)],  # unpadded %d names: frame0 ... frame11
+        # digit runs compare as numbers, the rest as text (case first), and the name breaks ties
+        "mixed": ["F2.png", "f1.png", "f02.png", "f2.png", "f10.png", "f.png", "g.png"],
+    }
+    for clip, names in clips.items():
+        (tmp_path / "vids" / clip).mkdir(parents=True)
+        for t, name in enumerate(names):
+            _write_grey(tmp_path / "vids" / clip / name, 20 * t)
+    tf = ClipTransform(8, 1, mean=(0.0,), std=(1.0,), train=False)
+    for clip, names in clips.items():
+        data = VideoFolder(str(tmp_path / "vids"), tf, num_frames=len(names), stride=1)
+        x, _, _ = data[(0, [p.split("/")[-1] for p, _ in data.samples].index(clip))]
+        levels = [round(float(x[0, t].mean()) * 255) for t in range(len(names))]
+        assert levels == [20 * t for t in range(len(names))], clip
+
+
+def test_badly_shaped_clips_and_decompression_bombs_are_unreadable(tmp_path, monkeypatch):
+    root = tmp_path / "vids"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(root / "chw.npy", rng.integers(0, 256, (4, 3, 16, 20), dtype=np.uint8))  # [T, C, H, W]
+    np.save(root / "two_channels.npy", rng.integers(0, 256, (4, 16, 20, 2), dtype=np.uint8))
+    np.save(root / "int64.npy", rng.integers(0, 256, (4, 16, 20, 3)))  # no agreed range
+    np.save(root / "grey.npy", rng.integers(0, 256, (4, 16, 20), dtype=np.uint8))
+    np.save(root / "rgba.npy", rng.integers(0, 256, (4, 16, 20, 4), dtype=np.uint8))
+    _write_images(root / "frames", [f"{t}.png" for t in range(4)], size=(20, 16))
+    data = VideoFolder(str(root), ClipTransform(8, 3), num_frames=4, stride=1)
+    items = {p.split("/")[-1]: data[(0, i)] for i, (p, _) in enumerate(data.samples)}
+    for name in ("chw.npy", "two_channels.npy", "int64.npy"):
+        assert isinstance(items[name], Unreadable), name
+    assert "(4, 3, 16, 20)" in items["chw.npy"].reason and "int64" in items["int64.npy"].reason
+    for name in ("grey.npy", "rgba.npy", "frames"):
+        assert items[name][0].shape == (3, 4, 8, 8), name
+    sampler = EpochBatchSampler(len(data), 3, shuffle=False)
+    batches = list(make_loader(data, sampler, num_workers=1))
+    assert sum(len(b.skipped) for b in batches) == 3 and sum(b.images.shape[0] for b in batches) == 3
+
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS outright
+    _write_images(tmp_path / "imgs", ["big.png"], size=(40, 30))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    item = ImageFolder(str(tmp_path / "imgs"), ImageTransform(8, 3))[(0, 0)]
+    assert isinstance(item, Unreadable) and "DecompressionBombError" in item.reason
+    frames = data.samples.index((str(root / "frames"), -1))
+    item = data[(0, frames)]
+    assert isinstance(item, Unreadable) and "DecompressionBombError" in item.reason
+
+
+def test_16_bit_images_and_clips_match_their_8_bit_versions(tmp_path):
+    ramp8 = (np.arange(64 * 64) // 16).astype(np.uint8).reshape(64, 64)  # every 8-bit level, 16 pixels each
+    ramp16 = ramp8.astype(np.uint16) * 257
+    Image.fromarray(ramp8).save(tmp_path / "ramp8.png")
+    Image.fromarray(ramp16).save(tmp_path / "ramp16.png")
+    with Image.open(tmp_path / "ramp16.png") as img:
+        assert img.mode.startswith("I")  # Pillow's 16-bit grey
+    grey = ImageTransform(32, 1, mean=(0.0,), std=(1.0,), train=False)
+    rgb = ImageTransform(32, 3, mean=(0.0,) * 3, std=(1.0,) * 3, train=False)
+    for tf in (grey, rgb):
+        data = ImageFolder(str(tmp_path), tf)
+        x = {p.split("/")[-1]: data[(0, i)][0] for i, (p, _) in enumerate(data.samples)}
+        assert float(x["ramp8.png"].max()) > 0.9 and float(x["ramp8.png"].min()) < 0.1
+        assert torch.allclose(x["ramp16.png"], x["ramp8.png"], atol=1 / 255)
+    reference = pil_to_tensor(Image.fromarray(ramp8), 1)
+    assert torch.allclose(pil_to_tensor(Image.fromarray(ramp16.astype(">u2")), 1), reference, atol=1 / 255)
+    assert torch.allclose(pil_to_tensor(Image.fromarray(ramp16.astype(np.int32), "I"), 1), reference, atol=1 / 255)
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    clip8 = np.repeat(np.repeat(ramp8[None, :, :, None], 3, axis=3), 2, axis=0)  # [2, 64, 64, 3]
+    np.save(clips / "u8.npy", clip8)
+    np.save(clips / "u16.npy", clip8.astype(np.uint16) * 257)
+    np.save(clips / "float.npy", clip8.astype(np.float32) / 255)
+    data = VideoFolder(str(clips), ClipTransform(32, 3, mean=(0.0,) * 3, std=(1.0,) * 3, train=False), 2, 1)
+    x = {p.split("/")[-1]: data[(0, i)][0] for i, (p, _) in enumerate(data.samples)}
+    assert torch.allclose(x["u16.npy"], x["u8.npy"], atol=1 / 255)
+    assert torch.allclose(x["float.npy"], x["u8.npy"], atol=1 / 255)
+
+
+def test_loose_files_beside_class_folders_are_refused(tmp_path):
+    _write_images(tmp_path / "imgs" / "a", ["1.png"])
+    _write_images(tmp_path / "imgs" / "b", ["2.png"])
+    _write_images(tmp_path / "imgs", ["preview.png"])
+    with pytest.raises(DataError, match=r"1 image file\(s\) directly and 2 class folder"):
+        scan_image_folder(str(tmp_path / "imgs"))
+    # a flat folder beside a sub-folder without images is still a flat folder
+    _write_images(tmp_path / "flat", ["1.png", "2.png"])
+    (tmp_path / "flat" / "notes").mkdir()
+    samples, classes = scan_image_folder(str(tmp_path / "flat"))
+    assert classes == [] and [y for _, y in samples] == [-1, -1]
+
+    (tmp_path / "vids" / "walk").mkdir(parents=True)
+    clip = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "vids" / "walk" / "c.npy", clip)
+    np.save(tmp_path / "vids" / "loose.npy", clip)
+    with pytest.raises(DataError, match=r"1 clip\(s\) directly and 1 class folder"):
+        scan_video_folder(str(tmp_path / "vids"))
+    # folders of frames directly in the root are clips, not classes
+    _write_images(tmp_path / "flatvids" / "clip0", ["0.png", "1.png"])
+    np.save(tmp_path / "flatvids" / "clip1.npy", clip)
+    samples, classes = scan_video_folder(str(tmp_path / "flatvids"))
+    assert classes == [] and [p.split("/")[-1] for p, _ in samples] == ["clip0", "clip1.npy"]
+
+
+def test_held_out_labels_follow_the_training_classes(tmp_path):
+    for cls in ("cat", "dog", "emu"):
+        _write_images(tmp_path / "train" / cls, ["0.png"])
+    for cls in ("cat", "emu"):  # no dog in val
+        _write_images(tmp_path / "val" / cls, ["0.png"])
+    tf = ImageTransform(8, 3, train=False)
+    train = ImageFolder(str(tmp_path / "train"), tf)
+    assert train.classes == ["cat", "dog", "emu"]
+    own = ImageFolder(str(tmp_path / "val"), tf)
+    assert [y for _, y in own.samples] == [0, 1]  # numbered on its own, emu would be 1
+    val = ImageFolder(str(tmp_path / "val"), tf, classes=train.classes)
+    assert val.classes == ["cat", "emu"]
+    assert {p.split("/")[-2]: y for p, y in val.samples} == {"cat": 0, "emu": 2}
+    assert val[(0, 1)][1] == 2
+    _write_images(tmp_path / "val" / "fox", ["0.png"])
+    with pytest.raises(DataError, match="'fox'"):
+        ImageFolder(str(tmp_path / "val"), tf, classes=train.classes)
+    _write_images(tmp_path / "flat", ["0.png"])
+    flat = ImageFolder(str(tmp_path / "flat"), tf, classes=train.classes)
+    assert flat.classes == [] and flat.samples[0][1] == -1
+
+    clip = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    for split, classes in (("vtrain", ("run", "swim", "walk")), ("vval", ("run", "walk"))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            np.save(tmp_path / split / cls / "c.npy", clip)
+    ctf = ClipTransform(8, 3, train=False)
+    vtrain = VideoFolder(str(tmp_path / "vtrain"), ctf, 2, 1)
+    vval = VideoFolder(str(tmp_path / "vval"), ctf, 2, 1, classes=vtrain.classes)
+    assert vval.classes == ["run", "walk"] and [y for _, y in vval.samples] == [0, 2]
+    with pytest.raises(DataError, match="'walk'"):
+        VideoFolder(str(tmp_path / "vval"), ctf, 2, 1, classes=["run", "swim"])

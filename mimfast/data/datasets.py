@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import NamedTuple, Optional, Sequence, Union
+import re
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -66,58 +67,115 @@ def _check_dir(root: str) -> None:
         raise DataError(f"data path {root!r} is not a folder")
 
 
-def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """Files of an image folder: ``root/<class>/<img>`` (labels from sorted class names) or flat ``root/<img>``
-    (labels -1). Raises :class:`DataError` for a missing folder or one holding no image files."""
-    _check_dir(root)
-    entries = sorted(os.listdir(root))
-    flat = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(root, e))]
-    classes = [e for e in entries if os.path.isdir(os.path.join(root, e)) and not e.startswith(".")]
-    samples: list[tuple[str, int]] = [(os.path.join(root, f), -1) for f in flat]
-    if not flat:
-        for label, cls in enumerate(classes):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls)):
-                dirnames.sort()
-                samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if _is_image(f)]
+def _natural_key(name: str) -> tuple[tuple[Union[str, int], ...], str]:
+    """Sort key comparing runs of digits as numbers, so unpadded frame numbers (ffmpeg's ``%d``) come in order:
+    frame2 before frame10. ``re.split`` with a group alternates text and digits, so equal positions always hold
+    the same type; the name itself breaks ties (frame01 / frame1) so the order is total."""
+    parts = re.split(r"([0-9]+)", name)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name
+
+
+def _sub_folders(root: str) -> list[str]:
+    return [e for e in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, e)) and not e.startswith(".")]
+
+
+def _labelled(root: str, members: dict[str, list[str]],
+              classes: Optional[Sequence[str]]) -> list[tuple[str, int]]:
+    """``(path, label)`` for the files of each class folder (``members``, in sorted folder order); labels index
+    the folder names, or ``classes`` when given."""
+    if classes is None:
+        labels = {cls: label for label, cls in enumerate(members)}
     else:
-        classes = []
+        labels = _given_labels(root, [cls for cls, paths in members.items() if paths], classes)
+    return [(p, labels[cls]) for cls, paths in members.items() for p in paths]
+
+
+def _given_labels(root: str, found: Sequence[str], classes: Sequence[str]) -> dict[str, int]:
+    if isinstance(classes, str):
+        raise TypeError(f"classes must be a sequence of class names, got the string {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise DataError(f"the class list given for {root!r} repeats a name: {list(classes)}")
+    labels = {cls: label for label, cls in enumerate(classes)}
+    unknown = [cls for cls in found if cls not in labels]
+    if unknown:
+        raise DataError(f"data folder {root!r} has class folder(s) {', '.join(map(repr, unknown))} that are not "
+                        f"among the {len(classes)} given classes ({', '.join(map(repr, classes))}); their images "
+                        "could not be labelled like the other split's")
+    return labels
+
+
+def _images_under(folder: str) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        yield from (os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+
+
+def scan_image_folder(root: str, classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """Files of an image folder: ``root/<class>/<img>`` or flat ``root/<img>`` (labels -1), and the class folder
+    names (sorted; [] for a flat folder).
+
+    Labels index the sorted class folder names, or ``classes`` when given (another split's list, so that both
+    number a class alike); a class folder of images missing from ``classes`` raises :class:`DataError`, and a
+    flat folder ignores ``classes``. Raises :class:`DataError` for a missing folder, one holding no image files,
+    and one holding image files both directly and in class sub-folders (the loose files would hide the classes).
+    """
+    _check_dir(root)
+    flat = [e for e in sorted(os.listdir(root)) if _is_image(e) and os.path.isfile(os.path.join(root, e))]
+    found = _sub_folders(root)
+    if flat:
+        filled = [cls for cls in found if next(_images_under(os.path.join(root, cls)), None) is not None]
+        if filled:
+            raise DataError(f"data folder {root!r} holds {len(flat)} image file(s) directly and {len(filled)} class "
+                            f"folder(s) of images; put the images in class folders or remove them (first loose "
+                            f"file: {flat[0]!r})")
+        return [(os.path.join(root, f), -1) for f in flat], []
+    samples = _labelled(root, {cls: list(_images_under(os.path.join(root, cls))) for cls in found}, classes)
     if not samples:
         raise DataError(f"data folder {root!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), neither "
                         "directly nor in class sub-folders")
-    return samples, classes
+    return samples, found
 
 
 def _frames_in(path: str) -> list[str]:
-    return sorted(os.path.join(path, f) for f in os.listdir(path) if _is_image(f))
+    """The frame files of a clip folder in frame order."""
+    return [os.path.join(path, f) for f in sorted((f for f in os.listdir(path) if _is_image(f)), key=_natural_key)]
 
 
-def scan_video_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+def _clips_in(folder: str) -> list[str]:
+    out = []
+    for e in sorted(os.listdir(folder)):
+        p = os.path.join(folder, e)
+        if e.lower().endswith(".npy") and os.path.isfile(p):
+            out.append(p)
+        elif os.path.isdir(p) and not e.startswith(".") and _frames_in(p):
+            out.append(p)
+    return out
+
+
+def scan_video_folder(root: str, classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]], list[str]]:
     """Clips of a video folder: each clip is a ``.npy`` array [T, H, W(, C)] or a folder of frame images, either
-    directly in ``root`` (labels -1) or in class sub-folders ``root/<class>/<clip>``."""
+    directly in ``root`` (labels -1) or in class sub-folders ``root/<class>/<clip>``; and the class folder names.
+
+    ``classes`` and the errors are as for :func:`scan_image_folder`: clips both directly in ``root`` and in
+    class folders raise :class:`DataError`.
+    """
     _check_dir(root)
-
-    def clips_in(folder: str) -> list[str]:
-        out = []
-        for e in sorted(os.listdir(folder)):
-            p = os.path.join(folder, e)
-            if e.lower().endswith(".npy") and os.path.isfile(p):
-                out.append(p)
-            elif os.path.isdir(p) and not e.startswith(".") and _frames_in(p):
-                out.append(p)
-        return out
-
-    flat = clips_in(root)
-    samples: list[tuple[str, int]] = [(p, -1) for p in flat]
-    classes: list[str] = []
-    if not flat:
-        classes = [e for e in sorted(os.listdir(root))
-                   if os.path.isdir(os.path.join(root, e)) and not e.startswith(".")]
-        for label, cls in enumerate(classes):
-            samples += [(p, label) for p in clips_in(os.path.join(root, cls))]
+    flat = _clips_in(root)
+    if flat:
+        flat_set = set(flat)
+        filled = [cls for cls in _sub_folders(root)
+                  if os.path.join(root, cls) not in flat_set and _clips_in(os.path.join(root, cls))]
+        if filled:
+            raise DataError(f"video folder {root!r} holds {len(flat)} clip(s) directly and {len(filled)} class "
+                            f"folder(s) of clips; put the clips in class folders or remove them (first loose "
+                            f"clip: {os.path.basename(flat[0])!r})")
+        return [(p, -1) for p in flat], []
+    found = _sub_folders(root)
+    samples = _labelled(root, {cls: _clips_in(os.path.join(root, cls)) for cls in found}, classes)
     if not samples:
         raise DataError(f"video folder {root!r} holds no clips (.npy arrays or folders of frames), neither "
                         "directly nor in class sub-folders")
-    return samples, classes
+    return samples, found
 
 
 class DigitsDemo:
@@ -169,11 +227,17 @@ class DigitsDemo:
 
 
 class ImageFolder:
-    """Images decoded with Pillow (in DataLoader workers) and transformed with :class:`ImageTransform`."""
+    """Images decoded with Pillow (in DataLoader workers) and transformed with :class:`ImageTransform`.
 
-    def __init__(self, root: str, transform: ImageTransform, seed: int = 0) -> None:
+    ``classes``: the class names labels index, e.g. the training split's ``classes`` for a held-out split, so a
+    class missing from one split does not renumber the others (see :func:`scan_image_folder`). The attribute
+    ``classes`` holds this folder's own class folder names ([] for a flat folder).
+    """
+
+    def __init__(self, root: str, transform: ImageTransform, seed: int = 0, *,
+                 classes: Optional[Sequence[str]] = None) -> None:
         self.root = root
-        self.samples, self.classes = scan_image_folder(root)
+        self.samples, self.classes = scan_image_folder(root, classes)
         self.transform = transform
         self.seed = seed
         self.channels = transform.channels
@@ -189,9 +253,24 @@ class ImageFolder:
             with Image.open(path) as img:
                 img.load()
                 x = self.transform(img, sample_rng(self.seed, epoch, index))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
             return Unreadable(path, f"{type(e).__name__}: {e}")
         return x, label, index
+
+
+def _clip_array(path: str) -> np.ndarray:
+    """The memory-mapped array of a ``.npy`` clip, after checking it is a clip of a dtype the loader can scale;
+    anything else raises ValueError, which makes the clip unreadable rather than failing in Pillow."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[-1] in (1, 3, 4))):
+        raise ValueError(f"a clip array must be [T, H, W] or [T, H, W, C] with C = 1, 3 or 4, got shape {arr.shape}")
+    if arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise ValueError(f"a clip array's frames must not be empty, got shape {arr.shape}")
+    # wider integers have no agreed range (an int64 array may hold 8-bit or 16-bit values), so they are refused
+    if not (arr.dtype.kind in "bf" or (arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2)):
+        raise ValueError(f"a clip array must hold uint8 (0-255), 16-bit integers (scaled by their range) or "
+                         f"floats in [0, 1], got {arr.dtype}")
+    return arr
 
 
 def _load_clip_frames(path: str, frame_ids: Sequence[int]) -> list[Image.Image]:
@@ -203,11 +282,12 @@ def _load_clip_frames(path: str, frame_ids: Sequence[int]) -> list[Image.Image]:
                 img.load()
                 out.append(img.copy())
         return out
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    if arr.ndim not in (3, 4):
-        raise ValueError(f"a clip array must be [T, H, W] or [T, H, W, C], got shape {arr.shape}")
-    frames = np.asarray(arr[list(frame_ids)])
-    if frames.dtype != np.uint8:
+    frames = np.asarray(_clip_array(path)[list(frame_ids)])
+    if frames.dtype.kind in "iu" and frames.dtype != np.uint8:
+        # by the dtype's range, as transforms.to_8bit scales 16-bit images: v -> round(v / 65535 * 255)
+        top = float(np.iinfo(frames.dtype).max)
+        frames = (np.clip(frames.astype(np.float64), 0.0, top) * (255.0 / top) + 0.5).astype(np.uint8)
+    elif frames.dtype != np.uint8:
         frames = (np.clip(frames.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if frames.ndim == 4 and frames.shape[-1] == 1:
         frames = frames[..., 0]
@@ -217,7 +297,7 @@ def _load_clip_frames(path: str, frame_ids: Sequence[int]) -> list[Image.Image]:
 def _num_frames(path: str) -> int:
     if os.path.isdir(path):
         return len(_frames_in(path))
-    return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+    return int(_clip_array(path).shape[0])
 
 
 def clip_frame_ids(total: int, num_frames: int, stride: int, rng: Optional[random.Random]) -> list[int]:
@@ -231,11 +311,13 @@ def clip_frame_ids(total: int, num_frames: int, stride: int, rng: Optional[rando
 
 class VideoFolder:
     """Clips of ``num_frames`` frames sampled ``stride`` apart (VideoMAE's temporal sampling), each clip one
-    crop and one flip (:class:`ClipTransform`): items are [C, T, size, size]."""
+    crop and one flip (:class:`ClipTransform`): items are [C, T, size, size]. ``classes`` and the attribute
+    ``classes`` are as for :class:`ImageFolder`."""
 
-    def __init__(self, root: str, transform: ClipTransform, num_frames: int, stride: int, seed: int = 0) -> None:
+    def __init__(self, root: str, transform: ClipTransform, num_frames: int, stride: int, seed: int = 0, *,
+                 classes: Optional[Sequence[str]] = None) -> None:
         self.root = root
-        self.samples, self.classes = scan_video_folder(root)
+        self.samples, self.classes = scan_video_folder(root, classes)
         self.transform = transform
         self.num_frames, self.stride, self.seed = num_frames, stride, seed
         self.channels = transform.channels
@@ -254,7 +336,8 @@ class VideoFolder:
                 raise ValueError("clip has no frames")
             ids = clip_frame_ids(total, self.num_frames, self.stride, rng if self.transform.train else None)
             x = self.transform(_load_clip_frames(path, ids), rng)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, IndexError) as e:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError,
+                IndexError) as e:
             return Unreadable(path, f"{type(e).__name__}: {e}")
         return x, label, index
 

@@ -10,13 +10,14 @@ and lets a resumed run start in the middle of an epoch without replaying it.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
 from mimfast.data.datasets import Unreadable
 
-__all__ = ["Batch", "EpochBatchSampler", "collate", "make_loader"]
+__all__ = ["Batch", "EpochBatchSampler", "collate", "own_process_group", "make_loader"]
 
 
 class Batch(NamedTuple):
@@ -85,18 +86,32 @@ def collate(items: Sequence[Any]) -> Batch:
     return Batch(images, labels, indices, skipped)
 
 
+def own_process_group(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker leaves the training process's process group.
+
+    torchrun, SLURM and Kubernetes signal a whole process group, and Ctrl-C signals the terminal's foreground
+    group. A worker killed by such a signal makes the main process fail ("DataLoader worker ... is killed by
+    signal") before its own handler can stop training at the next step and save a checkpoint. In a group of its
+    own the worker only gets the signals sent to it by pid: the DataLoader's shutdown still ends it, and it exits
+    by itself when the main process dies (the DataLoader's watchdog).
+    """
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)
+
+
 def make_loader(dataset: Any, sampler: EpochBatchSampler, num_workers: int = 0,
                 pin_memory: bool = False) -> Any:
     """An iterable of :class:`Batch` for the sampler's current epoch.
 
     In-memory data sets (with ``collate_keys``) are batched in this process by one gather; others go through a
-    ``torch.utils.data.DataLoader`` whose workers decode files (persistent across epochs).
+    ``torch.utils.data.DataLoader`` whose workers decode files (persistent across epochs), each in its own process
+    group (:func:`own_process_group`).
     """
     if hasattr(dataset, "collate_keys"):
         return _InMemoryLoader(dataset, sampler)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, worker_init_fn=own_process_group if num_workers > 0 else None,
     )
 
 

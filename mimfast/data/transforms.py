@@ -25,6 +25,7 @@ __all__ = [
     "random_resized_crop_box",
     "center_crop_box",
     "pil_to_tensor",
+    "to_8bit",
     "ImageTransform",
     "ClipTransform",
 ]
@@ -81,9 +82,27 @@ def center_crop_box(width: int, height: int) -> CropBox:
     return CropBox((width - side) // 2, (height - side) // 2, side, side)
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit ("I;16*") and 32-bit integer ("I") grey images -> 8-bit grey "L", scaled by their value range;
+    other images are returned as they are.
+
+    Pillow's own conversion to "L" or "RGB" clips these modes at 255, which turns a 16-bit photograph almost
+    white. A 16-bit PNG loads as "I;16" or "I", so an "I" image whose values stay within [0, 65535] is read as
+    16-bit; wider "I" data is scaled by the int32 range. Negative values become 0. A 16-bit value v maps to
+    round(v / 65535 * 255), so a 16-bit image of 8-bit values times 257 gives back exactly those 8-bit values.
+    """
+    if not (img.mode == "I" or img.mode.startswith("I;16")):
+        return img
+    arr = np.asarray(img)
+    top = 65535.0 if int(arr.max()) <= 65535 else float(np.iinfo(np.int32).max)
+    scaled = np.clip(arr.astype(np.float64), 0.0, top) * (255.0 / top) + 0.5
+    return Image.fromarray(scaled.astype(np.uint8), "L")
+
+
 def pil_to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
-    """PIL image -> float [C, H, W] in [0, 1], converted to grey (C = 1) or RGB (C = 3)."""
-    img = img.convert("L" if channels == 1 else "RGB")
+    """PIL image -> float [C, H, W] in [0, 1], converted to grey (C = 1) or RGB (C = 3); 16-bit and 32-bit
+    integer images are scaled by their range first (:func:`to_8bit`)."""
+    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -114,6 +133,7 @@ class ImageTransform:
     hflip: bool = True
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        img = to_8bit(img)  # before resizing: bicubic overshoot could move an "I" image past its 16-bit range
         if self.train:
             box = random_resized_crop_box(img.width, img.height, rng, self.scale)
         else:
@@ -137,6 +157,7 @@ class ClipTransform:
     hflip: bool = True
 
     def __call__(self, frames: Sequence[Image.Image], rng: random.Random) -> torch.Tensor:
+        frames = [to_8bit(f) for f in frames]
         first = frames[0]
         if self.train:
             box = random_resized_crop_box(first.width, first.height, rng, self.scale)
