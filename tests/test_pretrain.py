@@ -96,6 +96,20 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, masking):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
+    flags = ["--model", "mae_vit_nano_patch4", "--batch-size", "4", "--log-every", "1", "--no-eval",
+             "--warmup-epochs", "0"]
+    run(tmp_path / "fresh", *flags, "--epochs", "3", "--max-steps", "3")
+    run(tmp_path / "longer", *flags, "--epochs", "1", "--max-steps", "2")
+    run(tmp_path / "longer", *flags, "--epochs", "3", "--max-steps", "3", "--resume", "auto")
+    fresh = read_metrics(str(tmp_path / "fresh" / "metrics.jsonl"))
+    longer = read_metrics(str(tmp_path / "longer" / "metrics.jsonl"))
+    # the logged rate is the one each step used: the first step of a cosine without warm-up runs at the full rate
+    assert fresh[0]["lr"] == pytest.approx(4e-3 * 4 / 256)
+    assert longer[2]["step"] == 3 and longer[2]["lr"] == fresh[2]["lr"]
+    assert longer[1]["lr"] != fresh[1]["lr"]  # the first two steps ran on the one-epoch schedule
+
+
 def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     out = tmp_path / "run"
     flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--save-every", "1",
@@ -216,12 +230,19 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
     err = _error_of(capsys, *base, str(tmp_path / "o5"), "--batch-size", "2000")
     assert "cannot fill one optimizer step" in err
     assert "unknown model" in _error_of(capsys, *base, str(tmp_path / "o6"), "--model", "mae_vit_gigantic_patch3")
+    assert "is not a device" in _error_of(capsys, *base, str(tmp_path / "o7"), "--device", "foo")
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in _error_of(capsys, *base, str(tmp_path / "o8"), "--device", "cuda")
+    assert "demo data are still images" in _error_of(capsys, *base, str(tmp_path / "o9"), "--model",
+                                                     "videomae_vit_nano_patch4")
+    assert "the cosine would rise" in _error_of(capsys, *base, str(tmp_path / "o10"), "--min-lr", "5")
     # a checkpoint from another model
     run(tmp_path / "mae", "--model", "mae_vit_nano_patch4", "--epochs", "1", "--max-steps", "1", "--batch-size", "4",
         "--no-eval")
     err = _error_of(capsys, "--model", "mae_vit_micro_patch4", "--epochs", "1", "--batch-size", "4", "--no-eval",
                     "--output-dir", str(tmp_path / "mae"), "--resume", "auto")
     assert "written for model 'mae_vit_nano_patch4'" in err
+    assert json.loads((tmp_path / "mae" / "config.json").read_text())["model"] == "mae_vit_nano_patch4"  # untouched
     err = _error_of(capsys, "--model", "simmim_vit_nano_patch4", "--data", "synthetic", "--epochs", "1",
                     "--batch-size", "4", "--no-eval", "--output-dir", str(tmp_path / "s"), "--resume",
                     str(tmp_path / "mae" / "checkpoint.pt"))
@@ -269,6 +290,37 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert r.step == 2
     records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert records[-1]["skipped_files"] == 2
+
+
+def _colour_folder(root, classes, per_class=4):
+    """Solid-colour images, one colour per class name (so a probe separates them exactly)."""
+    colours = {"a_red": (220, 30, 30), "b_green": (30, 200, 40), "c_blue": (40, 50, 230)}
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((20, 20, 3), colours[cls], dtype=np.uint8)).save(root / cls / f"{i}.png")
+
+
+def test_probes_label_the_held_out_split_with_the_training_classes(tmp_path):
+    # val/ lacks a class: its images keep the training split's labels, so the probes still read them right
+    _colour_folder(tmp_path / "data" / "train", ("a_red", "b_green", "c_blue"))
+    _colour_folder(tmp_path / "data" / "val", ("b_green", "c_blue"))
+    r = run(tmp_path / "run", "--model", "mae_vit_nano_patch4", "--data", str(tmp_path / "data"), "--input-size",
+            "16", "--epochs", "1", "--batch-size", "4", "--num-workers", "0")
+    assert r.eval["probes"]["trained"]["knn_top1"] == 1.0
+    assert r.eval["probes"]["random_init"]["knn_top1"] == 1.0
+
+
+def test_unlabelled_training_images_skip_the_probes(tmp_path):
+    data = tmp_path / "data"
+    _colour_folder(data / "val", ("a_red", "b_green"))
+    (data / "train").mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((20, 20, 3), 10 * i, dtype=np.uint8)).save(data / "train" / f"{i}.png")
+    r = run(tmp_path / "run", "--model", "mae_vit_nano_patch4", "--data", str(data), "--input-size", "16",
+            "--epochs", "1", "--batch-size", "4", "--num-workers", "0")
+    assert r.eval["probes"] is None and "labelled" in r.eval["probes_skipped"]
+    assert os.path.isfile(tmp_path / "run" / "eval.json")
 
 
 def test_resume_auto_without_output_dir_continues_the_newest_run(tmp_path, monkeypatch):

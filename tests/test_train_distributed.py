@@ -1,6 +1,7 @@
 """The engine under torchrun with two CPU processes (gloo): DDP and FSDP2 train the same model as one process
 with the same global batch, the same samples and the same masks."""
 
+import json
 import os
 import subprocess
 import sys
@@ -60,8 +61,11 @@ def test_fsdp2_matches_one_process_with_the_global_batch(single_process, tmp_pat
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch build has no FSDP2 (torch.distributed.fsdp.fully_shard)")
-    torchrun(tmp_path / "fsdp", "--batch-size", "4", "--fsdp", *FLAGS)
+    # with the evaluation, which gathers the sharded weights on every rank
+    torchrun(tmp_path / "fsdp", "--batch-size", "4", "--fsdp", *FLAGS, "--eval", "--eval-max-images", "64")
     _compare(single_process, tmp_path / "fsdp")
+    result = json.loads((tmp_path / "fsdp" / "eval.json").read_text())
+    assert result["probes"]["trained"]["knn_top1"] > 0
 
 
 def test_ddp_block_masks_of_a_moving_ratio_match_one_process(tmp_path):

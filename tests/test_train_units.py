@@ -221,6 +221,15 @@ def test_masking_flag_checks():
         (["--mask-schedule", "linear"], "--mask-ratio-end, which is not given"),
         (["--block-min-patches", "16"], "block only"),
         (["--mask-strategy", "block", "--importance-temperature", "1"], "importance only"),
+        (["--num-frames", "8"], "videomae only"),
+        (["--sampling-rate", "4"], "videomae only"),
+        (["--mask-patch-size", "8"], "simmim only"),
+        (["--model", "mae_vit_base_patch16", "--method", "simmim"], "does not train model mae_vit_base_patch16"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--min-lr=-1e-5"], "--min-lr"),
+        (["--clip-grad", "nan"], "--clip-grad"),
+        (["--blr", "nan"], "learning rate"),
+        (["--lr", "inf"], "learning rate"),
     ):
         with pytest.raises(ValueError, match=message):
             resolve(parse_args(flags))
@@ -231,6 +240,19 @@ def test_masking_flag_checks():
     assert resolve(parse_args(["--mask-strategy", "block"])).block_min_patches == 16
     assert resolve(parse_args(["--mask-strategy", "importance"])).importance_temperature == 1.0
     assert resolve(PretrainConfig(mask_ratio_range=[0.5, 0.7])).mask_ratio_range == (0.5, 0.7)
+
+
+def test_read_metrics_skips_a_line_cut_short(tmp_path):
+    from mimfast.train.metrics import MetricsLog, read_metrics
+
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"))
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0 / step})
+    with open(log.path, "a") as f:
+        f.write('{"step": 4, "lo')  # a process killed while writing
+    assert [r["step"] for r in read_metrics(log.path)] == [1, 2, 3]
+    log.truncate_after(2)
+    assert [r["step"] for r in read_metrics(log.path)] == [1, 2]
 
 
 def test_changed_settings_of_a_resumed_run():
@@ -291,9 +313,14 @@ def test_warmup_cosine_schedule():
     assert lrs[10] == pytest.approx(0.1)
     assert lrs[55] == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
-    again = WarmupCosine(opt, lr=0.5, total_steps=3, warmup_steps=0)
+    again = WarmupCosine(opt, lr=0.1, total_steps=100, warmup_steps=10, min_lr=0.001)
     again.load_state_dict(sched.state_dict())
-    assert again.current_lr() == sched.current_lr()
+    assert again.last_step == 100 and again.current_lr() == sched.current_lr()
+    # a resumed run given more epochs continues on its own, longer schedule (not at the old one's end, lr 0.001)
+    longer = WarmupCosine(opt, lr=0.1, total_steps=200, warmup_steps=10, min_lr=0.001)
+    longer.load_state_dict(sched.state_dict())
+    assert longer.current_lr() == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 90 / 190)))
+    assert opt.param_groups[0]["lr"] == longer.current_lr()
     assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
 
 
@@ -311,6 +338,22 @@ def test_param_groups_exclude_biases_and_1d():
     assert {"blocks.0.attn.qkv.bias", "norm.weight", "norm.bias", "decoder_pred.bias"} <= skipped
     assert "pos_embed" not in decayed | skipped  # frozen
     assert all(p.ndim <= 1 for p in no_decay["params"])
+
+
+@pytest.mark.parametrize("factory,exempt,decayed", [
+    ("simmim_vit_tiny_patch16", {"encoder.pos_embed", "encoder.cls_token"}, "encoder.mask_token"),
+    ("videomae_vit_small_patch16", {"mask_token"}, "encoder.patch_embed.proj.weight"),
+])
+def test_param_groups_follow_each_methods_official_exemptions(factory, exempt, decayed):
+    import mimfast.models as models
+
+    model = getattr(models, factory)(depth=1) if "simmim" in factory else getattr(models, factory)(
+        depth=1, decoder_depth=1)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert exempt <= skipped and decayed in {names[id(p)] for p in decay["params"]}
+    assert skipped - exempt == {n for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")}
 
 
 def test_atomic_save_keeps_old_file_when_the_write_dies(tmp_path, monkeypatch):

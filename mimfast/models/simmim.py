@@ -89,6 +89,9 @@ class SimMIMViT(MIMModel):
         loss = ((imgs - pred).abs() * m).sum() / (m.sum() + 1e-5) / C
     """
 
+    # SimMIM's ViT exempts its position embedding and cls token (its mask token is decayed)
+    NO_WEIGHT_DECAY = frozenset({"encoder.pos_embed", "encoder.cls_token"})
+
     def __init__(
         self,
         img_size: Union[int, tuple[int, int]] = 224,

@@ -113,6 +113,9 @@ class VideoMAE(MIMModel):
         pred = decoder.head(decoder.norm(decoder(x)[:, K:]))
     """
 
+    # VideoMAE's pretraining model exempts its mask token (its position table is a buffer, not a parameter)
+    NO_WEIGHT_DECAY = frozenset({"mask_token"})
+
     def __init__(
         self,
         img_size: Union[int, tuple[int, int]] = 224,

@@ -102,6 +102,13 @@ class MIMModel(nn.Module):
     """
 
     _fused: bool = True
+    # parameters the method's official recipe keeps out of weight decay besides biases and 1-D ones (full names)
+    NO_WEIGHT_DECAY: frozenset[str] = frozenset()
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters the official training recipe exempts from weight decay, besides biases and
+        1-D parameters (which every recipe exempts): none for MAE, which decays its cls and mask tokens."""
+        return set(self.NO_WEIGHT_DECAY)
 
     @property
     def fused(self) -> bool:

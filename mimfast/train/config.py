@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -51,7 +52,7 @@ class PretrainConfig:
     data: str = "demo"
     input_size: Optional[int] = None
     num_frames: Optional[int] = None
-    sampling_rate: int = 4
+    sampling_rate: Optional[int] = None
     mask_patch_size: Optional[int] = None
     epochs: Optional[int] = None
     max_steps: Optional[int] = None
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or folders of frames. A folder with train/ and val/ uses val/ as held out")
     a("--input-size", type=int, default=None, help="image side in pixels (default: the model's)")
     a("--num-frames", type=int, default=None, help="frames per clip for videomae (default: the model's)")
-    a("--sampling-rate", type=int, default=4, help="temporal stride between sampled frames (videomae)")
+    a("--sampling-rate", type=int, default=None,
+      help="temporal stride between sampled frames (videomae, default 4)")
     a("--mask-patch-size", type=int, default=None, help="SimMIM mask unit in pixels, also of its block and "
                                                         "importance masks (default 32, 16 for --mask-strategy "
                                                         "block, or the model patch size when that does not divide "
@@ -119,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--blr", type=float, default=None, help="base learning rate: lr = blr * effective batch / 256")
     a("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
     a("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
-    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases and 1-D parameters)")
+    a("--weight-decay", type=float, default=0.05,
+      help="AdamW weight decay (not on biases, 1-D parameters and the method's official exemptions)")
     a("--warmup-epochs", type=int, default=None, help="epochs of linear warm-up")
     a("--mask-ratio", type=float, default=None, help="fraction of tokens masked (default per method); with "
                                                      "--mask-ratio-end the starting ratio; evaluation masks at the "
@@ -194,6 +197,10 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
         default(name, value)
     model = fill.get("model", config.model) or "mae_vit_base_patch16"
     default("model", model)
+    if config.method is not None and any(model.startswith(m + "_") for m in METHODS) and \
+            not model.startswith(config.method + "_"):
+        raise ValueError(f"--method {config.method} does not train model {model} (a {infer_method(model)} model); "
+                         "leave --method out to take the model's")
     method = config.method or infer_method(model)
     default("method", method)
     for name, value in _METHOD_DEFAULTS[method].items():
@@ -207,6 +214,7 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
     # settings of one masking variant get their default only when that variant runs, so a value given for another
     # one (even the default value) is seen by _check_masking and refused rather than ignored
     for name, value, applies in (
+        ("sampling_rate", 4, method == "videomae"),
         ("mask_schedule", "linear", config.mask_ratio_end is not None),
         ("block_min_patches", 16, config.mask_strategy == "block"),
         ("importance_temperature", 1.0, config.mask_strategy == "importance"),
@@ -222,22 +230,30 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
 
 def _check(c: PretrainConfig) -> None:
     positive = dict(epochs=c.epochs, batch_size=c.batch_size, accum_iter=c.accum_iter, save_every=c.save_every,
-                    log_every=c.log_every, sampling_rate=c.sampling_rate, eval_max_images=c.eval_max_images)
+                    log_every=c.log_every, eval_max_images=c.eval_max_images)
     for name, value in positive.items():
         if value is None or value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("max_steps", "input_size", "num_frames", "mask_patch_size"):
+    for name in ("max_steps", "input_size", "num_frames", "mask_patch_size", "sampling_rate"):
         value = getattr(c, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    # settings of one method that another would ignore
+    for name, methods in (("num_frames", ("videomae",)), ("sampling_rate", ("videomae",)),
+                          ("mask_patch_size", ("simmim",))):
+        if getattr(c, name) is not None and c.method not in methods:
+            raise ValueError(f"--{name.replace('_', '-')} applies to {' and '.join(methods)} only, not {c.method}")
     if c.warmup_epochs < 0 or c.num_workers < 0:
         raise ValueError("--warmup-epochs and --num-workers must be >= 0")
     if not 0.0 <= c.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {c.mask_ratio}")
     _check_masking(c)
-    if (c.lr is None and c.blr <= 0) or (c.lr is not None and c.lr <= 0):
-        raise ValueError("the learning rate (--blr / --lr) must be positive")
-    if c.clip_grad is not None and c.clip_grad <= 0:
+    # written as "not (x > 0)" so that NaN fails too
+    if not (c.blr > 0 if c.lr is None else c.lr > 0) or not math.isfinite(c.lr if c.lr is not None else c.blr):
+        raise ValueError("the learning rate (--blr / --lr) must be positive and finite")
+    if not (c.weight_decay >= 0 and c.min_lr >= 0) or not math.isfinite(c.weight_decay + c.min_lr):
+        raise ValueError(f"--weight-decay and --min-lr must be >= 0 and finite, got {c.weight_decay} and {c.min_lr}")
+    if c.clip_grad is not None and not c.clip_grad > 0:
         raise ValueError(f"--clip-grad must be positive, got {c.clip_grad}")
     if c.method not in METHODS:
         raise ValueError(f"unknown method {c.method!r}; choose one of {', '.join(METHODS)}")

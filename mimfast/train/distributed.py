@@ -35,14 +35,23 @@ class DistInfo:
 
 
 def resolve_device(requested: Optional[str], local_rank: int = 0) -> torch.device:
-    """``--device``, else the local rank's GPU when CUDA is present, else the CPU."""
+    """``--device``, else the local rank's GPU when CUDA is present, else the CPU. A device that does not exist
+    here raises a ValueError."""
     if requested is not None:
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError as e:
+            raise ValueError(f"--device {requested!r} is not a device ({str(e).splitlines()[0]})") from None
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise RuntimeError(f"--device {requested} requested but CUDA is not available")
+                raise ValueError(f"--device {requested} requested but CUDA is not available")
             if device.index is None:
                 device = torch.device("cuda", local_rank)
+            if device.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {device} requested but this machine has {torch.cuda.device_count()} "
+                                 "GPU(s)")
+        elif device.type != "cpu":
+            raise ValueError(f"--device {requested}: training runs on cpu or cuda devices")
         return device
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 

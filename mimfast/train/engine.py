@@ -76,6 +76,9 @@ def build_datasets(config: PretrainConfig, objective: Objective, device: torch.d
     shape = objective.input_shape()
     size = shape[-1]
     if config.data == "demo":
+        if objective.method == "videomae":
+            raise DataError("the demo data are still images; videomae needs clips (--data DIR of videos, or "
+                            "--data synthetic)")
         if size != 32 or shape[0] != 1:
             raise DataError(f"the demo digits are 1-channel {32}x{32} images; model {config.model} expects "
                             f"{shape[0]}-channel {size}x{size} input (use --input-size 32 and a patch size that "
@@ -90,15 +93,18 @@ def build_datasets(config: PretrainConfig, objective: Objective, device: torch.d
     if has_split:
         root = train_root
     if objective.method == "videomae":
-        def make(r: str, train: bool) -> VideoFolder:
+        def make(r: str, train: bool, classes: Optional[list[str]] = None) -> VideoFolder:
             tf = ClipTransform(size, shape[0], IMAGENET_MEAN, IMAGENET_STD, train=train)
-            return VideoFolder(r, tf, objective.num_frames, config.sampling_rate, seed=config.seed)
+            return VideoFolder(r, tf, objective.num_frames, config.sampling_rate, seed=config.seed, classes=classes)
     else:
-        def make(r: str, train: bool) -> ImageFolder:
+        def make(r: str, train: bool, classes: Optional[list[str]] = None) -> ImageFolder:
             return ImageFolder(r, ImageTransform(size, shape[0], IMAGENET_MEAN, IMAGENET_STD, train=train),
-                               seed=config.seed)
-    heldout = make(val_root, False) if has_split else None
-    return make(root, True), make(root, False), heldout, "held-out" if has_split else "train"
+                               seed=config.seed, classes=classes)
+    train_set = make(root, True)
+    # held-out labels index the training split's classes, so both splits number a class alike (an unlabelled
+    # training split has none: its probes are skipped)
+    heldout = make(val_root, False, train_set.classes or None) if has_split else None
+    return train_set, make(root, False), heldout, "held-out" if has_split else "train"
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -115,10 +121,13 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
         block.forward = functools.partial(_checkpointed, block.forward)
 
 
-def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def _model_state(model: nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict: on rank 0 only and in host memory (for checkpoints), or with
+    ``every_rank`` on every rank and on the model's device (an FSDP-sharded model gives rank 0 alone the full
+    tensors when offloading to the CPU)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
 
 
 def _load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -201,9 +210,14 @@ class Trainer:
         if config.grad_checkpointing:
             enable_grad_checkpointing(self.model)
         self.ddp_model = wrap_model(self.model, self.info, self.device, config.fsdp)
+        if config.fsdp and not self.info.distributed:
+            self._log("note: --fsdp shards over the processes of a torchrun launch; this single process trains the "
+                      "whole model")
         self.step_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
 
         lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.samples_per_step)
+        if config.min_lr > lr:
+            raise ValueError(f"--min-lr {config.min_lr:g} is above the learning rate {lr:.3g}: the cosine would rise")
         self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device)
         self.schedule = WarmupCosine(self.optimizer, lr, self.total_steps,
                                      config.warmup_epochs * self.steps_per_epoch, config.min_lr)
@@ -443,7 +457,7 @@ class Trainer:
             "step": self.step,
             "epoch": round(self.step / self.steps_per_epoch, 4),
             "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.schedule.lr_at(self.step - 1),  # the rate the window's last step used
             "img_per_s": img_s,
             "peak_mem_mb": peak_memory_mb(self.device),
         }
@@ -464,7 +478,7 @@ class Trainer:
         """An unsharded model holding the trained weights (the training model itself unless FSDP shards it)."""
         if not (self.config.fsdp and self.info.distributed):
             return self.model
-        state = _model_state(self.model)
+        state = _model_state(self.model, every_rank=True)  # every rank evaluates
         torch.manual_seed(self.config.seed)
         model = build_model(self.config, _channels(self.config)).to(self.device)
         model.load_state_dict(state)
@@ -534,7 +548,9 @@ class Trainer:
                                  + ("; predicted patches shown at the original patch's mean and std (normalised "
                                     "targets)" if c.norm_pix_loss and c.method != "simmim" else ""),
                                  column_labels=labels)
-        labelled = self.heldout_set is not None and len(getattr(self.heldout_set, "classes", [])) >= 2
+        # labels on both sides: the training images' (the probes' training set) and the held-out ones'
+        labelled = (self.heldout_set is not None and len(getattr(self.heldout_set, "classes", [])) >= 2
+                    and len(getattr(self.train_eval_set, "classes", [])) >= 2)
         if labelled:
             torch.manual_seed(c.seed)
             init_model = build_model(c, _channels(c)).to(self.device).eval()
@@ -547,7 +563,7 @@ class Trainer:
             result["probe_train_images"], result["probe_test_images"] = len(tr_y), len(te_y)
         else:
             result["probes"] = None
-            result["probes_skipped"] = "no labelled held-out split (class sub-folders in train/ and val/)"
+            result["probes_skipped"] = "no labelled training and held-out splits (class sub-folders in train/ and val/)"
         model.train()
         return result
 
@@ -613,7 +629,10 @@ def _check_fresh_output_dir(config: PretrainConfig) -> None:
 
 def train(config: PretrainConfig) -> RunResult:
     """Run a whole pretraining job (see the module docstring); ``config`` is resolved first."""
-    info, device = init_distributed(config.device)
+    try:
+        info, device = init_distributed(config.device)
+    except ValueError as e:  # a --device that does not exist here
+        raise SetupError(str(e)) from e
     try:
         resolved = resolve(config)
         resolved = _agree_on_output_dir(resolved, config.output_dir is not None, info)
@@ -629,11 +648,11 @@ def train(config: PretrainConfig) -> RunResult:
         raise
     config = resolved
     try:
+        trainer.resume()  # first: a refused resume leaves the run folder as it was
         if trainer.main:
             os.makedirs(trainer.out_dir, exist_ok=True)
             with open(os.path.join(trainer.out_dir, "config.json"), "w") as f:
                 json.dump(config.to_dict(), f, indent=2)
-        trainer.resume()
         trainer._log(
             f"{config.model} ({config.method}), {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
             f"{trainer.device} x {trainer.info.world_size}, {len(trainer.train_set)} training samples, "

@@ -91,5 +91,15 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics file; a line that does not parse (the last one of a process killed while
+    writing it) is skipped."""
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records

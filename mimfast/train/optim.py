@@ -17,12 +17,15 @@ def scaled_lr(blr: float, effective_batch: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: weight decay on every trainable parameter except 1-D ones (LayerNorm, ...) and biases."""
+    """Two groups: weight decay on every trainable parameter except 1-D ones (LayerNorm, ...), biases and those
+    the model's ``no_weight_decay()`` names (each method's official exemptions: SimMIM's position embedding and
+    cls token, VideoMAE's mask token; none for MAE)."""
+    exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in exempt else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -77,7 +80,8 @@ class WarmupCosine:
                 "warmup_steps": self.warmup_steps, "last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lr, self.min_lr = float(state["lr"]), float(state["min_lr"])
-        self.total_steps, self.warmup_steps = int(state["total_steps"]), int(state["warmup_steps"])
+        """Only the position is restored: the rates and lengths stay those this schedule was built with, from the
+        run's current settings (equal to the saved ones unless, say, ``--epochs`` changed on resume: then the run
+        continues on the new schedule instead of the finished old one)."""
         self.last_step = int(state["last_step"])
         self._apply()
