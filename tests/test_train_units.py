@@ -221,6 +221,7 @@ def test_masking_flag_checks():
         (["--mask-schedule", "linear"], "--mask-ratio-end, which is not given"),
         (["--block-min-patches", "16"], "block only"),
         (["--mask-strategy", "block", "--importance-temperature", "1"], "importance only"),
+        (["--mask-ratio", "0"], "masks nothing"),
         (["--num-frames", "8"], "videomae only"),
         (["--sampling-rate", "4"], "videomae only"),
         (["--mask-patch-size", "8"], "simmim only"),

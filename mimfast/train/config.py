@@ -247,6 +247,8 @@ def _check(c: PretrainConfig) -> None:
         raise ValueError("--warmup-epochs and --num-workers must be >= 0")
     if not 0.0 <= c.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {c.mask_ratio}")
+    if c.mask_ratio == 0.0 and c.mask_ratio_end is None and c.mask_ratio_range is None:
+        raise ValueError("--mask-ratio 0 masks nothing, so there is nothing to reconstruct (the loss is 0)")
     _check_masking(c)
     # written as "not (x > 0)" so that NaN fails too
     if not (c.blr > 0 if c.lr is None else c.lr > 0) or not math.isfinite(c.lr if c.lr is not None else c.blr):
