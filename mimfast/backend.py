@@ -149,23 +149,28 @@ def requested_backend(backend: Optional[str] = None) -> str:
     name = backend
     if name is None and _override:
         name = _override[-1]
+    source = ""
     if name is None:
-        name = os.environ.get(ENV_VAR, "auto") or "auto"
-    name = name.lower()
-    if name not in CHOICES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
-    return name
+        name = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+        source = f" (from ${ENV_VAR})"
+    if not isinstance(name, str) or name.lower() not in CHOICES:
+        raise ValueError(f"unknown backend {name!r}{source}; choose one of {', '.join(CHOICES)}")
+    return name.lower()
 
 
 @contextlib.contextmanager
 def use(backend: str) -> Iterator[None]:
-    """Context manager making ``backend`` the default for every op call inside it (``backend=`` still wins)."""
+    """Context manager making ``backend`` the default for op calls (``backend=`` still wins).
+
+    The setting is process-wide, not per thread: while several ``use()`` blocks are open, from one thread or
+    several, calls take the most recently entered one still open."""
     requested_backend(backend)
     _override.append(backend)
     try:
         yield
     finally:
-        _override.pop()
+        # this block's own entry, which need not be the last when blocks of several threads interleave
+        del _override[len(_override) - 1 - _override[::-1].index(backend)]
 
 
 class Op:
@@ -200,10 +205,9 @@ class Op:
     def _reasons(self, backend: str, devices: list[torch.device], args: tuple, kwargs: dict[str, Any]) -> list[str]:
         if backend not in self.impls:
             return [f"{self.name} has no {backend} implementation"]
-        reasons = device_reasons(devices)
-        if backend == "triton":
-            reasons += triton_reasons(devices)
-        if reasons and backend != "torch":
+        mixed = device_reasons(devices)
+        reasons = mixed + (triton_reasons(devices) if backend == "triton" else [])
+        if mixed:  # the op's own checks compare its tensors, which assumes one device
             return reasons
         return reasons + list(self.impls[backend].reasons(*args, **kwargs))
 

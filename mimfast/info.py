@@ -27,8 +27,13 @@ def report() -> str:
         f"triton    {_version('triton')}",
         f"xformers  {_version('xformers')}",
         f"interpret TRITON_INTERPRET={'1' if backend.triton_interpret() else '0'}",
-        f"requested {backend.requested_backend()} (MIMFAST_BACKEND)",
     ]
+    try:
+        requested = backend.requested_backend()
+        lines.append(f"requested {requested} (MIMFAST_BACKEND)")
+    except ValueError as e:
+        requested = "auto"
+        lines.append(f"requested {e}; showing auto")
     if backend.triton_interpret():
         lines += [f"          {problem}" for problem in backend.interpreter_problem()]
     if torch.cuda.is_available():
@@ -40,19 +45,24 @@ def report() -> str:
         lines.append("cuda      not available")
         device = torch.device("cpu")
     lines.append("")
-    lines.append(f"{'op':<30} {'registered':<22} on {device.type}")
-    probe = torch.empty(1, device=device)
+    # what a call on this device would run: the requested backend if it can (the op's own checks on its actual
+    # arguments, e.g. dtypes, can still refuse), else auto's first choice
+    lines.append(f"{'op':<30} {'registered':<22} on {device.type} ({requested})")
     for name, op in sorted(backend.registered_ops().items()):
-        chosen = []
-        for b in backend.BACKENDS:
+        column, why = "-", ""
+        for b in backend.BACKENDS if requested == "auto" else (requested,):
             if b not in op.impls:
+                why = why or f"no {b} implementation"
                 continue
-            generic = backend.device_reasons([probe.device])
-            if b == "triton":
-                generic += backend.triton_reasons([probe.device])
-            if not generic and (device.type != "cpu" or b == "torch"):
-                chosen.append(b)
-        lines.append(f"{name:<30} {','.join(op.available()):<22} {chosen[0] if chosen else '-'}")
+            generic = backend.triton_reasons([device]) if b == "triton" else []
+            if requested == "auto" and device.type == "cpu" and b != "torch":
+                continue  # auto runs CPU tensors on torch
+            if generic:
+                why = why or generic[0]
+                continue
+            column = b
+            break
+        lines.append(f"{name:<30} {','.join(op.available()):<22} {column if column != '-' else f'- ({why})'}")
     return "\n".join(lines)
 
 

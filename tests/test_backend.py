@@ -40,7 +40,8 @@ def test_explicit_request_raises_with_every_reason(monkeypatch):
     with pytest.raises(BackendUnavailableError) as e:
         op(torch.zeros(2, 2, 2), backend="triton")
     msg = str(e.value)
-    assert "toy" in msg and "TRITON_INTERPRET" in msg
+    # every reason: the device's and the op's own (its 2-D check), not the first kind alone
+    assert "toy" in msg and "TRITON_INTERPRET" in msg and "needs 2-D input" in msg
     with pytest.raises(BackendUnavailableError, match="no cuda implementation"):
         op(torch.zeros(2, 2), backend="cuda")
 
@@ -64,8 +65,21 @@ def test_env_var_and_context(monkeypatch):
         assert op(torch.zeros(2, 2))[0] == "triton"
     assert op(torch.zeros(2, 2))[0] == "torch"
     monkeypatch.setenv(backend.ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match=r"unknown backend 'bogus' \(from \$MIMFAST_BACKEND\)"):
         op(torch.zeros(2, 2))
+    monkeypatch.setenv(backend.ENV_VAR, " Triton\n")
+    assert op(torch.zeros(2, 2))[0] == "triton"
+
+
+def test_use_blocks_of_interleaved_threads_leave_their_own_entry(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    a, b = backend.use("triton"), backend.use("torch")
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)  # the first block closes while the second is still open
+    assert backend.requested_backend() == "torch"
+    b.__exit__(None, None, None)
+    assert backend.requested_backend() == "auto"
 
 
 @pytest.mark.skipif(not torch.backends.mps.is_available() and not torch.cuda.is_available(),
@@ -82,11 +96,23 @@ def test_mixed_devices_reason_without_gpu():
     assert reasons and "different devices" in reasons[0]
 
 
-def test_info_runs():
-    env = dict(os.environ, TRITON_INTERPRET="0")
+def _info(**env):
+    env = {k: v for k, v in os.environ.items() if k != backend.ENV_VAR} | env
     out = subprocess.run([sys.executable, "-m", "mimfast.info"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert "random_masking" in out.stdout and "torch" in out.stdout
+    return {line.split()[0]: line.split(None, 2)[2] for line in out.stdout.splitlines()
+            if line.startswith(("random_masking ", "requested "))}
+
+
+@pytest.mark.skipif("torch.cuda.is_available()")
+def test_info_shows_the_backend_each_op_would_use():
+    assert _info(TRITON_INTERPRET="0")["random_masking"] == "torch"
+    # the requested backend, or why it cannot run
+    assert _info(TRITON_INTERPRET="1", MIMFAST_BACKEND="triton")["random_masking"] == "triton"
+    assert "TRITON_INTERPRET=1" in _info(TRITON_INTERPRET="0", MIMFAST_BACKEND="triton")["random_masking"]
+    assert _info(MIMFAST_BACKEND="cuda")["random_masking"] == "- (no cuda implementation)"
+    bad = _info(MIMFAST_BACKEND="foo")
+    assert "'foo' (from $MIMFAST_BACKEND)" in bad["requested"] and bad["random_masking"] == "torch"
 
 
 @pytest.mark.parametrize("triton_v,numpy_v,broken", [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),

@@ -1,6 +1,7 @@
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -517,6 +518,21 @@ def test_ragged_errors():
         ragged_random_masking(2, 10, torch.rand(2, 1))
     with pytest.raises(ValueError, match="noise"):
         ragged_random_masking(2, 10, [0.5, 0.5], noise=torch.rand(2, 9))
+    # only real numbers, in an ordered container: no set, dict, strings, bools, None or complex values
+    for bad in ({0.5, 0.25}, {0: 0.5, 1: 0.5}, "0.5", ["0.5", "0.25"], [0.5, None], [True, False],
+                torch.tensor([0.5, 0.25], dtype=torch.complex64), np.array(["0.5", "0.25"])):
+        with pytest.raises(TypeError, match="real"):
+            ragged_random_masking(2, 10, bad)
+    assert ragged_random_masking(2, 10, np.array([0.5, 0.25], dtype=">f4"), seed=0).num_kept.tolist() == [5, 7]
+
+
+def test_ragged_masking_compiles_for_new_ratio_sets():
+    # the same compiled function takes ratio sets it has not seen, without a trace of Python's max(default=)
+    fn = torch.compile(lambda ratios, noise: ragged_random_masking(2, 16, ratios, noise=noise, backend="torch").mask,
+                       backend="eager", fullgraph=True)
+    noise = torch.rand(2, 16)
+    for ratios in ([0.5, 0.25], [0.75, 0.125], [0.0, 0.5]):
+        assert torch.equal(fn(ratios, noise), ragged_random_masking(2, 16, ratios, noise=noise).mask)
 
 
 @pytest.mark.gpu

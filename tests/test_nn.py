@@ -94,6 +94,12 @@ def test_embed_errors():
         PatchEmbed(img_size=30, patch_size=8)
     with pytest.raises(ValueError, match="tubelet"):
         TubeletEmbed(img_size=16, patch_size=8, num_frames=5, tubelet_size=2)
+    with pytest.raises(ValueError, match="square"):
+        PatchEmbed(img_size=32, patch_size=(8, 4))
+    embed = PatchEmbed(img_size=32, patch_size=(8, 8), embed_dim=4)  # timm's pair form
+    assert embed.patch_size == (8, 8) and embed.num_patches == 16
+    with pytest.raises(ValueError, match="does not match"):
+        embed(torch.randn(1, 3, 48, 48))
 
 
 @pytest.mark.parametrize("layout", ["qkv_bias", "qv_bias", "no_bias"])
@@ -139,6 +145,15 @@ def test_attention_fused_equals_reference_float64(packed):
         results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in attn.parameters()])
     for ref, fused in zip(*results):
         torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_packed_rows_past_the_last_sequence_are_zero(fused):
+    attn = randomize_(Attention(16, num_heads=2, qkv_bias=True, fused=fused).double(), scale=0.3)
+    x = torch.randn(9, 16, dtype=torch.float64)
+    out = attn(x, cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32), max_seqlen=3)
+    # the tail rows attend to nothing: their attention output is 0, so the block gives the projection's bias
+    torch.testing.assert_close(out[6:], attn.proj.bias.expand(3, 16), rtol=0, atol=1e-12)
 
 
 def test_attention_ref_function_layout():

@@ -207,6 +207,9 @@ class MaskedAutoencoderViT(MIMModel):
         kept counts on the host without a device sync even under DDP and FSDP2, which move tensor arguments to
         the device (a CPU tensor or a list does too, without such a wrapper)."""
         if isinstance(mask_ratio, np.ndarray) and mask_ratio.ndim > 0:
+            if mask_ratio.dtype.kind not in "fiu":
+                raise TypeError(f"mask_ratio must be a float or one real number per sample, got an array of "
+                                f"{mask_ratio.dtype}")
             # a native-order, writable, positively strided copy ([N] values: cheap) that torch can wrap
             mask_ratio = torch.from_numpy(np.array(mask_ratio, dtype=mask_ratio.dtype.newbyteorder("=")))
         elif isinstance(mask_ratio, (np.ndarray, np.generic)) or (

@@ -42,7 +42,9 @@ def attention_ref(
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, T, d]
     scores = (q @ k.transpose(-2, -1)) * scale
     attn = scores.masked_fill(~same_segment, float("-inf")).softmax(dim=-1)
-    return (attn @ v).transpose(0, 1)
+    # rows past cu_seqlens[-1] belong to no sequence: zeros, as visible_attention defines them
+    tail = segment > cu_seqlens.numel() - 1
+    return (attn @ v).masked_fill(tail[None, :, None], 0.0).transpose(0, 1)
 
 
 class Attention(nn.Module):

@@ -17,6 +17,14 @@ def to_2tuple(size: Union[int, tuple[int, int]]) -> tuple[int, int]:
     return (int(height), int(width))
 
 
+def _square(patch_size: Union[int, tuple[int, int]]) -> int:
+    """The side of a square patch given as an int or a pair (timm's form); the ops' patch layout is square."""
+    height, width = to_2tuple(patch_size)
+    if height != width:
+        raise ValueError(f"patches must be square, got patch_size {tuple(patch_size)}")
+    return height
+
+
 def _check_divisible(img_size: tuple[int, int], patch_size: int) -> None:
     if patch_size <= 0:
         raise ValueError(f"patch_size must be positive, got {patch_size}")
@@ -28,7 +36,8 @@ class PatchEmbed(nn.Module):
     """Image to patch tokens: [N, C, H, W] -> [N, L, D], L = (H/p)(W/p) in row-major patch order.
 
     Holds ``proj`` (``nn.Conv2d(in_chans, embed_dim, p, stride=p)``), the layout of timm's ``PatchEmbed``, so
-    state-dict keys read ``patch_embed.proj.{weight,bias}``. ``patch_size`` is a pair, as in timm.
+    state-dict keys read ``patch_embed.proj.{weight,bias}``. ``patch_size`` (an int or a square pair) is stored as
+    a pair, as in timm, and an input of another size than ``img_size`` is refused, as timm's default does.
 
     Equivalent PyTorch::
 
@@ -38,12 +47,13 @@ class PatchEmbed(nn.Module):
     def __init__(
         self,
         img_size: Union[int, tuple[int, int]] = 224,
-        patch_size: int = 16,
+        patch_size: Union[int, tuple[int, int]] = 16,
         in_chans: int = 3,
         embed_dim: int = 768,
     ) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
+        patch_size = _square(patch_size)
         _check_divisible(self.img_size, patch_size)
         self.patch_size = (patch_size, patch_size)
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
@@ -51,6 +61,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        if tuple(imgs.shape[-2:]) != self.img_size:
+            raise ValueError(f"input size {imgs.shape[-2]}x{imgs.shape[-1]} does not match the patch embedding's "
+                             f"{self.img_size[0]}x{self.img_size[1]}")
         return self.proj(imgs).flatten(2).transpose(1, 2)
 
 

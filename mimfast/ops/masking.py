@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from mimfast.backend import get_op
@@ -705,10 +707,19 @@ def ratio_schedule(step: int, total_steps: int, start: float, end: float, kind: 
 # --------------------------------------------------------------------------------------------------------- ragged
 
 
+_RATIOS_TYPE = "mask_ratios must be a 1-D real tensor, NumPy array, list or tuple of numbers"
+
+
 def _ragged_counts(N: int, L: int, mask_ratios: Union[torch.Tensor, Sequence[float]]) -> list[int]:
+    if isinstance(mask_ratios, np.ndarray):
+        if mask_ratios.dtype.kind not in "fiu":
+            raise TypeError(f"{_RATIOS_TYPE}, got an array of {mask_ratios.dtype}")
+        mask_ratios = torch.from_numpy(np.array(mask_ratios, dtype=mask_ratios.dtype.newbyteorder("=")))
     if isinstance(mask_ratios, torch.Tensor):
         if mask_ratios.dim() != 1:
             raise ValueError(f"mask_ratios must be a 1-D [N] tensor, got shape {tuple(mask_ratios.shape)}")
+        if mask_ratios.is_complex() or mask_ratios.dtype == torch.bool:
+            raise TypeError(f"{_RATIOS_TYPE}, got a tensor of {mask_ratios.dtype}")
         if mask_ratios.is_floating_point() and torch.isnan(mask_ratios).any():
             raise ValueError("mask_ratios contain NaN")
         values = mask_ratios.detach().cpu()
@@ -719,6 +730,9 @@ def _ragged_counts(N: int, L: int, mask_ratios: Union[torch.Tensor, Sequence[flo
             # of the same ratios give the same counts
             ratios = [float(str(v)) for v in values.float().numpy()]
     else:
+        if not isinstance(mask_ratios, (list, tuple)) or not all(
+                isinstance(r, numbers.Real) and not isinstance(r, bool) for r in mask_ratios):
+            raise TypeError(f"{_RATIOS_TYPE}, got {type(mask_ratios).__name__} {mask_ratios!r:.80}")
         ratios = [float(r) for r in mask_ratios]
     if len(ratios) != N:
         raise ValueError(f"mask_ratios must have N = {N} entries, got {len(ratios)}")
@@ -741,7 +755,7 @@ def _ragged_layout(counts: list[int], device: torch.device) -> tuple[torch.Tenso
         cu.append(cu[-1] + k)
     num_kept_t = _host_to_device(torch.tensor(counts, dtype=torch.int64), device)
     cu_seqlens = _host_to_device(torch.tensor(cu, dtype=torch.int32), device)
-    return num_kept_t, cu_seqlens, cu[-1], max(counts, default=0)
+    return num_kept_t, cu_seqlens, cu[-1], max(counts) if counts else 0  # (no default=: torch.compile traces this)
 
 
 def ragged_random_masking_ref(N: int, L: int, counts: list[int], *, noise: Optional[torch.Tensor] = None,

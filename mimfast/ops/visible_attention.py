@@ -46,17 +46,20 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, max_seqlen: Optional[int
     if remembered and any(ref() is cu_seqlens and seen == key for ref, seen in _CHECKED):
         return
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    # messages without the sizes' values: under torch.compile those are symbolic, and formatting them into a
+    # string would break the graph; the host path adds them when it raises
     checks = [
         (cu_seqlens[0] == 0, "cu_seqlens[0] must be 0"),
         ((lengths >= 0).all(), "cu_seqlens must be non-decreasing"),
-        (cu_seqlens[-1] <= T, f"cu_seqlens[-1] must be <= T = {T} (rows of q)"),
+        (cu_seqlens[-1] <= T, "cu_seqlens[-1] must be <= T (rows of q)"),
     ]
     if max_seqlen is not None and lengths.numel():
-        checks.append((lengths.max() <= max_seqlen, f"every sequence must be at most max_seqlen = {max_seqlen} long"))
+        checks.append((lengths.max() <= max_seqlen, "every sequence must be at most max_seqlen long"))
     if on_host:
         for ok, msg in checks:
             if not bool(ok):
-                raise ValueError(f"{msg}; got cu_seqlens = {cu_seqlens.tolist()}")
+                raise ValueError(f"{msg}; got cu_seqlens = {cu_seqlens.tolist()}, T = {T}, max_seqlen = "
+                                 f"{max_seqlen}")
         return
     # checked on the device (and inside compiled graphs): a host read would stall the stream on every call
     ok = torch.stack([c for c, _ in checks]).all()
