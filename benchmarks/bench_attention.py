@@ -188,7 +188,7 @@ def dense_cases(s: Dense, device: torch.device, dtype: torch.dtype) -> list[tupl
 
     if hasattr(functorch_config, "donated_buffer"):
         functorch_config.donated_buffer = False
-    compiled_ref = torch.compile(visible_attention_ref)
+    compiled_ref = torch.compile(visible_attention_ref, dynamic=False)
     xops = xformers_ops() if device.type == "cuda" else None
 
     out = []
@@ -220,7 +220,8 @@ def main() -> None:
         cases += ragged_cases(r, device, dtype)
     for s in dense:
         cases += dense_cases(s, device, dtype)
-    rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph)
+    rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph,
+               name="bench_attention" if not args.no_save else None)
     if not args.no_save:
         write_results("bench_attention", rows, device, {"dtype": str(dtype).replace("torch.", "")})
 

@@ -125,7 +125,7 @@ def embed_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case
     out_bytes = 4  # bf16 conv output + fp32 pos_embed promotes to fp32, as in the MAE encoder
     moved = (2 * N * K * P * 4  # kept pixels, read forward and for the weight gradient
              + 2 * N * K * D * out_bytes  # embeddings written, their gradient read
-             + N * K * D * 4  # pos_embed rows read
+             + (1 + L) * D * 4  # the pos_embed table, read once (its rows are gathered from L2)
              + D * P * (low + 4)  # weight read, its gradient written
              + N * K * 8 + N * L * 12)  # ids_keep, ids_restore, mask
     case = Case(f"{s.name}/mask+embed fwd+bwd", bytes=moved, flops=4.0 * N * K * P * D,
@@ -142,7 +142,7 @@ def embed_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case
 
         return step
 
-    compiled = torch.compile(reference_embed)
+    compiled = torch.compile(reference_embed, dynamic=False)
     return case, {"mimfast": provider(mimfast_embed), "reference": provider(reference_embed),
                   "reference+compile": provider(compiled)}
 
@@ -158,7 +158,7 @@ def gather_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Cas
     ids_keep = random_masking(N, L, s.mask_ratio, device=device).ids_keep
     moved = 2 * N * K * P * imgs.element_size() + N * K * 8
     case = Case(f"{s.name}/gather fwd", bytes=moved, meta={"N": N, "L": L, "K": K, "P": P})
-    compiled = torch.compile(reference_gather)
+    compiled = torch.compile(reference_gather, dynamic=False)
     return case, {"mimfast": lambda: gather_patches(imgs, ids_keep, s.patch, s.tubelet, backend="triton"),
                   "reference": lambda: reference_gather(imgs, ids_keep, s),
                   "reference+compile": lambda: compiled(imgs, ids_keep, s),
@@ -186,7 +186,7 @@ def restore_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Ca
 
         return step
 
-    compiled = torch.compile(reference_restore)
+    compiled = torch.compile(reference_restore, dynamic=False)
     return case, {"mimfast": provider(mimfast_restore), "reference": provider(reference_restore),
                   "reference+compile": provider(compiled), COPY_PROVIDER: copy_provider(moved, device)}
 
@@ -219,7 +219,8 @@ def main() -> None:
         cases.append(restore_case(s, device, dtype))
         if not s.frames:
             cases.append(block_case(s, device))
-    rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph)
+    rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph,
+               name="bench_masking" if not args.no_save else None)
     if not args.no_save:
         write_results("bench_masking", rows, device, {"dtype": args.dtype})
 

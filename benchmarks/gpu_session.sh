@@ -7,13 +7,29 @@
 #
 # A stage is info, tests[:FILE] (the gpu tier, or one test file's gpu tests), or BENCH[:CASES] with BENCH one of
 # masking, loss, attention, e2e and CASES a comma-separated list of case-name substrings (benchmarks' --cases).
-# Each benchmark stage appends one run to benchmarks/results/<bench>.json and .md; those are copied to $OUT when it
-# is set (a machine that sends back only $OUT). Run from the repository root with torch and triton installed.
+# Each benchmark stage appends one run to benchmarks/results/<bench>.json and .md, and streams its rows to
+# <bench>.partial.jsonl while it runs (kept when a time limit stops the stage). When $OUT is set (a machine that
+# sends back only $OUT), the results, the partial files and every stage's full log (<stage>.log) are copied there
+# after each stage. Run from the repository root with torch and triton installed. Results name the commit from
+# $MIMFAST_COMMIT, else from git (with -dirty for edited tracked files): set it on a machine whose copy of the
+# tree has no git history.
 set -uo pipefail
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
+if [ -z "${MIMFAST_COMMIT:-}" ] && commit=$(git rev-parse --short HEAD 2>/dev/null); then
+    [ -n "$(git status --porcelain --untracked-files=no -- mimfast 'benchmarks/*.py' csrc 2>/dev/null)" ] \
+        && commit="$commit-dirty"
+    export MIMFAST_COMMIT="$commit"
+fi
+echo "commit ${MIMFAST_COMMIT:-unknown}"
+save() {  # results so far, to $OUT when the machine sends back only that
+    if [ "$out" != "benchmarks/results" ]; then
+        cp benchmarks/results/*.json benchmarks/results/*.md benchmarks/results/*.partial.jsonl "$out"/ 2>/dev/null
+    fi
+    return 0
+}
 stages=("$@")
 if [ ${#stages[@]} -eq 0 ]; then
     # Most telling first, for a session whose device time may run out: the gpu tests of the kernels that changed
@@ -30,24 +46,31 @@ for stage in "${stages[@]}"; do
     name="${stage%%:*}"
     arg=""
     [ "$name" != "$stage" ] && arg="${stage#*:}"
+    log="$out/$(echo "$stage" | tr -c 'A-Za-z0-9_.-' '_' | sed 's/_*$//').log"  # a file name from the stage
     echo "=== stage $stage ($(date -u +%H:%M:%S))"
     case "$name" in
         info)
-            python3 -m mimfast.info 2>&1 | tee "$out/info.txt"
+            { python3 -m mimfast.info; } 2>&1 | tee "$out/info.txt"
+            rc=${PIPESTATUS[0]}
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 \
                 | tee -a "$out/info.txt" ;;
         tests)
+            # the whole log to the file (a stage stopped part-way keeps what ran), its end on screen
             target="tests${arg:+/$arg}"
-            python3 -m pytest -q -m gpu "$target" -p no:cacheprovider 2>&1 | tail -40 \
-                | tee "$out/gpu_tests${arg:+_${arg%.py}}.txt" ;;
+            python3 -m pytest -q -m gpu "$target" -p no:cacheprovider > "$log" 2>&1
+            rc=$?
+            tail -40 "$log" ;;
         masking|loss|attention)
-            python3 -m "benchmarks.bench_$name" ${arg:+--cases "$arg"} --graph --profile ;;
-        e2e) python3 -m benchmarks.bench_e2e ${arg:+--cases "$arg"} --profile ;;
+            python3 -m "benchmarks.bench_$name" ${arg:+--cases "$arg"} --graph --profile 2>&1 | tee "$log"
+            rc=${PIPESTATUS[0]} ;;
+        e2e)
+            python3 -m benchmarks.bench_e2e ${arg:+--cases "$arg"} --profile 2>&1 | tee "$log"
+            rc=${PIPESTATUS[0]} ;;
         *) echo "unknown stage $stage (info, tests[:FILE], masking|loss|attention|e2e[:CASES])"; status=2; continue ;;
     esac
-    rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && { echo "stage $stage failed with status $rc"; status=1; }
+    save
     echo "=== stage $stage done ($(date -u +%H:%M:%S))"
 done
-if [ "$out" != "benchmarks/results" ]; then cp benchmarks/results/*.json benchmarks/results/*.md "$out"/ 2>/dev/null; fi
+save
 exit $status

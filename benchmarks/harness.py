@@ -7,9 +7,10 @@ callable that runs the measured work once. :func:`run` times every provider on e
 versions, commit and date.
 
 On CUDA the timer is ``triton.testing.do_bench`` (median and p20/p80 over repeated runs with the L2 cache
-flushed); on CPU, for smoke runs of the scripts only, a wall-clock loop. That median is what an eager caller
-waits for: when the Python, dispatch and launch work of a call outlasts its kernels, it measures the host.
-Two optional views separate the two (CUDA only), each in its own columns:
+flushed); on CPU, for smoke runs of the scripts only, a wall-clock loop. The flush before each call is a 256 MiB
+fill the device runs for about 90 us, while the host already enqueues the call: so the median holds a call's host
+work (Python, dispatch, launches) only where it exceeds about 90 us, and then it measures the host rather than
+the kernels. Two optional views separate the two (CUDA only), each in its own columns:
 
 - ``--graph``: the call captured in a CUDA graph and replayed, L2 flushed before each call as above, the flush's
   own replay time subtracted: device time with no host in it, which is what the call costs inside a training step
@@ -20,6 +21,11 @@ Two optional views separate the two (CUDA only), each in its own columns:
 The "% copy bw" column divides by the nominal copy bandwidth of the lent H100; cases that also time a ``copy``
 provider (a device-to-device copy of their own bytes) get the fraction of that bandwidth, measured in the same
 run, in a list of their own (:func:`measured_copy_fractions`).
+
+Each case starts from a fresh ``torch._dynamo`` state, so a ``reference+compile`` provider compiles for its own
+case's static shapes (a compiled function reused across cases would otherwise recompile with dynamic shapes).
+While :func:`run` times, it appends every row to ``results/<name>.partial.jsonl``; :func:`write_results` removes
+that file once the whole run is written, so a run stopped part-way (a time limit) still leaves its rows.
 """
 
 from __future__ import annotations
@@ -100,7 +106,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup_ms: int = 25, re
         fn()
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0], 0, 0, times[-1]]
     return (statistics.median(times), q[0], q[3])
 
 
@@ -253,29 +259,44 @@ def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.devi
     return row
 
 
+def partial_path(name: str) -> str:
+    return os.path.join(RESULTS_DIR, f"{name}.partial.jsonl")
+
+
 def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.device,
         providers: Optional[str] = None, only_cases: Optional[str] = None, warmup_ms: int = 25,
-        rep_ms: int = 100, profile: bool = False, graph: bool = False) -> list[Row]:
+        rep_ms: int = 100, profile: bool = False, graph: bool = False, name: Optional[str] = None) -> list[Row]:
     """Time every kept provider on every kept case; ``warmup_ms`` / ``rep_ms`` are the timer's budgets per row
-    (raise them for calls of tens of milliseconds, where the defaults give only a few repetitions)."""
+    (raise them for calls of tens of milliseconds, where the defaults give only a few repetitions). With ``name``
+    every row is also appended to :func:`partial_path` as it is measured (the environment first)."""
     keep = set(providers.split(",")) if providers else None
     wanted = only_cases.split(",") if only_cases else None
     if (profile or graph) and device.type != "cuda":
         print("--profile / --graph time CUDA devices only: not applied on", device.type, flush=True)
+    partial = None
+    if name is not None:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        partial = partial_path(name)
+        with open(partial, "w") as f:
+            f.write(json.dumps({"env": environment(device)}) + "\n")
     rows = []
     for case, fns in cases:
         if wanted is not None and not any(w in case.name for w in wanted):
             continue
-        for name, fn in fns.items():
-            if keep is not None and name not in keep:
+        torch._dynamo.reset()  # this case's compiled providers compile for its own static shapes
+        for provider, fn in fns.items():
+            if keep is not None and provider not in keep:
                 continue
-            row = measure(case, name, fn, device, warmup_ms, rep_ms, profile, graph)
+            row = measure(case, provider, fn, device, warmup_ms, rep_ms, profile, graph)
             rows.append(row)
+            if partial is not None:
+                with open(partial, "a") as f:
+                    f.write(json.dumps(asdict(row)) + "\n")
             print(format_row(row), flush=True)
             if row.extra and (profile or graph):
-                print(f"{'':<34} {name:<22} {format_extra(row.extra)}", flush=True)
+                print(f"{'':<34} {provider:<22} {format_extra(row.extra)}", flush=True)
             for kernel, ms, n in row.kernels:
-                print(f"{'':<34} {name:<22}   {ms:8.4f} ms  x{n:<4g} {kernel[:110]}", flush=True)
+                print(f"{'':<34} {provider:<22}   {ms:8.4f} ms  x{n:<4g} {kernel[:110]}", flush=True)
     return rows
 
 
@@ -301,9 +322,15 @@ def environment(device: torch.device) -> dict[str, Any]:
     # MIMFAST_COMMIT names the commit where the tree was copied without its git history (a remote GPU machine)
     commit = os.environ.get("MIMFAST_COMMIT", "")
     if not commit:
+        repo = os.path.dirname(os.path.dirname(RESULTS_DIR))
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(RESULTS_DIR)).stdout.strip() or "unknown"
+                                    cwd=repo).stdout.strip() or "unknown"
+            # tracked files edited since that commit: the numbers are not that commit's
+            changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mimfast",
+                                      "benchmarks/*.py", "csrc"], capture_output=True, text=True, cwd=repo).stdout
+            if commit != "unknown" and changed.strip():
+                commit += "-dirty"
         except OSError:
             commit = "unknown"
     try:
@@ -348,8 +375,13 @@ def measured_copy_fractions(rows: list[Row], ours: str = "mimfast") -> dict[str,
 
 
 def write_results(name: str, rows: list[Row], device: torch.device, extra: Optional[dict[str, Any]] = None) -> str:
-    """Append a run to results/<name>.json and rewrite results/<name>.md with the newest run first."""
+    """Append a run to results/<name>.json and rewrite results/<name>.md with the newest run first (a run without
+    rows, e.g. a --cases filter that matched nothing, is not recorded); the run's partial file is removed."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
+    if os.path.exists(partial_path(name)):
+        os.remove(partial_path(name))
+    if not rows:
+        return os.path.join(RESULTS_DIR, f"{name}.md")
     env = environment(device)
     run_record = {"env": env, "rows": [asdict(r) for r in rows], "speedups": speedups(rows), **(extra or {})}
     graph_speedups = speedups(rows, key="graph_ms")

@@ -30,6 +30,41 @@ def test_rows_counts_and_results_files(tmp_path, monkeypatch):
     assert md.count("## ") == 2 and "| mm | reference |" in md
 
 
+def test_rows_stream_to_a_partial_file_that_outlives_a_stopped_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("MIMFAST_COMMIT", "abc1234")
+
+    def stopped() -> None:
+        raise SystemExit("time limit")  # not an error of the provider: it ends the run
+
+    cases = [(Case("first"), {"mimfast": lambda: None}), (Case("second"), {"mimfast": stopped})]
+    with pytest.raises(SystemExit):
+        run(cases, torch.device("cpu"), name="bench_p")
+    lines = [json.loads(line) for line in (tmp_path / "bench_p.partial.jsonl").read_text().splitlines()]
+    assert lines[0]["env"]["commit"] == "abc1234" and [r["case"] for r in lines[1:]] == ["first"]
+    rows = run(cases[:1], torch.device("cpu"), name="bench_p")
+    write_results("bench_p", rows, torch.device("cpu"))
+    assert not (tmp_path / "bench_p.partial.jsonl").exists() and (tmp_path / "bench_p.json").exists()
+    # a run without rows (a --cases filter matching nothing) is not recorded
+    write_results("bench_p", [], torch.device("cpu"))
+    assert len(json.loads((tmp_path / "bench_p.json").read_text())) == 1
+
+
+def test_compiled_reference_of_each_case_compiles_for_its_own_static_shapes():
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append([tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs])
+        return gm.forward
+
+    compiled = torch.compile(lambda x: x * 2 + 1, backend=backend)  # automatic dynamic shapes, the default
+    cases = [(Case(f"n{n}"), {"reference+compile": lambda n=n: compiled(torch.ones(n))}) for n in (3, 5, 7)]
+    rows = run(cases, torch.device("cpu"))
+    assert all(r.error is None for r in rows)
+    # one static graph per case: no symbolic sizes, and no case reusing another's cache entry
+    assert frames == [[(3,)], [(5,)], [(7,)]]
+
+
 @pytest.mark.gpu
 def test_device_time_counts_kernels():
     x = torch.randn(4096, 4096, device="cuda")
@@ -131,6 +166,12 @@ def test_gpu_session_stages_expand_to_benchmark_commands(tmp_path):
         "python3 -m benchmarks.bench_e2e --cases mae_vit_l16 --profile",
         "python3 -m pytest -q -m gpu tests/test_visible_attention.py -p no:cacheprovider",
     ]
+    # every stage's whole log and the commit the results will name, where $OUT comes back from
+    logs = sorted(p.name for p in (tmp_path / "out").glob("*.log"))
+    assert logs == ["e2e_mae_vit_l16.log", "loss.log", "masking_mae_vit_b16_videomae.log",
+                    "tests_test_visible_attention.py.log"]
+    assert "python3 -m benchmarks.bench_loss" in (tmp_path / "out" / "loss.log").read_text()
+    assert out.stdout.splitlines()[0].startswith("commit ") and "unknown" not in out.stdout.splitlines()[0]
     bad = subprocess.run(["bash", "benchmarks/gpu_session.sh", "nonsense"], cwd=repo, env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "unknown stage nonsense" in bad.stdout
