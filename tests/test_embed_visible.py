@@ -83,6 +83,7 @@ CASES = {
     "video_t3_C2_cls": ((1, 2, 3, 8, 12), 4, 3, 24, "cls", True, 0.5),
     "keep_none": ((2, 3, 16, 16), 4, None, 32, "cls", True, 0.99),
     "keep_all": ((2, 3, 16, 16), 4, None, 32, "cls", True, 0.0),
+    "D160_three_row_blocks": ((3, 3, 48, 48), 4, None, 160, "cls", True, 0.25),  # 2 x 3 tiles on one grid axis
     # real patch sizes on small grids, narrow D: ViT-H/14 P = 588, ViT-B/16 P = 768, VideoMAE 2x16x16 P = 1536
     "vith_p14_P588_D16": ((2, 3, 28, 42), 14, None, 16, "cls", True, 0.5),
     "vitb_p16_P768_D16_batch1": ((1, 3, 48, 48), 16, None, 16, "nocls", True, 0.75),
@@ -367,3 +368,24 @@ def test_gpu_bf16_autocast_real_shapes(shape, p, t, D, ratio):
     for a, b, c in zip(g, g_ref, g64):
         assert_by_error_ratio(a, b, c, rel_atol=1e-3)
     assert torch.equal(out, out_again) and all(torch.equal(a, b) for a, b in zip(g, g_again))
+
+
+def test_patches_spanning_past_int32_offsets_are_refused_by_the_kernels():
+    import mimfast.ops  # noqa: F401  (registers every op)
+
+    # a batch sliced channel-planar out of a [3, 30000, 224, 224] buffer (meta tensors: nothing is allocated):
+    # two channels of one patch lie over 2^31 elements apart
+    from mimfast.backend import get_op
+
+    imgs = torch.empty(30000, 3, 224, 224, device="meta").transpose(0, 1).contiguous().transpose(0, 1)[:8]
+    ids_keep = torch.zeros(8, 49, dtype=torch.long, device="meta")
+    weight = torch.empty(768, 3, 16, 16, device="meta")
+    pred, mask = torch.empty(8, 196, 768, device="meta"), torch.empty(8, 196, device="meta")
+    for name, args in (("gather_patches", (imgs, ids_keep, 16)),
+                       ("embed_visible", (imgs, ids_keep, weight, None, None, 16)),
+                       ("masked_pixel_loss", (pred, imgs, mask, 16)),
+                       ("simmim_pixel_loss", (imgs, imgs, mask, 16))):
+        reasons = get_op(name).reasons("triton", *args)
+        assert any("int32 offsets inside a patch" in r for r in reasons), (name, reasons)
+    fine = torch.empty(8, 3, 224, 224, device="meta")
+    assert not any("int32" in r for r in get_op("gather_patches").reasons("triton", fine, ids_keep, 16))

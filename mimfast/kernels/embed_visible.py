@@ -47,8 +47,9 @@ def embed_visible_fwd_kernel(
 ):
     P: tl.constexpr = C * PT * PS * PS
     # D blocks vary fastest, so the programs sharing one set of A rows run together and hit them in L2
-    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d_blocks = tl.cdiv(D, BLOCK_D)
+    d = (tl.program_id(0) % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = (tl.program_id(0) // d_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     d_ok = d < D
     m_ok = m < M
     base, idx = _patch_base(m, m_ok, ids_ptr, K, GH, GW, s_n, s_t, s_h, s_w, PT, PS)

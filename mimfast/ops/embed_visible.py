@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mimfast.backend import eager_autograd, get_op
 from mimfast.ops.gather_patches import check_distinct, check_index
-from mimfast.ops.patchify import check_images, grid_size, patch_dim
+from mimfast.ops.patchify import check_images, grid_size, patch_dim, span_reasons
 
 __all__ = ["embed_visible", "embed_visible_ref"]
 
@@ -132,7 +132,8 @@ def _forward(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, b
     pos = pos_embed.reshape(pos_embed.shape[1], D).contiguous() if pos_embed is not None else out
     L = gh * gw * (x.shape[2] // tubelet_size)
     cfg = gemm_config(D, P)
-    grid = (-(-D // cfg["BLOCK_D"]), -(-N * K // cfg["BLOCK_M"]))
+    # one grid axis (the second and third allow 65535 programs only): D blocks of one row block are consecutive
+    grid = (-(-D // cfg["BLOCK_D"]) * -(-N * K // cfg["BLOCK_M"]),)
     embed_visible_fwd_kernel[grid](
         x, ids_keep.contiguous(), w, bias.contiguous() if bias is not None else w, pos, out,
         N * K, K, D, gh, gw, pos.shape[0] - L if pos_embed is not None else 0, *x.stride(),
@@ -280,7 +281,7 @@ def _triton_reasons(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Te
             reasons.append(f"embed_visible kernel supports float16/bfloat16/float32 {name}, got {t.dtype}")
     if ids_keep.numel() >= 2**31:
         reasons.append(f"embed_visible kernel needs N*K < 2^31, got {ids_keep.numel()}")
-    return reasons
+    return reasons + span_reasons({"imgs": imgs}, patch_size, tubelet_size)
 
 
 _op = get_op("embed_visible")

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from mimfast.backend import eager_autograd, get_op
-from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
+from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify, span_reasons
 
 __all__ = ["gather_patches", "gather_patches_ref", "check_index", "mark_valid_index"]
 
@@ -196,7 +196,7 @@ def _triton_reasons(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
         reasons.append(f"gather_patches kernel supports float16/bfloat16/float32 images, got {imgs.dtype}")
     if ids_keep.numel() >= 2**31:
         reasons.append(f"gather_patches kernel needs N*K < 2^31, got {ids_keep.numel()}")
-    return reasons
+    return reasons + span_reasons({"imgs": imgs}, patch_size, tubelet_size)
 
 
 _op = get_op("gather_patches")

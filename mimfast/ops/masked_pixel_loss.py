@@ -15,7 +15,7 @@ import torch
 
 from mimfast.backend import get_op
 from mimfast.ops.gather_patches import check_index
-from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
+from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify, span_reasons
 
 __all__ = ["masked_pixel_loss", "masked_pixel_loss_ref", "LOSS_KINDS"]
 
@@ -281,6 +281,9 @@ def pixel_loss_triton_reasons(pred: torch.Tensor, imgs: torch.Tensor, mask: Opti
     if tile > MAX_TILE:
         reasons.append(f"a patch of {patch_dim(imgs.shape[1], patch_size, tubelet_size)} values does not fit "
                        f"the kernel's register tile (at most {MAX_TILE} padded values)")
+    reasons += span_reasons({"images": imgs}, patch_size, tubelet_size)
+    if pred.dim() == 3 and (pred.shape[2] - 1) * abs(pred.stride(2)) >= 2**31:
+        reasons.append("pred's rows span offsets past int32 (a strided view): pass a contiguous pred")
     return reasons
 
 

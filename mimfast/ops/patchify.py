@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["patchify", "unpatchify", "check_images", "grid_size", "patch_dim"]
+__all__ = ["patchify", "unpatchify", "check_images", "grid_size", "patch_dim", "in_patch_span", "span_reasons"]
 
 
 def grid_size(
@@ -26,6 +26,26 @@ def grid_size(
 def patch_dim(channels: int, patch_size: int, tubelet_size: Optional[int] = None) -> int:
     """P, the number of values per patch (or per cube)."""
     return (tubelet_size or 1) * patch_size * patch_size * channels
+
+
+def span_reasons(named: dict[str, Optional[torch.Tensor]], patch_size: int, tubelet_size: Optional[int] = None
+                 ) -> list[str]:
+    """Backend refusals for image-like tensors whose patches span offsets past int32 (see :func:`in_patch_span`)."""
+    out = []
+    for name, t in named.items():
+        if t is not None and t.dim() in (4, 5) and in_patch_span(t, patch_size, tubelet_size) >= 2**31:
+            out.append(f"the values of one patch of {name} lie {in_patch_span(t, patch_size, tubelet_size)} elements "
+                       "apart, past the kernels' int32 offsets inside a patch (a view into a buffer of over 2^31 "
+                       "elements?): pass a contiguous copy or use backend='torch'")
+    return out
+
+
+def in_patch_span(imgs: torch.Tensor, patch_size: int, tubelet_size: Optional[int] = None) -> int:
+    """Largest element offset between two values of one patch of ``imgs`` [N,C,H,W] or [N,C,T,H,W]: the kernels
+    hold offsets inside a patch in int32 (the patch's base offset in int64), so this must stay below 2^31."""
+    s_c, s_h, s_w = (abs(v) for v in (imgs.stride(1), imgs.stride(-2), imgs.stride(-1)))
+    s_t = abs(imgs.stride(2)) if imgs.dim() == 5 else 0
+    return (imgs.shape[1] - 1) * s_c + ((tubelet_size or 1) - 1) * s_t + (patch_size - 1) * (s_h + s_w)
 
 
 def check_images(imgs: torch.Tensor, patch_size: int, tubelet_size: Optional[int] = None, name: str = "imgs") -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mimfast.backend import get_op
 from mimfast.ops.masked_pixel_loss import KERNEL_DTYPES, MAX_TILE, as_weights
-from mimfast.ops.patchify import check_images
+from mimfast.ops.patchify import check_images, span_reasons
 
 __all__ = ["simmim_pixel_loss", "simmim_pixel_loss_ref"]
 
@@ -118,7 +118,7 @@ def _simmim_reasons(pred_imgs, imgs, mask, patch_size, **_: Any) -> list[str]:
     if tile > MAX_TILE:
         reasons.append(f"a {patch_size}x{patch_size} patch of {imgs.shape[1]} channels does not fit the kernel's "
                        f"register tile (at most {MAX_TILE} padded values)")
-    return reasons
+    return reasons + span_reasons({"imgs": imgs, "pred_imgs": pred_imgs}, patch_size)
 
 
 _op = get_op("simmim_pixel_loss")
