@@ -369,3 +369,19 @@ def test_held_out_labels_follow_the_training_classes(tmp_path):
     assert vval.classes == ["run", "walk"] and [y for _, y in vval.samples] == [0, 2]
     with pytest.raises(DataError, match="'walk'"):
         VideoFolder(str(tmp_path / "vval"), ctf, 2, 1, classes=["run", "swim"])
+
+
+def test_training_crop_is_cropped_then_resized_in_the_output_mode():
+    # RandomResizedCrop's order: the image as RGB, the crop cut out, the crop alone resized (bicubic); a palette
+    # image resamples like its RGB version, not by Pillow's nearest neighbour for palettes
+    from mimfast.data.transforms import ImageTransform
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    palette = rgb.quantize(64)
+    tf = ImageTransform(24, 3, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), hflip=False)
+    box = random_resized_crop_box(80, 60, random.Random(5))
+    expected = pil_to_tensor(rgb.crop(box.as_pil_box()).resize((24, 24), Image.BICUBIC), 3)
+    assert torch.equal(tf(rgb, random.Random(5)), expected)
+    as_rgb = palette.convert("RGB")
+    assert torch.equal(tf(palette, random.Random(5)),
+                       pil_to_tensor(as_rgb.crop(box.as_pil_box()).resize((24, 24), Image.BICUBIC), 3))

@@ -167,12 +167,17 @@ def test_factories(name, width, heads):
 def test_initialisation():
     torch.manual_seed(2)
     model = tiny(embed_dim=128, num_heads=4, depth=3)
-    for token in (model.encoder.cls_token, model.encoder.mask_token, model.encoder.pos_embed):
-        assert 0.015 < token.std().item() < 0.025
+    # normal(0.02) truncated at +-0.02: standard deviation 0.02 * 0.5398 (a unit normal cut at +-1)
+    clipped_std = 0.02 * 0.5398
+    proj = model.encoder.patch_embed.proj
+    for token in (model.encoder.cls_token, model.encoder.mask_token, model.encoder.pos_embed, proj.weight):
+        assert 0.9 * clipped_std < token.std().item() < 1.1 * clipped_std and token.abs().max() <= 0.02
+    assert torch.equal(proj.bias, torch.zeros_like(proj.bias))
     for layer, block in enumerate(model.encoder.blocks, start=1):
-        assert 0.018 < block.attn.qkv.weight.std().item() < 0.022
+        assert 0.95 * clipped_std < block.attn.qkv.weight.std().item() < 1.05 * clipped_std
+        assert block.attn.qkv.weight.abs().max() <= 0.02
         for linear in (block.attn.proj, block.mlp.fc2):
-            scaled = 0.02 / (2 * layer) ** 0.5
+            scaled = clipped_std / (2 * layer) ** 0.5
             assert 0.9 * scaled < linear.weight.std().item() < 1.1 * scaled
             assert torch.equal(linear.bias, torch.zeros_like(linear.bias))
         assert block.norm1.eps == 1e-6 and torch.equal(block.norm1.weight, torch.ones(128))

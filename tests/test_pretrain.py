@@ -188,6 +188,13 @@ def test_simmim_and_videomae_runs(tmp_path):
     assert r.step == 2 and r.eval["method"] == "simmim" and r.eval["split"] == "train"
     assert r.eval["probes"] is None and (tmp_path / "simmim" / "reconstructions.png").is_file()
     assert np.isfinite(r.eval["reconstruction_loss"]) and np.isfinite(r.eval["trivial_loss"])
+    # SimMIM's own recipe: AdamW betas (0.9, 0.999), rates per 512 images, warm-up from 1e-6 per 512, clip 5
+    state = ckpt.load_checkpoint(str(tmp_path / "simmim" / "checkpoint.pt"))
+    assert tuple(state["optimizer"]["param_groups"][0]["betas"]) == (0.9, 0.999)
+    assert state["scheduler"]["lr"] == pytest.approx(2e-4 * 4 / 512)
+    assert state["scheduler"]["warmup_lr"] == pytest.approx(1e-6 * 4 / 512)
+    assert state["scheduler"]["min_lr"] == pytest.approx(1e-5 * 4 / 512)
+    assert json.loads((tmp_path / "simmim" / "config.json").read_text())["clip_grad"] == 5.0
     _save_clips(tmp_path / "clips", 6)
     r = run(tmp_path / "video", "--model", "videomae_vit_nano_patch4", "--data", str(tmp_path / "clips"),
             "--epochs", "1", "--batch-size", "3", "--num-workers", "0", "--sampling-rate", "2")
@@ -235,7 +242,7 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
         assert "CUDA is not available" in _error_of(capsys, *base, str(tmp_path / "o8"), "--device", "cuda")
     assert "demo data are still images" in _error_of(capsys, *base, str(tmp_path / "o9"), "--model",
                                                      "videomae_vit_nano_patch4")
-    assert "the cosine would rise" in _error_of(capsys, *base, str(tmp_path / "o10"), "--min-lr", "5")
+    assert "--min-lr 5 is above the learning rate" in _error_of(capsys, *base, str(tmp_path / "o10"), "--min-lr", "5")
     # a checkpoint from another model
     run(tmp_path / "mae", "--model", "mae_vit_nano_patch4", "--epochs", "1", "--max-steps", "1", "--batch-size", "4",
         "--no-eval")

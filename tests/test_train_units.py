@@ -325,6 +325,24 @@ def test_warmup_cosine_schedule():
     assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
 
 
+def test_warm_up_starts_from_warmup_lr():
+    p = torch.nn.Parameter(torch.zeros(1))
+    sched = WarmupCosine(torch.optim.SGD([p], lr=1.0), lr=1.0, total_steps=10, warmup_steps=4, min_lr=0.1,
+                         warmup_lr=0.2)
+    assert [sched.lr_at(s) for s in (0, 2, 4)] == pytest.approx([0.2, 0.6, 1.0])
+    assert sched.lr_at(10) == pytest.approx(0.1)
+
+
+def test_method_recipes_fill_their_defaults():
+    from mimfast.train.optim import RECIPES
+
+    assert resolve(parse_args(["--model", "simmim_vit_base_patch16"])).clip_grad == RECIPES["simmim"].clip_grad == 5.0
+    assert resolve(parse_args(["--model", "simmim_vit_base_patch16", "--clip-grad", "1"])).clip_grad == 1.0
+    assert resolve(parse_args(["--model", "mae_vit_base_patch16"])).clip_grad is None
+    assert RECIPES["simmim"].betas == (0.9, 0.999) and RECIPES["mae"].betas == RECIPES["videomae"].betas == (0.9, 0.95)
+    assert scaled_lr(2e-4, 2048, RECIPES["simmim"].lr_batch) == pytest.approx(8e-4)
+
+
 def test_param_groups_exclude_biases_and_1d():
     from mimfast.train.objectives import _mae_micro
 

@@ -26,6 +26,7 @@ __all__ = [
     "center_crop_box",
     "pil_to_tensor",
     "to_8bit",
+    "to_mode",
     "ImageTransform",
     "ClipTransform",
 ]
@@ -99,6 +100,19 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.astype(np.uint8), "L")
 
 
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """The image in 8-bit grey (C = 1) or RGB (C = 3), as an image-folder loader gives it before any transform:
+    resampling then happens on those values (Pillow resamples palette images by nearest neighbour and RGBA ones
+    with premultiplied alpha)."""
+    return to_8bit(img).convert("L" if channels == 1 else "RGB")
+
+
+def _crop_resize(img: Image.Image, box: CropBox, size: int) -> Image.Image:
+    # crop, then resize the crop alone (RandomResizedCrop's resized_crop): Pillow's resize(box=) would draw on
+    # pixels around the box for the border rows and columns
+    return img.crop(box.as_pil_box()).resize((size, size), Image.BICUBIC)
+
+
 def pil_to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
     """PIL image -> float [C, H, W] in [0, 1], converted to grey (C = 1) or RGB (C = 3); 16-bit and 32-bit
     integer images are scaled by their range first (:func:`to_8bit`)."""
@@ -133,12 +147,12 @@ class ImageTransform:
     hflip: bool = True
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        img = to_8bit(img)  # before resizing: bicubic overshoot could move an "I" image past its 16-bit range
+        img = to_mode(img, self.channels)
         if self.train:
             box = random_resized_crop_box(img.width, img.height, rng, self.scale)
         else:
             box = center_crop_box(img.width, img.height)
-        out = img.resize((self.size, self.size), Image.BICUBIC, box=box.as_pil_box())
+        out = _crop_resize(img, box, self.size)
         if self.train and self.hflip and rng.random() < 0.5:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         return _normalize(pil_to_tensor(out, self.channels), self.mean, self.std)
@@ -157,7 +171,7 @@ class ClipTransform:
     hflip: bool = True
 
     def __call__(self, frames: Sequence[Image.Image], rng: random.Random) -> torch.Tensor:
-        frames = [to_8bit(f) for f in frames]
+        frames = [to_mode(f, self.channels) for f in frames]
         first = frames[0]
         if self.train:
             box = random_resized_crop_box(first.width, first.height, rng, self.scale)
@@ -166,7 +180,7 @@ class ClipTransform:
         flip = self.train and self.hflip and rng.random() < 0.5
         out = []
         for f in frames:
-            g = f.resize((self.size, self.size), Image.BICUBIC, box=box.as_pil_box())
+            g = _crop_resize(f, box, self.size)
             if flip:
                 g = g.transpose(Image.FLIP_LEFT_RIGHT)
             out.append(pil_to_tensor(g, self.channels))

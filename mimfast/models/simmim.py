@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimfast.models.vit import MIMModel, MIMOutput, check_model_input, init_linear_layernorm_
+from mimfast.models.vit import MIMModel, MIMOutput, check_model_input, clipped_normal_, init_linear_layernorm_
 from mimfast.nn.block import Block
 from mimfast.nn.patch_embed import PatchEmbed
 from mimfast.ops.simmim_pixel_loss import simmim_pixel_loss
@@ -78,9 +78,12 @@ class SimMIMViT(MIMModel):
 
     Keys: ``encoder.{cls_token, mask_token, pos_embed, patch_embed.proj.*, blocks.{i}.*, norm.*}`` and
     ``decoder.0.{weight, bias}`` (the 1x1 convolution to p*p*C channels before ``PixelShuffle(p)``).
-    Initialisation as SimMIM's ViT: truncated normal(0.02) for tokens, position embedding and Linears, then
-    each block's output projections (``attn.proj``, ``mlp.fc2``) divided by sqrt(2 * layer index) (BEiT's
-    depth scaling); the convolutions keep PyTorch's default.
+    Initialisation as SimMIM's ViT: normal(0.02) truncated at +-0.02 (one standard deviation) for the tokens, the
+    position embedding, the Linears and the patch projection (zero biases), then each block's output projections
+    (``attn.proj``, ``mlp.fc2``) divided by sqrt(2 * layer index) (BEiT's depth scaling); the decoder's
+    convolution keeps PyTorch's default. The encoder is the ViT layout of DESIGN (a learned absolute position
+    embedding, ``qkv`` biases): SimMIM's published ViT-B uses a shared relative position bias and layer scale
+    instead, so its checkpoints do not load here.
 
     Equivalent PyTorch (loss)::
 
@@ -118,8 +121,10 @@ class SimMIMViT(MIMModel):
 
     def initialize_weights(self) -> None:
         encoder = self.encoder
-        for param in (encoder.cls_token, encoder.mask_token, encoder.pos_embed):
-            nn.init.trunc_normal_(param, std=0.02)
+        for param in (encoder.cls_token, encoder.mask_token, encoder.pos_embed, encoder.patch_embed.proj.weight):
+            clipped_normal_(param)
+        nn.init.zeros_(encoder.patch_embed.proj.bias)
+        # Linears and LayerNorms; the decoder's 1x1 convolution keeps PyTorch's default, as in SimMIM
         self.apply(lambda m: init_linear_layernorm_(m, linear="trunc_normal"))
         with torch.no_grad():
             for layer, block in enumerate(encoder.blocks, start=1):

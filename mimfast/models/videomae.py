@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimfast.models.vit import MIMModel, MIMOutput, check_model_input, init_linear_layernorm_, sinusoid_table
+from mimfast.models.vit import (
+    MIMModel,
+    MIMOutput,
+    check_model_input,
+    clipped_normal_,
+    init_linear_layernorm_,
+    sinusoid_table,
+)
 from mimfast.nn.block import Block
 from mimfast.nn.patch_embed import TubeletEmbed
 from mimfast.ops.embed_visible import embed_visible
@@ -154,10 +161,12 @@ class VideoMAE(MIMModel):
         self.fused = fused
 
     def initialize_weights(self) -> None:
-        """xavier-uniform Linears with zero biases, LayerNorm 1 / 0, truncated normal(0.02) mask token; the
-        cube projection keeps Conv3d's default, q / v biases start at zero."""
-        self.apply(init_linear_layernorm_)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        """As VideoMAE: the encoder's and decoder's Linears xavier-uniform with zero biases and their LayerNorms
+        1 / 0; ``encoder_to_decoder`` keeps nn.Linear's default and the cube projection Conv3d's; the mask token
+        normal(0.02) clipped at +-0.02; q / v biases start at zero."""
+        self.encoder.apply(init_linear_layernorm_)
+        self.decoder.apply(init_linear_layernorm_)
+        clipped_normal_(self.mask_token)
 
     def _visible_count(self, mask: Union[torch.Tensor, MaskInfo], N: int) -> tuple[torch.Tensor, int]:
         """Validate the mask; return it as bool [N, L] and the number of visible tokens per sample."""

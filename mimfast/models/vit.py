@@ -16,6 +16,7 @@ __all__ = [
     "MIMOutput",
     "check_model_input",
     "check_noise",
+    "clipped_normal_",
     "init_linear_layernorm_",
     "sincos_1d_embed",
     "sincos_2d_pos_embed",
@@ -77,15 +78,21 @@ def sinusoid_table(num_positions: int, embed_dim: int) -> torch.Tensor:
     return table
 
 
+def clipped_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """Normal(0, std) truncated at +-std (not at +-2 in absolute value, torch's default bounds, which leave a
+    0.02-wide normal untouched): what SimMIM's ViT and VideoMAE call ``trunc_normal_(t, std=.02)``."""
+    return nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+
+
 def init_linear_layernorm_(module: nn.Module, linear: str = "xavier") -> None:
     """Initialise one module in place: Linear weights xavier-uniform (``linear="xavier"``, MAE / VideoMAE) or
-    truncated normal std 0.02 (``"trunc_normal"``, SimMIM's ViT), Linear biases 0, LayerNorm weight 1 bias 0.
+    normal(0.02) clipped at +-0.02 (``"trunc_normal"``, SimMIM's ViT), Linear biases 0, LayerNorm weight 1 bias 0.
     Meant for ``model.apply``."""
     if isinstance(module, nn.Linear):
         if linear == "xavier":
             nn.init.xavier_uniform_(module.weight)
         else:
-            nn.init.trunc_normal_(module.weight, std=0.02)
+            clipped_normal_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):

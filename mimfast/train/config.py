@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from mimfast.train.optim import RECIPES
+
 __all__ = ["PretrainConfig", "build_parser", "parse_args", "resolve", "changed_settings", "METHODS", "BACKEND_CHOICES",
            "MASK_STRATEGIES"]
 
@@ -60,7 +62,8 @@ class PretrainConfig:
     accum_iter: int = 1
     blr: Optional[float] = None
     lr: Optional[float] = None
-    min_lr: float = 0.0
+    min_lr: Optional[float] = None
+    warmup_lr: Optional[float] = None
     weight_decay: float = 0.05
     warmup_epochs: Optional[int] = None
     mask_ratio: Optional[float] = None
@@ -118,9 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "spans --epochs)")
     a("--batch-size", type=int, default=None, help="images per process per micro-step (default 64)")
     a("--accum-iter", type=int, default=1, help="micro-steps accumulated per optimizer step")
-    a("--blr", type=float, default=None, help="base learning rate: lr = blr * effective batch / 256")
+    a("--blr", type=float, default=None,
+      help="base learning rate: lr = blr * effective batch / 256 (/ 512 for simmim, as its recipe)")
     a("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
-    a("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
+    a("--min-lr", type=float, default=None,
+      help="floor of the cosine (default: the method's, scaled with the batch like the rate: 0 for mae, 1e-5 x "
+           "batch / 512 for simmim, 1e-5 x batch / 256 for videomae)")
+    a("--warmup-lr", type=float, default=None,
+      help="rate the warm-up starts from (default: the method's, scaled likewise: 0 for mae, 1e-6 for simmim and "
+           "videomae)")
     a("--weight-decay", type=float, default=0.05,
       help="AdamW weight decay (not on biases, 1-D parameters and the method's official exemptions)")
     a("--warmup-epochs", type=int, default=None, help="epochs of linear warm-up")
@@ -146,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
            "(default 1)")
     a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
       help="per-patch normalised pixel targets (MAE; VideoMAE's normalised target)")
-    a("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    a("--clip-grad", type=float, default=None,
+      help="clip the gradient norm to this value (default: none; 5 for simmim, as its recipe)")
     a("--output-dir", default=None, help="run folder (default runs/<model>-<timestamp>)")
     a("--resume", default=None, help="checkpoint path, or 'auto': the newest checkpoint of the run folder "
                                      "(with no --output-dir: of the newest runs/<model>-* folder); none found "
@@ -205,6 +215,10 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
     default("method", method)
     for name, value in _METHOD_DEFAULTS[method].items():
         default(name, value)
+    if method in METHODS and config.clip_grad is None and "clip_grad" not in fill:
+        clip = RECIPES[method].clip_grad
+        if clip is not None:
+            fill["clip_grad"] = clip
     default("batch_size", 64)
     default("save_every", 1000)
     default("log_every", 20)
@@ -253,8 +267,10 @@ def _check(c: PretrainConfig) -> None:
     # written as "not (x > 0)" so that NaN fails too
     if not (c.blr > 0 if c.lr is None else c.lr > 0) or not math.isfinite(c.lr if c.lr is not None else c.blr):
         raise ValueError("the learning rate (--blr / --lr) must be positive and finite")
-    if not (c.weight_decay >= 0 and c.min_lr >= 0) or not math.isfinite(c.weight_decay + c.min_lr):
-        raise ValueError(f"--weight-decay and --min-lr must be >= 0 and finite, got {c.weight_decay} and {c.min_lr}")
+    for name in ("weight_decay", "min_lr", "warmup_lr"):
+        value = getattr(c, name)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 and finite, got {value}")
     if c.clip_grad is not None and not c.clip_grad > 0:
         raise ValueError(f"--clip-grad must be positive, got {c.clip_grad}")
     if c.method not in METHODS:

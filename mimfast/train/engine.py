@@ -45,7 +45,7 @@ from mimfast.train.distributed import (
 from mimfast.train.masks import EVAL_EPOCH
 from mimfast.train.metrics import MetricsLog, mfu, peak_flops, peak_memory_mb, read_metrics, train_flops_per_sample
 from mimfast.train.objectives import Objective, build_model
-from mimfast.train.optim import WarmupCosine, build_optimizer, scaled_lr
+from mimfast.train.optim import RECIPES, WarmupCosine, build_optimizer, scaled_lr
 from mimfast.train.visualize import save_loss_curve, save_reconstructions
 
 __all__ = ["train", "RunResult", "build_datasets", "enable_grad_checkpointing"]
@@ -215,12 +215,17 @@ class Trainer:
                       "whole model")
         self.step_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
 
-        lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.samples_per_step)
-        if config.min_lr > lr:
-            raise ValueError(f"--min-lr {config.min_lr:g} is above the learning rate {lr:.3g}: the cosine would rise")
-        self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device)
+        # the method's official recipe: rates scaled with the effective batch, AdamW betas
+        recipe = RECIPES[config.method]
+        lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.samples_per_step, recipe.lr_batch)
+        min_lr, warmup_lr = (value if value is not None else scaled_lr(base, self.samples_per_step, recipe.lr_batch)
+                             for value, base in ((config.min_lr, recipe.min_lr), (config.warmup_lr, recipe.warmup_lr)))
+        for name, value in (("min-lr", min_lr), ("warmup-lr", warmup_lr)):
+            if value > lr:
+                raise ValueError(f"--{name} {value:.3g} is above the learning rate {lr:.3g}")
+        self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device, recipe.betas)
         self.schedule = WarmupCosine(self.optimizer, lr, self.total_steps,
-                                     config.warmup_epochs * self.steps_per_epoch, config.min_lr)
+                                     config.warmup_epochs * self.steps_per_epoch, min_lr, warmup_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.metrics = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), enabled=self.main)
