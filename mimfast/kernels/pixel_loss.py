@@ -31,11 +31,13 @@ from mimfast.kernels.sizes import cdiv, next_pow2
 
 @triton.jit
 def _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexpr, PS: tl.constexpr):
-    """Pointer to the first value (channel 0) of patch ``l`` of image ``n`` (int64 arithmetic, once per patch)."""
+    """Pointer to the first value (channel 0) of patch ``l`` of image ``n``: the patch coordinates in 32 bits (64-bit
+    division costs many instructions and registers), their products with the strides in 64 bits, once per patch."""
     gt = l // (GH * GW)
     gh = (l // GW) % GH
     gw = l % GW
-    return img_ptr + n * s_n + gt * PT * s_t + gh * PS * s_h + gw * PS * s_w
+    return (img_ptr + n * s_n + gt.to(tl.int64) * (PT * s_t) + gh.to(tl.int64) * (PS * s_h)
+            + gw.to(tl.int64) * (PS * s_w))
 
 
 @triton.jit
@@ -176,9 +178,9 @@ def pixel_loss_kernel(
     n_all = rows // R
     r_all = rows % R
     if HAS_IDS:
-        l_all = tl.load(ids_ptr + n_all * s_in + r_all * s_ir, mask=rows_ok, other=0).to(tl.int64)
+        l_all = tl.load(ids_ptr + n_all * s_in + r_all * s_ir, mask=rows_ok, other=0).to(tl.int32)
     else:
-        l_all = r_all  # int64, like every patch index: the patch's base offset is an int64 product
+        l_all = r_all.to(tl.int32)
     if HAS_MASK:
         w_all = tl.load(mask_ptr + n_all * s_mn + l_all * s_ml, mask=rows_ok, other=0).to(tl.float32)
     else:
