@@ -143,6 +143,22 @@ def test_no_masked_patch_gives_zero_not_nan(ids):
         assert loss.item() == 0.0 and (x.grad == 0).all(), backend
 
 
+def test_final_sums_past_one_block_of_partials():
+    # the loss's final pass reads its partials 2048 at a time and the row weights' first pass runs several
+    # programs past 1024 rows: sizes the small shapes above never reach
+    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_weight_sums
+
+    partials = torch.rand(5000)
+    loss = launch_loss_finalize(partials, None, 20000, 8, torch.float32)
+    torch.testing.assert_close(loss.double(), partials.double().sum() / (8 * 20000), rtol=1e-6, atol=0)
+    mask = torch.rand(3, 1500)
+    wparts = launch_weight_sums(mask, None, 1500)
+    assert wparts.numel() > 1
+    torch.testing.assert_close(wparts.double().sum(), mask.double().sum(), rtol=1e-6, atol=0)
+    loss = launch_loss_finalize(partials, wparts, 4500, 8, torch.float32)
+    torch.testing.assert_close(loss.double(), partials.double().sum() / (8 * mask.double().sum()), rtol=1e-6, atol=0)
+
+
 def test_unscored_rows_are_not_read_on_triton():
     """The documented difference: a NaN in a row of weight 0 (prediction or image patch) leaves the kernel's loss
     finite, where the reference's loss * mask gives NaN; a NaN in a scored row gives NaN on both backends."""

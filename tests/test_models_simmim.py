@@ -110,7 +110,8 @@ def test_fused_triton_backend_error_ratio():
     pairs += [(k, grads_tri[k], grads32[k], grads64[k]) for k in grads64]
     for name, got, same_dtype, exact in pairs:
         err = (got.double() - exact).abs().max().item()
-        budget = 2 * (same_dtype.double() - exact).abs().max().item() + 1e-5
+        # atol relative to the tensor's own size: the encoder's gradients are ~1e-4, an absolute 1e-5 hid 10% errors
+        budget = 2 * (same_dtype.double() - exact).abs().max().item() + 1e-5 * exact.abs().max().item()
         assert err <= budget, f"{name}: error {err:.3g} > {budget:.3g}"
 
 

@@ -48,6 +48,7 @@ CASES = {
     "keep_none_no_cls": (2, 16, 0.99, 8, False, True),
     "keep_all": (2, 16, 0.0, 8, True, True),
     "prime_D37_9_samples": (9, 13, 0.5, 37, True, True),
+    "D200_two_column_blocks": (2, 16, 0.5, 200, True, True),  # a second, partial block of 128 columns
 }
 
 

@@ -22,7 +22,7 @@ __all__ = ["PretrainConfig", "build_parser", "parse_args", "resolve", "changed_s
 METHODS = ("mae", "simmim", "videomae")
 MASK_STRATEGIES = ("random", "block", "importance")
 MASK_SCHEDULES = ("linear", "cosine")
-BACKEND_CHOICES = ("reference", "torch", "triton", "cuda", "auto")
+BACKEND_CHOICES = ("reference", "torch", "triton", "auto")  # no op has a cuda implementation yet
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 # Settings a resumed run must share with its checkpoint to reproduce the uninterrupted run.
@@ -112,10 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-frames", type=int, default=None, help="frames per clip for videomae (default: the model's)")
     a("--sampling-rate", type=int, default=None,
       help="temporal stride between sampled frames (videomae, default 4)")
-    a("--mask-patch-size", type=int, default=None, help="SimMIM mask unit in pixels, also of its block and "
-                                                        "importance masks (default 32, 16 for --mask-strategy "
-                                                        "block, or the model patch size when that does not divide "
-                                                        "the input)")
+    a("--mask-patch-size", type=int, default=None,
+      help="SimMIM mask unit in pixels, also of its block and importance masks (default 32, 16 for --mask-strategy "
+           "block; the model patch size for inputs under 128 pixels or when the unit does not divide the input)")
     a("--epochs", type=int, default=None, help="length of the schedule in epochs")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (the schedule still "
                                                   "spans --epochs)")
@@ -166,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--save-every", type=int, default=None, help="checkpoint every N optimizer steps (and at each epoch end)")
     a("--log-every", type=int, default=None, help="log metrics every N optimizer steps")
-    a("--num-workers", type=int, default=None, help="DataLoader decoding processes per rank (default 8)")
+    a("--num-workers", type=int, default=None, help="DataLoader decoding processes per rank (default 8; 0 for the demo)")
     a("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP when distributed")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--backend", default="auto", choices=BACKEND_CHOICES,
