@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--save-every", type=int, default=None, help="checkpoint every N optimizer steps (and at each epoch end)")
     a("--log-every", type=int, default=None, help="log metrics every N optimizer steps")
-    a("--num-workers", type=int, default=None, help="DataLoader decoding processes per rank (default 8; 0 for the demo)")
+    a("--num-workers", type=int, default=None,
+      help="DataLoader decoding processes per rank (default 8; 0 for the demo)")
     a("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP when distributed")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--backend", default="auto", choices=BACKEND_CHOICES,
