@@ -148,7 +148,8 @@ def bench_shape(s: E2EShape, batch: int, device: torch.device, amp_dtype: Option
                 step()
             release(device)
             resident = resident_mb(device)
-            row = run([(case, {provider: step})], device, rep_ms=rep_ms, profile=profile)[0]
+            # compiled and warmed up above, and reset after each compiled provider below
+            row = run([(case, {provider: step})], device, rep_ms=rep_ms, profile=profile, reset_dynamo=False)[0]
         except Exception as e:  # a provider that fails to build or warm up is reported, not fatal
             row = Row(case.name, provider, float("nan"), float("nan"), float("nan"), None, None, None, None, None,
                       error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")

@@ -22,8 +22,9 @@ The "% copy bw" column divides by the nominal copy bandwidth of the lent H100; c
 provider (a device-to-device copy of their own bytes) get the fraction of that bandwidth, measured in the same
 run, in a list of their own (:func:`measured_copy_fractions`).
 
-Each case starts from a fresh ``torch._dynamo`` state, so a ``reference+compile`` provider compiles for its own
-case's static shapes (a compiled function reused across cases would otherwise recompile with dynamic shapes).
+Each case starts from a fresh ``torch._dynamo`` state (unless the caller warms up its compiled providers itself,
+as bench_e2e does), so a ``reference+compile`` provider compiles for its own case's static shapes (a compiled
+function reused across cases would otherwise recompile with dynamic shapes).
 While :func:`run` times, it appends every row to ``results/<name>.partial.jsonl``; :func:`write_results` removes
 that file once the whole run is written, so a run stopped part-way (a time limit) still leaves its rows.
 """
@@ -265,10 +266,13 @@ def partial_path(name: str) -> str:
 
 def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.device,
         providers: Optional[str] = None, only_cases: Optional[str] = None, warmup_ms: int = 25,
-        rep_ms: int = 100, profile: bool = False, graph: bool = False, name: Optional[str] = None) -> list[Row]:
+        rep_ms: int = 100, profile: bool = False, graph: bool = False, name: Optional[str] = None,
+        reset_dynamo: bool = True) -> list[Row]:
     """Time every kept provider on every kept case; ``warmup_ms`` / ``rep_ms`` are the timer's budgets per row
     (raise them for calls of tens of milliseconds, where the defaults give only a few repetitions). With ``name``
-    every row is also appended to :func:`partial_path` as it is measured (the environment first)."""
+    every row is also appended to :func:`partial_path` as it is measured (the environment first).
+    ``reset_dynamo=False`` keeps compiled graphs across cases, for callers that compile and warm up a provider
+    themselves before timing it."""
     keep = set(providers.split(",")) if providers else None
     wanted = only_cases.split(",") if only_cases else None
     if (profile or graph) and device.type != "cuda":
@@ -283,7 +287,8 @@ def run(cases: list[tuple[Case, dict[str, Callable[[], Any]]]], device: torch.de
     for case, fns in cases:
         if wanted is not None and not any(w in case.name for w in wanted):
             continue
-        torch._dynamo.reset()  # this case's compiled providers compile for its own static shapes
+        if reset_dynamo:
+            torch._dynamo.reset()  # this case's compiled providers compile for its own static shapes
         for provider, fn in fns.items():
             if keep is not None and provider not in keep:
                 continue

@@ -63,6 +63,13 @@ def test_compiled_reference_of_each_case_compiles_for_its_own_static_shapes():
     assert all(r.error is None for r in rows)
     # one static graph per case: no symbolic sizes, and no case reusing another's cache entry
     assert frames == [[(3,)], [(5,)], [(7,)]]
+    # a caller that warmed its compiled provider up keeps it: no second compilation when timed
+    torch._dynamo.reset()
+    frames.clear()
+    compiled(torch.ones(4))
+    run([(Case("warm"), {"reference+compile": lambda: compiled(torch.ones(4))})], torch.device("cpu"),
+        reset_dynamo=False)
+    assert frames == [[(4,)]]
 
 
 @pytest.mark.gpu

@@ -143,6 +143,26 @@ def test_no_masked_patch_gives_zero_not_nan(ids):
         assert loss.item() == 0.0 and (x.grad == 0).all(), backend
 
 
+def test_patch_base_offsets_past_int32():
+    # a clip viewed out of a large buffer: the time stride times the tubelet passes 2^31 while the offsets inside
+    # a patch stay below it, so the kernel takes the view, and its patch base offset must be an int64 product
+    # (6 GiB of untouched, lazily mapped fp16 storage; only the viewed values are written)
+    s_t = 2**30 + 2**16
+    try:
+        storage = torch.empty(3 * s_t + 512, dtype=torch.float16)
+    except RuntimeError as e:
+        pytest.skip(f"cannot map a 6 GiB buffer here: {e}")
+    video = storage.as_strided((1, 1, 4, 16, 16), (256, 256, s_t, 16, 1))
+    video.copy_(torch.randn(1, 1, 4, 16, 16))
+    pred, mask = torch.randn(1, 2, 512, dtype=torch.float16), torch.ones(1, 2)
+    for patch in (0, 1):  # the second temporal patch starts 2 * s_t > 2^31 elements in
+        m = torch.zeros(1, 2).index_fill_(1, torch.tensor([patch]), 1.0)
+        torch.testing.assert_close(masked_pixel_loss(pred, video, m, 16, tubelet_size=2, backend="triton"),
+                                   masked_pixel_loss(pred, video, m, 16, tubelet_size=2, backend="torch"),
+                                   rtol=2e-3, atol=2e-3)
+    assert torch.isfinite(masked_pixel_loss(pred, video, mask, 16, tubelet_size=2, backend="triton"))
+
+
 def test_final_sums_past_one_block_of_partials():
     # the loss's final pass reads its partials 2048 at a time and the row weights' first pass runs several
     # programs past 1024 rows: sizes the small shapes above never reach

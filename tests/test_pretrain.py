@@ -110,6 +110,30 @@ def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
     assert longer[1]["lr"] != fresh[1]["lr"]  # the first two steps ran on the one-epoch schedule
 
 
+def test_resume_keeps_this_versions_recipe_and_says_what_changed(tmp_path, capsys):
+    flags = ["--model", "simmim_vit_nano_patch4", "--data", "synthetic", "--epochs", "1", "--batch-size", "4",
+             "--no-eval", "--log-every", "1"]
+    run(tmp_path / "run", *flags, "--max-steps", "1")
+    # a checkpoint of an earlier recipe: other betas and decay, another peak rate
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = ckpt.load_checkpoint(str(path))
+    for group in state["optimizer"]["param_groups"]:
+        group["betas"], group["weight_decay"] = (0.9, 0.95), 0.05
+    state["scheduler"]["lr"] *= 2
+    ckpt.atomic_save(state, str(path))
+    capsys.readouterr()
+    run(tmp_path / "run", *flags, "--max-steps", "2", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert "other betas and weight_decay" in out and "schedule differs from the checkpoint's (lr" in out
+    resumed = ckpt.load_checkpoint(str(path))
+    assert [tuple(g["betas"]) for g in resumed["optimizer"]["param_groups"]] == [(0.9, 0.999)] * 2
+    assert [g["weight_decay"] for g in resumed["optimizer"]["param_groups"]] == [0.05, 0.0]
+    # a rate below the recipe's floors lowers them instead of failing
+    run(tmp_path / "small", *flags, "--max-steps", "1", "--lr", "1e-9")  # floors 7.8e-8 and 7.8e-9 at batch 4
+    schedule = ckpt.load_checkpoint(str(tmp_path / "small" / "checkpoint.pt"))["scheduler"]
+    assert schedule["lr"] == schedule["min_lr"] == schedule["warmup_lr"] == 1e-9
+
+
 def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     out = tmp_path / "run"
     flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--save-every", "1",
@@ -316,6 +340,22 @@ def test_probes_label_the_held_out_split_with_the_training_classes(tmp_path):
             "16", "--epochs", "1", "--batch-size", "4", "--num-workers", "0")
     assert r.eval["probes"]["trained"]["knn_top1"] == 1.0
     assert r.eval["probes"]["random_init"]["knn_top1"] == 1.0
+
+
+def test_probes_with_one_held_out_class_and_eval_without_readable_images(tmp_path):
+    data = tmp_path / "data"
+    _colour_folder(data / "train", ("a_red", "b_green", "c_blue"))
+    _colour_folder(data / "val", ("b_green",))
+    flags = ["--model", "mae_vit_nano_patch4", "--input-size", "16", "--epochs", "1", "--batch-size", "4",
+             "--num-workers", "0"]
+    r = run(tmp_path / "run", "--data", str(data), *flags)
+    assert r.eval["probes"]["trained"]["knn_top1"] == 1.0
+    for f in (data / "val" / "b_green").iterdir():
+        f.write_bytes(b"not an image")
+    r = run(tmp_path / "unreadable", "--data", str(data), *flags)
+    assert r.eval["images"] == 0 and r.eval["reconstruction_loss"] is None and r.eval["probes"] is None
+    assert "no readable image" in r.eval["probes_skipped"]
+    assert json.loads((tmp_path / "unreadable" / "eval.json").read_text())["reconstruction_loss"] is None
 
 
 def test_unlabelled_training_images_skip_the_probes(tmp_path):

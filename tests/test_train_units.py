@@ -403,6 +403,9 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"weights": torch.ones(1)}, other)
     with pytest.raises(ckpt.CheckpointError, match="not a mimfast"):
         ckpt.load_checkpoint(str(other))
+    weights_only = {"model": {"w": torch.ones(1)}, "step": 3, "config": {}}
+    with pytest.raises(ckpt.CheckpointError, match="holds no optimizer, scheduler, rng: a weights-only file"):
+        ckpt.check_resumable(weights_only, "w.pt")
 
 
 def test_rng_state_round_trip_loads_weights_only(tmp_path):
@@ -514,3 +517,26 @@ def test_loss_curve_shows_a_moving_mask_ratio_below_the_loss(tmp_path):
             px = np.asarray(img.convert("RGB")).astype(int)[300:, :, :]  # the bottom quarter
         green.append(int(((px[..., 1] > 120) & (px[..., 0] < 80) & (px[..., 2] < 80)).sum()))
     assert green[0] > 100 and green[1] == 0
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989.4e12),
+                                       ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                       ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_flops_tell_the_boards_of_a_chip_apart(monkeypatch, name, peak):
+    from mimfast.train.metrics import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0), "bf16") == peak
+
+
+def test_reconstruction_title_wraps_to_a_narrow_grid(tmp_path):
+    from mimfast.train.visualize import save_reconstructions
+
+    imgs, masked = torch.rand(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool)
+    title = "mae_vit_micro_patch4, held-out images, random masks, ratio 0.75; predicted patches shown at the " \
+            "original patch's mean and std (normalised targets)"
+    _, short = save_reconstructions(imgs, masked, imgs, str(tmp_path / "a.png"), title="one line")
+    width, tall = save_reconstructions(imgs, masked, imgs, str(tmp_path / "b.png"), title=title)
+    # one column is 2.3 inches: the 140-character title takes several lines, each adding height
+    assert width == round(2.3 * 100) and tall > short + 3 * 0.17 * 100 - 1

@@ -31,7 +31,9 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                           test_labels: torch.Tensor, l2: float = 1e-4) -> float:
-    """Test accuracy of a logistic-regression probe fitted on the training features."""
+    """Test accuracy of a logistic-regression probe fitted on the training features (NaN without test samples)."""
+    if len(test_labels) == 0:
+        return float("nan")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     W, b, mean, std = fit_linear_probe(train_features, train_labels, num_classes, l2)
     pred = (((test_features.double() - mean) / std) @ W + b).argmax(1)

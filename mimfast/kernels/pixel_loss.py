@@ -36,8 +36,9 @@ def _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexpr, PS:
     gt = l // (GH * GW)
     gh = (l // GW) % GH
     gw = l % GW
-    return (img_ptr + n * s_n + gt.to(tl.int64) * (PT * s_t) + gh.to(tl.int64) * (PS * s_h)
-            + gw.to(tl.int64) * (PS * s_w))
+    # left to right: each coordinate is int64 before it meets a stride (PT * s_t alone would be an int32 product)
+    return (img_ptr + n * s_n + gt.to(tl.int64) * PT * s_t + gh.to(tl.int64) * PS * s_h
+            + gw.to(tl.int64) * PS * s_w)
 
 
 @triton.jit

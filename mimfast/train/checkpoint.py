@@ -24,6 +24,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "check_compatible",
+    "check_resumable",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -57,6 +58,10 @@ def atomic_save(obj: Any, path: str) -> None:
         os.close(fd)
 
 
+# what a run needs besides the weights to continue exactly
+RESUME_ENTRIES = ("optimizer", "scheduler", "rng", "config")
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
@@ -68,6 +73,14 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path!r} is not a mimfast pretraining checkpoint (no 'model' / 'step' entries)")
     return state
+
+
+def check_resumable(state: dict[str, Any], path: str) -> None:
+    """Raise unless a loaded checkpoint holds everything a run needs to continue (not only its weights)."""
+    missing = [k for k in RESUME_ENTRIES if k not in state]
+    if missing:
+        raise CheckpointError(f"{path!r} holds no {', '.join(missing)}: a weights-only file cannot resume a run "
+                              "(load its 'model' entry into the model instead)")
 
 
 def find_resume_checkpoint(output_dir: Optional[str], model: str, runs_root: str = "runs") -> Optional[str]:

@@ -218,10 +218,12 @@ class Trainer:
         # the method's official recipe: rates scaled with the effective batch, AdamW betas
         recipe = RECIPES[config.method]
         lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.samples_per_step, recipe.lr_batch)
-        min_lr, warmup_lr = (value if value is not None else scaled_lr(base, self.samples_per_step, recipe.lr_batch)
+        # the recipe's floors never above the rate (a small --lr lowers them); given ones must not be
+        min_lr, warmup_lr = (value if value is not None else min(lr, scaled_lr(base, self.samples_per_step,
+                                                                                recipe.lr_batch))
                              for value, base in ((config.min_lr, recipe.min_lr), (config.warmup_lr, recipe.warmup_lr)))
-        for name, value in (("min-lr", min_lr), ("warmup-lr", warmup_lr)):
-            if value > lr:
+        for name, value in (("min-lr", config.min_lr), ("warmup-lr", config.warmup_lr)):
+            if value is not None and value > lr:
                 raise ValueError(f"--{name} {value:.3g} is above the learning rate {lr:.3g}")
         self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device, recipe.betas)
         self.schedule = WarmupCosine(self.optimizer, lr, self.total_steps,
@@ -285,6 +287,7 @@ class Trainer:
             self.metrics.truncate_after(0)  # records of a run stopped before its first checkpoint
             return
         state = ckpt.load_checkpoint(path)
+        ckpt.check_resumable(state, path)
         ckpt.check_compatible(state, c.model, c.method, self.model_keys, path)
         for name, now, then in changed_settings(state.get("config", {}), c):
             self._log(f"warning: resuming with --{name.replace('_', '-')} {now!r}, the checkpoint was written with "
@@ -294,7 +297,15 @@ class Trainer:
                       f"{self.info.world_size}")
         _load_model_state(self.model, state["model"])
         self._load_optimizer(state["optimizer"])
-        self.schedule.load_state_dict(state["scheduler"])
+        saved_schedule = state["scheduler"]
+        self.schedule.load_state_dict(saved_schedule)
+        now = self.schedule.state_dict()
+        moved = [k for k in ("lr", "min_lr", "warmup_lr", "total_steps", "warmup_steps")
+                 if k in saved_schedule and not math.isclose(float(saved_schedule[k]), float(now[k]), rel_tol=1e-9)]
+        if moved:
+            self._log("warning: the learning-rate schedule differs from the checkpoint's ("
+                      + ", ".join(f"{k} {saved_schedule[k]:.4g} -> {now[k]:.4g}" for k in moved)
+                      + "); the run continues on this one from step " + str(self.schedule.last_step))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
@@ -306,11 +317,19 @@ class Trainer:
     def _load_optimizer(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        # the implementation flags follow this machine, not the one that wrote the checkpoint
-        impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
+        # the implementation flags follow this machine, and the hyperparameters this run's recipe (a checkpoint of
+        # an earlier recipe brings its own, and may group the parameters differently): only the moments and step
+        # counts come from the checkpoint
+        kept = [{k: g.get(k) for k in ("fused", "foreach", "betas", "weight_decay", "eps")}
+                for g in self.optimizer.param_groups]
         set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
-        for g, flags in zip(self.optimizer.param_groups, impl):
-            g.update(flags)
+        changed = sorted({k for g, own in zip(self.optimizer.param_groups, kept) for k in ("betas", "weight_decay")
+                          if tuple(np.atleast_1d(g.get(k))) != tuple(np.atleast_1d(own[k]))})
+        for g, own in zip(self.optimizer.param_groups, kept):
+            g.update(own)
+        if changed:
+            self._log(f"warning: the checkpoint's optimizer used other {' and '.join(changed)} for some parameters; "
+                      "the run continues with this version's")
 
     def save(self) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -499,11 +518,14 @@ class Trainer:
                 yield batch
 
     def _features(self, model: nn.Module, dataset: Any, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of up to ``limit`` images; [0, 0] and [0] when none of them could be read."""
         feats, labels = [], []
         for batch in self._batches(dataset, limit):
             with self._autocast(), self._backend():
                 feats.append(self.objective.features(model, batch.images.to(self.device)).cpu())
             labels.append(batch.labels)
+        if not feats:
+            return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
         return torch.cat(feats), torch.cat(labels)
 
     @torch.no_grad()
@@ -536,8 +558,9 @@ class Trainer:
             "method": c.method,
             "mask_ratio": self.objective.ratio_at(None),
             "mask_strategy": c.mask_strategy,
-            "reconstruction_loss": loss_sum / max(count, 1),
-            "trivial_loss": trivial_sum / max(count, 1),
+            # none when no image could be read (the unreadable files are counted in skipped_files)
+            "reconstruction_loss": loss_sum / count if count else None,
+            "trivial_loss": trivial_sum / count if count else None,
             "trivial_predictor": "each masked patch predicted by its own mean pixel value",
         }
         if first is not None and self.main:
@@ -553,22 +576,30 @@ class Trainer:
                                  + ("; predicted patches shown at the original patch's mean and std (normalised "
                                     "targets)" if c.norm_pix_loss and c.method != "simmim" else ""),
                                  column_labels=labels)
-        # labels on both sides: the training images' (the probes' training set) and the held-out ones'
-        labelled = (self.heldout_set is not None and len(getattr(self.heldout_set, "classes", [])) >= 2
+        # labels on both sides: at least two training classes (the probes' training set) and labelled held-out
+        # images
+        labelled = (self.heldout_set is not None and len(getattr(self.heldout_set, "classes", [])) >= 1
                     and len(getattr(self.train_eval_set, "classes", [])) >= 2)
-        if labelled:
+        result["probes"] = None
+        if not labelled:
+            result["probes_skipped"] = ("no labelled training and held-out splits (class sub-folders in train/, at "
+                                        "least two, and in val/)")
+        else:
             torch.manual_seed(c.seed)
             init_model = build_model(c, _channels(c)).to(self.device).eval()
-            result["probes"] = {}
+            probes = {}
             for name, m in (("trained", model), ("random_init", init_model)):
                 tr_x, tr_y = self._features(m, self.train_eval_set, c.eval_max_images)
                 te_x, te_y = self._features(m, self.heldout_set, c.eval_max_images)
-                result["probes"][name] = {"knn_top1": knn_accuracy(tr_x, tr_y, te_x, te_y),
-                                          "linear_probe_top1": linear_probe_accuracy(tr_x, tr_y, te_x, te_y)}
-            result["probe_train_images"], result["probe_test_images"] = len(tr_y), len(te_y)
-        else:
-            result["probes"] = None
-            result["probes_skipped"] = "no labelled training and held-out splits (class sub-folders in train/ and val/)"
+                if len(tr_y) == 0 or len(te_y) == 0:
+                    break
+                probes[name] = {"knn_top1": knn_accuracy(tr_x, tr_y, te_x, te_y),
+                                "linear_probe_top1": linear_probe_accuracy(tr_x, tr_y, te_x, te_y)}
+            if len(probes) == 2:
+                result["probes"] = probes
+                result["probe_train_images"], result["probe_test_images"] = len(tr_y), len(te_y)
+            else:
+                result["probes_skipped"] = "no readable image in the training or held-out split"
         model.train()
         return result
 
@@ -589,9 +620,12 @@ class Trainer:
 
 
 def format_eval(result: dict[str, Any]) -> str:
+    def value(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
     lines = [f"evaluation on {result['images']} {result['split']} images (mask ratio {result['mask_ratio']}):",
-             f"  masked reconstruction loss  {result['reconstruction_loss']:.4f}",
-             f"  per-patch-mean predictor    {result['trivial_loss']:.4f}"]
+             f"  masked reconstruction loss  {value(result['reconstruction_loss'])}",
+             f"  per-patch-mean predictor    {value(result['trivial_loss'])}"]
     probes = result.get("probes")
     if probes:
         lines.append(f"  {'encoder':<14}{'kNN top-1':>12}{'linear probe':>15}")

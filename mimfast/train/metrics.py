@@ -13,8 +13,10 @@ from torch import nn
 
 __all__ = ["MetricsLog", "read_metrics", "train_flops_per_sample", "peak_flops", "peak_memory_mb", "mfu"]
 
-# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts). Unknown devices get no MFU rather than a guess.
-_PEAK_BF16 = (("H200", 989.4e12), ("H100", 989.4e12), ("H800", 989.4e12), ("B200", 2250e12), ("A100", 312e12),
+# Dense bf16 tensor-core peaks (vendor datasheets), matched in this order against the device name: the PCIe and
+# NVL boards of a chip before its SXM part. Unknown devices get no MFU rather than a guess.
+_PEAK_BF16 = (("H100 PCIe", 756e12), ("H800 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12),
+              ("H200", 989.4e12), ("H100", 989.4e12), ("H800", 989.4e12), ("B200", 2250e12), ("A100", 312e12),
               ("A800", 312e12), ("L40S", 362e12))
 
 

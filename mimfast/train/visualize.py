@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Sequence
 
 import numpy as np
@@ -75,8 +76,13 @@ def save_reconstructions(original: torch.Tensor, masked_pixels: torch.Tensor, re
     """
     plt = _pyplot()
     n = original.shape[0]
-    cell, label_w, title_h = 1.3, 1.0, 0.5
-    width, height = label_w + cell * n, title_h + cell * 3
+    cell, label_w = 1.3, 1.0
+    width = label_w + cell * n
+    # the title wrapped to the figure's width (about 13 characters an inch at 9 points), each line 0.17 inch
+    lines = textwrap.wrap(title, max(20, int(width * 13))) if title else []
+    title = "\n".join(lines)
+    title_h = 0.33 + 0.17 * max(1, len(lines))
+    height = title_h + cell * 3
     fig, axes = plt.subplots(3, n, figsize=(width, height), dpi=DPI, squeeze=False)
     color = torch.tensor(MASK_COLOR).view(3, 1, 1)
     rows = ("original", "masked input", "reconstruction")
