@@ -27,7 +27,7 @@ from mimfast.nn.patch_embed import PatchEmbed
 from mimfast.ops.embed_visible import embed_visible
 from mimfast.ops.fused_head_loss import fused_head_masked_pixel_loss, masked_ids_from_restore
 from mimfast.ops.masked_pixel_loss import masked_pixel_loss
-from mimfast.ops.masking import RaggedMaskInfo, ragged_random_masking
+from mimfast.ops.masking import RaggedMaskInfo, ragged_random_masking, ratios_from_numpy
 from mimfast.ops.patchify import patchify, unpatchify
 from mimfast.ops.random_masking import check_mask_ratio, random_masking, random_masking_ref
 from mimfast.ops.restore_tokens import restore_tokens
@@ -207,11 +207,7 @@ class MaskedAutoencoderViT(MIMModel):
         kept counts on the host without a device sync even under DDP and FSDP2, which move tensor arguments to
         the device (a CPU tensor or a list does too, without such a wrapper)."""
         if isinstance(mask_ratio, np.ndarray) and mask_ratio.ndim > 0:
-            if mask_ratio.dtype.kind not in "fiu":
-                raise TypeError(f"mask_ratio must be a float or one real number per sample, got an array of "
-                                f"{mask_ratio.dtype}")
-            # a native-order, writable, positively strided copy ([N] values: cheap) that torch can wrap
-            mask_ratio = torch.from_numpy(np.array(mask_ratio, dtype=mask_ratio.dtype.newbyteorder("=")))
+            mask_ratio = ratios_from_numpy(mask_ratio)
         elif isinstance(mask_ratio, (np.ndarray, np.generic)) or (
                 isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0):
             mask_ratio = _scalar_ratio(mask_ratio)

@@ -710,11 +710,17 @@ def ratio_schedule(step: int, total_steps: int, start: float, end: float, kind: 
 _RATIOS_TYPE = "mask_ratios must be a 1-D real tensor, NumPy array, list or tuple of numbers"
 
 
+def ratios_from_numpy(mask_ratios: np.ndarray) -> torch.Tensor:
+    """Per-sample ratios given as a NumPy array, as a CPU tensor: a native-order, writable, positively strided copy
+    ([N] values: cheap) that torch can wrap; arrays of anything but real numbers raise a TypeError."""
+    if mask_ratios.dtype.kind not in "fiu":
+        raise TypeError(f"{_RATIOS_TYPE}, got an array of {mask_ratios.dtype}")
+    return torch.from_numpy(np.array(mask_ratios, dtype=mask_ratios.dtype.newbyteorder("=")))
+
+
 def _ragged_counts(N: int, L: int, mask_ratios: Union[torch.Tensor, Sequence[float]]) -> list[int]:
     if isinstance(mask_ratios, np.ndarray):
-        if mask_ratios.dtype.kind not in "fiu":
-            raise TypeError(f"{_RATIOS_TYPE}, got an array of {mask_ratios.dtype}")
-        mask_ratios = torch.from_numpy(np.array(mask_ratios, dtype=mask_ratios.dtype.newbyteorder("=")))
+        mask_ratios = ratios_from_numpy(mask_ratios)
     if isinstance(mask_ratios, torch.Tensor):
         if mask_ratios.dim() != 1:
             raise ValueError(f"mask_ratios must be a 1-D [N] tensor, got shape {tuple(mask_ratios.shape)}")

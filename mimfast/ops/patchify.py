@@ -33,10 +33,11 @@ def span_reasons(named: dict[str, Optional[torch.Tensor]], patch_size: int, tube
     """Backend refusals for image-like tensors whose patches span offsets past int32 (see :func:`in_patch_span`)."""
     out = []
     for name, t in named.items():
-        if t is not None and t.dim() in (4, 5) and in_patch_span(t, patch_size, tubelet_size) >= 2**31:
-            out.append(f"the values of one patch of {name} lie {in_patch_span(t, patch_size, tubelet_size)} elements "
-                       "apart, past the kernels' int32 offsets inside a patch (a view into a buffer of over 2^31 "
-                       "elements?): pass a contiguous copy or use backend='torch'")
+        span = in_patch_span(t, patch_size, tubelet_size) if t is not None and t.dim() in (4, 5) else 0
+        if span >= 2**31:
+            out.append(f"the values of one patch of {name} lie {span} elements apart, past the kernels' int32 "
+                       "offsets inside a patch (a view into a buffer of over 2^31 elements?): pass a contiguous copy "
+                       "or use backend='torch'")
     return out
 
 

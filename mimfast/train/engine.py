@@ -218,13 +218,16 @@ class Trainer:
         # the method's official recipe: rates scaled with the effective batch, AdamW betas
         recipe = RECIPES[config.method]
         lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.samples_per_step, recipe.lr_batch)
-        # the recipe's floors never above the rate (a small --lr lowers them); given ones must not be
-        min_lr, warmup_lr = (value if value is not None else min(lr, scaled_lr(base, self.samples_per_step,
-                                                                                recipe.lr_batch))
-                             for value, base in ((config.min_lr, recipe.min_lr), (config.warmup_lr, recipe.warmup_lr)))
-        for name, value in (("min-lr", config.min_lr), ("warmup-lr", config.warmup_lr)):
-            if value is not None and value > lr:
-                raise ValueError(f"--{name} {value:.3g} is above the learning rate {lr:.3g}")
+        def rate(flag: str, given: Optional[float], base: float) -> float:
+            # the recipe's base rate, scaled like lr and never above it (a small --lr lowers it); a given one as is
+            if given is None:
+                return min(lr, scaled_lr(base, self.samples_per_step, recipe.lr_batch))
+            if given > lr:
+                raise ValueError(f"--{flag} {given:.3g} is above the learning rate {lr:.3g}")
+            return given
+
+        min_lr = rate("min-lr", config.min_lr, recipe.min_lr)
+        warmup_lr = rate("warmup-lr", config.warmup_lr, recipe.warmup_lr)
         self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device, recipe.betas)
         self.schedule = WarmupCosine(self.optimizer, lr, self.total_steps,
                                      config.warmup_epochs * self.steps_per_epoch, min_lr, warmup_lr)
@@ -323,8 +326,11 @@ class Trainer:
         kept = [{k: g.get(k) for k in ("fused", "foreach", "betas", "weight_decay", "eps")}
                 for g in self.optimizer.param_groups]
         set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        def value(v: Any) -> Any:
+            return tuple(v) if isinstance(v, (list, tuple)) else v  # betas come back from a checkpoint as a list
+
         changed = sorted({k for g, own in zip(self.optimizer.param_groups, kept) for k in ("betas", "weight_decay")
-                          if tuple(np.atleast_1d(g.get(k))) != tuple(np.atleast_1d(own[k]))})
+                          if value(g[k]) != value(own[k])})
         for g, own in zip(self.optimizer.param_groups, kept):
             g.update(own)
         if changed:
