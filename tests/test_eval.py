@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from mimfast.eval import fit_linear_probe, knn_accuracy, knn_predict, linear_probe_accuracy
@@ -51,3 +52,16 @@ def test_linear_probe_is_deterministic_and_standardises():
     # a scaled copy of the features is the same problem after standardisation
     W3, b3, _, _ = fit_linear_probe(x * 1000 + 5, y, 3)
     assert torch.allclose(W1, W3, atol=1e-5) and torch.allclose(b1, b3, atol=1e-5)
+
+
+def test_probes_refuse_features_that_are_not_finite():
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 0, 1])
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="test_features hold NaN"):
+        knn_accuracy(x, y, bad, y)
+    with pytest.raises(ValueError, match="train_features hold NaN"):
+        linear_probe_accuracy(bad, y, x, y)
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="features hold NaN or infinite"):
+        fit_linear_probe(bad, y, 2)

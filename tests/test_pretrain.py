@@ -391,3 +391,20 @@ def test_compiled_run_matches_eager(tmp_path, masking):
     a = [r["loss"] for r in read_metrics(str(tmp_path / "eager" / "metrics.jsonl"))]
     b = [r["loss"] for r in read_metrics(str(tmp_path / "compiled" / "metrics.jsonl"))]
     assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_probes_skipped_when_the_encoder_features_are_not_finite(tmp_path, monkeypatch):
+    from mimfast.train.engine import Trainer
+
+    _colour_folder(tmp_path / "data" / "train", ("a_red", "b_green"))
+    _colour_folder(tmp_path / "data" / "val", ("a_red", "b_green"))
+    features = Trainer._features
+
+    def diverged(self, model, data, limit):
+        x, y = features(self, model, data, limit)
+        return x.fill_(float("nan")), y
+
+    monkeypatch.setattr(Trainer, "_features", diverged)
+    r = run(tmp_path / "run", "--model", "mae_vit_nano_patch4", "--data", str(tmp_path / "data"), "--input-size",
+            "16", "--epochs", "1", "--batch-size", "4", "--num-workers", "0")
+    assert r.eval["probes"] is None and "features are not finite" in r.eval["probes_skipped"]

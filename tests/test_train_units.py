@@ -392,6 +392,26 @@ def test_atomic_save_keeps_old_file_when_the_write_dies(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
 
 
+def test_atomic_save_removes_temporaries_of_killed_writes(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # a process that has exited: its half-written file is garbage
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".checkpoint.pt.tmp-{dead_pid}"
+        busy = tmp_path / f".checkpoint.pt.tmp-{live.pid}"  # another process still writing: left alone
+        other = tmp_path / f".other.pt.tmp-{dead_pid}"  # another file's temporary: not this write's business
+        for f in (stale, busy, other):
+            f.write_bytes(b"PK\x03\x04 half a zip file")
+        ckpt.atomic_save({"model": {"w": torch.ones(3)}, "step": 1}, str(tmp_path / "checkpoint.pt"))
+        assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", busy.name, other.name])
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         ckpt.load_checkpoint(str(tmp_path / "nope.pt"))

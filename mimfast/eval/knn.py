@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_accuracy", "knn_predict"]
+__all__ = ["knn_accuracy", "knn_predict", "check_features"]
+
+
+def check_features(**features: torch.Tensor) -> None:
+    """Raise ValueError naming every features tensor that holds a NaN or an infinity (a diverged encoder):
+    a probe on them would report an accuracy that means nothing."""
+    bad = [name for name, f in features.items() if f.numel() and not bool(torch.isfinite(f).all())]
+    if bad:
+        raise ValueError(f"{' and '.join(bad)} hold NaN or infinite values; the encoder that produced them diverged "
+                         "or overflowed")
 
 
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, k: int = 20,
@@ -23,6 +32,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     """
     if train_features.shape[0] == 0:
         raise ValueError("kNN needs at least one training sample")
+    check_features(train_features=train_features, test_features=test_features)
     num_classes = max(num_classes, int(train_labels.max()) + 1)
     k = min(k, train_features.shape[0])
     train = F.normalize(train_features.double(), dim=1)

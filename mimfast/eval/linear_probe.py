@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mimfast.eval.knn import check_features
+
 __all__ = ["linear_probe_accuracy", "fit_linear_probe"]
 
 
@@ -12,6 +14,7 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
                      max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit W [D, C], b [C] on features [N, D] standardised per dimension (like the parameter-free BatchNorm in
     front of MAE's linear probe) by full-batch L-BFGS in float64; deterministic. Returns (W, b, mean, std)."""
+    check_features(features=features)
     x = features.double()
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     x = (x - mean) / std
@@ -34,6 +37,7 @@ def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tens
     """Test accuracy of a logistic-regression probe fitted on the training features (NaN without test samples)."""
     if len(test_labels) == 0:
         return float("nan")
+    check_features(train_features=train_features, test_features=test_features)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     W, b, mean, std = fit_linear_probe(train_features, train_labels, num_classes, l2)
     pred = (((test_features.double() - mean) / std) @ W + b).argmax(1)

@@ -50,12 +50,37 @@ def atomic_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _remove_stale_temporaries(path)
     # make the rename itself durable
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete the temporary files of earlier writes of ``path`` whose process is gone (a write killed by SIGKILL
+    or a power cut leaves one behind, as large as the checkpoint)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(base)}.tmp-*")):
+        pid = tmp.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        try:
+            os.remove(tmp)
+        except OSError:  # removed by someone else meanwhile, or not ours to remove
+            pass
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or no valid pid: leave the file alone
+        return True
+    return True
 
 
 # what a run needs besides the weights to continue exactly

@@ -598,14 +598,16 @@ class Trainer:
                 tr_x, tr_y = self._features(m, self.train_eval_set, c.eval_max_images)
                 te_x, te_y = self._features(m, self.heldout_set, c.eval_max_images)
                 if len(tr_y) == 0 or len(te_y) == 0:
+                    result["probes_skipped"] = "no readable image in the training or held-out split"
+                    break
+                if not (bool(torch.isfinite(tr_x).all()) and bool(torch.isfinite(te_x).all())):
+                    result["probes_skipped"] = f"the {name.replace('_', ' ')} encoder's features are not finite"
                     break
                 probes[name] = {"knn_top1": knn_accuracy(tr_x, tr_y, te_x, te_y),
                                 "linear_probe_top1": linear_probe_accuracy(tr_x, tr_y, te_x, te_y)}
             if len(probes) == 2:
                 result["probes"] = probes
                 result["probe_train_images"], result["probe_test_images"] = len(tr_y), len(te_y)
-            else:
-                result["probes_skipped"] = "no readable image in the training or held-out split"
         model.train()
         return result
 
