@@ -16,6 +16,7 @@ This module imports neither triton nor CUDA state.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -253,7 +254,23 @@ def eager_autograd(name: str, forward: Callable[..., Any], setup: Callable[[Any,
         setup(ctx, inputs, output)
         return output
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd),
+                                                   "backward": staticmethod(first_order_only(backward))})
+
+
+def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an autograd.Function's kernel backward so that a backward pass building a graph (create_graph=True,
+    for a second derivative) raises: the kernels' gradients are not themselves differentiable, and would
+    otherwise come out silently detached (a gradient penalty on them adding nothing)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, *grads: Any) -> Any:
+        if torch.is_grad_enabled():
+            raise RuntimeError("the triton backend computes first derivatives only: a backward pass with "
+                               "create_graph=True (double backward) needs backend='torch'")
+        return backward(ctx, *grads)
+
+    return wrapped
 
 
 _REGISTRY: dict[str, Op] = {}

@@ -379,3 +379,32 @@ def test_gpu_bf16_run_to_run_bit_equality(rows, chunk_size):
     first, second = two_runs(hidden, weight, bias, imgs, info.mask, 16, norm_pix=True, chunk_size=chunk_size, **kw)
     assert torch.isfinite(first[0]) and all(torch.isfinite(g).all() and g.dtype == torch.bfloat16 for g in first[1:])
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_repeated_masked_ids_are_refused():
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 8, 4, 8)
+    ids = ids.clone()
+    ids[1, 1] = ids[1, 0]  # row 0 twice: its gradient would be written back once
+    with pytest.raises(ValueError, match="ids_masked must not repeat"):
+        fused_head_masked_pixel_loss(hidden, weight, bias, imgs, None, 4, ids_masked=ids, backend="triton")
+
+
+@pytest.mark.parametrize("rows", ["masked", "all"])
+def test_autocast_casts_the_head_like_nn_linear(rows):
+    # fp32 decoder features and head under autocast (as in the MAE decoder): the GEMMs run in the autocast dtype
+    # and the gradients come back in fp32, as for nn.Linear + the reference loss
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 8, 4, 16)
+    kw = dict(ids_masked=ids) if rows == "masked" else {}
+    mask = None if rows == "masked" else info.mask
+
+    def grads(backend):
+        xs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_head_masked_pixel_loss(*xs, imgs, mask, 4, norm_pix=True, backend=backend, **kw)
+        loss.backward()
+        return [loss.detach().float()] + [x.grad for x in xs]
+
+    got, ref = grads("triton"), grads("torch")
+    assert all(g.dtype == torch.float32 for g in got[1:])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=2e-2, atol=2e-2 * float(b.abs().max()))

@@ -235,3 +235,20 @@ def test_indices_from_the_masking_op_skip_the_value_check_until_changed(monkeypa
     for _ in range(3 * module._VALID_KEPT):
         random_masking(2, 16, 0.5)
     assert len(module._VALID) <= module._VALID_KEPT + 1
+
+
+def test_numpy_integer_sizes_reach_the_kernels():
+    import numpy as np
+
+    from mimfast.ops import masked_pixel_loss, videomae_pixel_loss
+
+    imgs = torch.rand(2, 3, 8, 8)
+    ids = torch.stack([torch.randperm(16)[:4] for _ in range(2)])
+    p = np.int64(2)
+    assert torch.equal(gather_patches(imgs, ids, p, backend="triton"), gather_patches_ref(imgs, ids, 2))
+    pred, mask = torch.randn(2, 16, 12), torch.ones(2, 16)
+    torch.testing.assert_close(masked_pixel_loss(pred, imgs, mask, p, backend="triton"),
+                               masked_pixel_loss(pred, imgs, mask, 2, backend="torch"))
+    video, tubes, vpred = torch.randn(2, 3, 2, 4, 4), torch.tensor([[1, 1, 0, 0]] * 2).bool(), torch.randn(2, 2, 24)
+    torch.testing.assert_close(videomae_pixel_loss(vpred, video, tubes, p, np.int32(2), backend="triton"),
+                               videomae_pixel_loss(vpred, video, tubes, 2, 2, backend="torch"))

@@ -498,3 +498,25 @@ def test_ids_masked_out_of_range_raise(backend):
             masked_pixel_loss(rows, imgs, None, 4, ids_masked=bad, backend=backend)
     with pytest.raises(TypeError, match=r"int64 \(or int32\)"):
         masked_pixel_loss(rows, imgs, None, 4, ids_masked=torch.zeros(2, 2), backend=backend)
+
+
+def test_no_silent_second_derivative():
+    imgs = torch.randn(2, 3, 8, 8)
+    mask = random_masking(2, 4, 0.5).mask
+    pred = torch.randn(2, 4, 48, requires_grad=True)
+    loss = masked_pixel_loss(pred, imgs, mask, 4, norm_pix=True, backend="triton")
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(loss, pred, create_graph=True)
+    assert torch.autograd.grad(loss, pred)[0].shape == pred.shape  # a plain backward as before
+
+
+@pytest.mark.parametrize("weights", [[1.0, -1.0, 0.0, 0.0], [0.5, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+def test_weights_summing_to_zero_or_below_match_the_reference(weights):
+    # the reference divides by the weight sum, or by 1 when it is 0: so does the kernel
+    imgs = torch.rand(1, 1, 4, 4)
+    pred = torch.randn(1, 4, 4, requires_grad=True)
+    mask = torch.tensor([weights])
+    got = masked_pixel_loss(pred, imgs, mask, 2, backend="triton")
+    ref = masked_pixel_loss_ref(pred, imgs, mask, 2)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(torch.autograd.grad(got, pred)[0], torch.autograd.grad(ref, pred)[0])

@@ -417,3 +417,14 @@ def test_gpu_no_host_sync_and_cuda_generator():
     gen.manual_seed(3)
     random_masking(8, 196, 0.75, generator=gen, backend="triton")
     assert_same(random_masking(8, 196, 0.75, generator=gen, backend="triton"), a)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masking_under_inference_mode(backend):
+    from mimfast.ops import ragged_random_masking
+
+    with torch.inference_mode():
+        info = random_masking(3, 16, 0.75, backend=backend)
+        ragged = ragged_random_masking(3, 16, [0.5, 0.6, 0.7], backend=backend)
+    assert info.ids_keep.shape == (3, 4) and int(info.mask.sum()) == 36
+    assert ragged.cu_seqlens.shape == (4,)

@@ -745,3 +745,15 @@ def test_ragged_mae_triton_kernels_gradients(interpret):
         # gradients here are O(1e-2), not O(1): the fp32 rounding floor of assert_error_ratio scaled to their size
         atol = 4 * math.sqrt(head_dim) * eps * g64.abs().max().item()
         assert err <= 2 * base + atol, f"{name}: error {err:.3e} vs reference fp32 {base:.3e} (+{atol:.1e})"
+
+
+def test_strided_cu_seqlens_view_and_no_second_derivative():
+    lengths = [3, 4]
+    q, k, v = (torch.randn(7, 2, 32, requires_grad=True) for _ in range(3))
+    spaced = torch.zeros(6, dtype=torch.int32)
+    spaced[::2] = cu_of(lengths)  # [0, x, 3, x, 7, x]: the view [0, 3, 7] has stride 2
+    out = visible_attention(q, k, v, cu_seqlens=spaced[::2], max_seqlen=4, backend="triton")
+    torch.testing.assert_close(out, visible_attention_ref(q, k, v, cu_seqlens=cu_of(lengths)), rtol=1e-4, atol=1e-4)
+    # the kernels' backward is first order: a second derivative raises instead of being silently dropped
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)

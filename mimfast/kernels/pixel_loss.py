@@ -73,13 +73,14 @@ def _error_and_grad(pred, x, valid, w, inv_denom, L1: tl.constexpr):
 
 @triton.jit
 def _inv_denom(wpart_ptr, num_wparts, row_count, P: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr):
-    """1 / (P * sum of the row weights), 0 when the weights sum to 0; summed in a fixed order."""
+    """1 / (P * sum of the row weights), or 1 / P when they sum to 0 (as the reference divides by 1 then: 0 for
+    all-zero weights, whose rows are skipped); summed in a fixed order."""
     if HAS_MASK:
         g = tl.arange(0, BLOCK_G)
         w_sum = tl.sum(tl.load(wpart_ptr + g, mask=g < num_wparts, other=0.0), axis=0)
     else:
         w_sum = row_count
-    return tl.where(w_sum > 0, 1.0 / tl.where(w_sum > 0, w_sum * P, 1.0), 0.0)
+    return 1.0 / (tl.where(w_sum != 0, w_sum, 1.0) * P)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mimfast.backend import eager_autograd, get_op
 from mimfast.ops.gather_patches import check_distinct, check_index
-from mimfast.ops.patchify import check_images, grid_size, patch_dim, span_reasons
+from mimfast.ops.patchify import as_size, check_images, grid_size, patch_dim, span_reasons
 
 __all__ = ["embed_visible", "embed_visible_ref"]
 
@@ -327,5 +327,6 @@ def embed_visible(
         x = F.conv2d(imgs, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed[:, 1:]
         out = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))
     """
+    patch_size, tubelet_size = as_size(patch_size), as_size(tubelet_size)
     _check(imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size)
     return _op(imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size, backend=backend)

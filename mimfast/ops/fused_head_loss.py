@@ -19,8 +19,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from mimfast.backend import get_op
-from mimfast.ops.gather_patches import mark_valid_index
+from mimfast.backend import first_order_only, get_op
+from mimfast.ops.gather_patches import check_distinct, mark_valid_index
 from mimfast.ops.masked_pixel_loss import (
     KERNEL_DTYPES,
     NORM_NONE,
@@ -31,7 +31,7 @@ from mimfast.ops.masked_pixel_loss import (
     pixel_loss_triton_reasons,
     scale_saved_grad,
 )
-from mimfast.ops.patchify import grid_size
+from mimfast.ops.patchify import as_size, grid_size
 
 __all__ = ["fused_head_masked_pixel_loss", "fused_head_masked_pixel_loss_ref", "masked_ids_from_restore"]
 
@@ -203,6 +203,7 @@ class _FusedHead(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple:
         grad_hidden, grad_w, *grad_b = ctx.saved_tensors
         return (scale_saved_grad(grad_hidden, grad_loss), grad_w * grad_loss,
@@ -259,6 +260,17 @@ fused_head_pixel_loss_op.register_autograd(_fused_head_backward, setup_context=_
 
 def _fused_head_triton(hidden, weight, bias, imgs, mask, patch_size, *, ids_masked=None, norm_pix=False,
                        kind="mse", eps=1e-6, tubelet_size=None, chunk_size=DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # as autocast runs nn.Linear: its operands cast (differentiably) to the autocast dtype; then the GEMMs and
+        # the loss run on those, with autocast off so that every buffer keeps one dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _fused_head_triton(hidden, weight, bias, imgs, mask, patch_size, ids_masked=ids_masked,
+                                      norm_pix=norm_pix, kind=kind, eps=eps, tubelet_size=tubelet_size,
+                                      chunk_size=chunk_size)
     params = [t for t in (hidden, weight, bias) if t is not None]
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     args = (imgs, mask, ids_masked, patch_size, tubelet_size or 1, NORM_PATCH if norm_pix else NORM_NONE,
@@ -308,7 +320,8 @@ def fused_head_masked_pixel_loss(
 
     hidden: [N, L, D] decoder_norm output without the cls row; weight [P, D], bias [P] or None (decoder_pred).
     imgs, mask, norm_pix, kind, eps, tubelet_size: as in :func:`~mimfast.ops.masked_pixel_loss`. With
-    ``ids_masked`` [N, R] only those rows are projected and scored (mask may then be None: every row weighs 1);
+    ``ids_masked`` [N, R] (distinct within a sample) only those rows are projected and scored (mask may then be
+    None: every row weighs 1);
     without it all L rows are, weighted by ``mask``. ``chunk_size``: rows per chunk, rounded down to whole
     samples (at least one). Gradients flow to hidden, weight and bias (not to imgs or mask).
 
@@ -316,6 +329,7 @@ def fused_head_masked_pixel_loss(
     (for visualisation; it costs the GEMM and the memory the fused loss saves).
     Equivalent PyTorch: see :func:`fused_head_masked_pixel_loss_ref`.
     """
+    patch_size, tubelet_size = as_size(patch_size), as_size(tubelet_size)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, L, D], got {getattr(hidden, 'shape', type(hidden))}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2] or (bias is not None and bias.shape != weight.shape[:1]):
@@ -328,6 +342,8 @@ def fused_head_masked_pixel_loss(
     if ids_masked is not None and ids_masked.shape[0] != hidden.shape[0]:
         raise ValueError(f"ids_masked must be [N={hidden.shape[0]}, R], got {tuple(ids_masked.shape)}")
     check_pixel_loss_args(pred_shape, imgs, mask, patch_size, ids_masked, tubelet_size, kind, eps)
+    if ids_masked is not None:
+        check_distinct(ids_masked, "ids_masked")  # each row's gradient is written back once
     L = math.prod(grid_size(imgs.shape, patch_size, tubelet_size))
     if hidden.shape[1] != L:  # (without ids_masked the check above already compared pred's rows with L)
         raise ValueError(f"hidden must be [N, L, D] with one row per patch (L = {L}, no cls row), got "

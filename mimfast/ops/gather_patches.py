@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from mimfast.backend import eager_autograd, get_op
-from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify, span_reasons
+from mimfast.ops.patchify import as_size, check_images, grid_size, patch_dim, patchify, span_reasons
 
 __all__ = ["gather_patches", "gather_patches_ref", "check_index", "mark_valid_index"]
 
@@ -27,7 +27,7 @@ _VALID_KEPT = 64
 def mark_valid_index(ids: torch.Tensor, high: int) -> None:
     """Record that ``ids`` (as it is now) holds only values in [0, high), and distinct ones within each row
     wherever its consumers require that (the masking ops' ids_keep and ids_restore)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or ids.is_inference():  # inference tensors have no version counter
         return
     _VALID[id(ids)] = (weakref.ref(ids), ids._version, high)
     if len(_VALID) > _VALID_KEPT:
@@ -38,7 +38,7 @@ def mark_valid_index(ids: torch.Tensor, high: int) -> None:
 def _known_valid(ids: torch.Tensor, high: Optional[int] = None) -> bool:
     """Whether ``ids`` is registered and unchanged since (with ``high``: registered for a bound <= high)."""
     entry = _VALID.get(id(ids))
-    return (entry is not None and entry[0]() is ids and entry[1] == ids._version
+    return (entry is not None and entry[0]() is ids and not ids.is_inference() and entry[1] == ids._version
             and (high is None or entry[2] <= high))
 
 
@@ -229,5 +229,6 @@ def gather_patches(
 
         torch.gather(patchify(imgs, p), 1, ids_keep[..., None].expand(-1, -1, P))
     """
+    patch_size, tubelet_size = as_size(patch_size), as_size(tubelet_size)
     _check(imgs, ids_keep, patch_size, tubelet_size)
     return _op(imgs, ids_keep, patch_size, tubelet_size, backend=backend)

@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 import torch
 
-from mimfast.backend import get_op
+from mimfast.backend import first_order_only, get_op
 from mimfast.ops.gather_patches import check_index
-from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify, span_reasons
+from mimfast.ops.patchify import as_size, check_images, grid_size, patch_dim, patchify, span_reasons
 
 __all__ = ["masked_pixel_loss", "masked_pixel_loss_ref", "LOSS_KINDS"]
 
@@ -201,6 +201,7 @@ class _PixelLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple:
         (grad,) = ctx.saved_tensors
         return (scale_saved_grad(grad, grad_loss),) + (None,) * 10
@@ -333,6 +334,7 @@ def masked_pixel_loss(
     there (in ``pred`` or in the image patch) does not reach its loss, where the reference's ``loss * mask``
     turns it into NaN; a non-finite value in a row that is scored gives the same result on both backends.
     """
+    patch_size, tubelet_size = as_size(patch_size), as_size(tubelet_size)
     check_pixel_loss_args(pred, imgs, mask, patch_size, ids_masked, tubelet_size, kind, eps)
     return _op(pred, imgs, as_weights(mask), patch_size, norm_pix=norm_pix, kind=kind, eps=eps, ids_masked=ids_masked,
                tubelet_size=tubelet_size, backend=backend)

@@ -7,7 +7,7 @@ channel fastest. Video tokens are ordered (t, h, w) and the values inside a cube
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -47,6 +47,12 @@ def in_patch_span(imgs: torch.Tensor, patch_size: int, tubelet_size: Optional[in
     s_c, s_h, s_w = (abs(v) for v in (imgs.stride(1), imgs.stride(-2), imgs.stride(-1)))
     s_t = abs(imgs.stride(2)) if imgs.dim() == 5 else 0
     return (imgs.shape[1] - 1) * s_c + ((tubelet_size or 1) - 1) * s_t + (patch_size - 1) * (s_h + s_w)
+
+
+def as_size(value: Any) -> Any:
+    """A patch or tubelet size given as any integer (a NumPy one too) as a Python int, which the kernels' launch
+    arithmetic needs; other values unchanged, for :func:`check_images` to refuse."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
 def check_images(imgs: torch.Tensor, patch_size: int, tubelet_size: Optional[int] = None, name: str = "imgs") -> None:

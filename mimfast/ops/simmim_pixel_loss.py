@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mimfast.backend import get_op
 from mimfast.ops.masked_pixel_loss import KERNEL_DTYPES, MAX_TILE, as_weights
-from mimfast.ops.patchify import check_images, span_reasons
+from mimfast.ops.patchify import as_size, check_images, span_reasons
 
 __all__ = ["simmim_pixel_loss", "simmim_pixel_loss_ref"]
 
@@ -143,5 +143,6 @@ def simmim_pixel_loss(
     The triton backend treats ``imgs`` and ``mask`` as constants, and reads no pixel of a patch whose weight is 0:
     a NaN or inf there does not reach its loss, where the reference's ``loss * mask_px`` turns it into NaN.
     """
+    patch_size = as_size(patch_size)
     _check_args(pred_imgs, imgs, mask, patch_size)
     return _op(pred_imgs, imgs, as_weights(mask), patch_size, backend=backend)

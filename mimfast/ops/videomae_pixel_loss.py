@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mimfast.backend import get_op
 from mimfast.ops.masked_pixel_loss import NORM_CHANNEL, NORM_NONE, pixel_loss, pixel_loss_triton_reasons
-from mimfast.ops.patchify import check_images, grid_size, patch_dim, patchify
+from mimfast.ops.patchify import as_size, check_images, grid_size, patch_dim, patchify
 from mimfast.ops.random_masking import host_checks
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "videomae_pixel_loss", "videomae_pixel_loss_ref"]
@@ -150,6 +150,7 @@ def videomae_pixel_loss(
     1e-6); loss = MSE over every value of the masked cubes. Equivalent PyTorch: see
     :func:`videomae_pixel_loss_ref`. The triton backend treats ``videos`` as a constant.
     """
+    patch_size, tubelet_size = as_size(patch_size), as_size(tubelet_size)
     _check_args(pred, videos, mask, patch_size, tubelet_size, mean, std)
     return _op(pred, videos, mask, patch_size, tubelet_size, norm_target=norm_target, mean=mean, std=std,
                backend=backend)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mimfast.backend import get_op, requested_backend, triton_interpret
+from mimfast.backend import first_order_only, get_op, requested_backend, triton_interpret
 
 __all__ = ["visible_attention", "visible_attention_ref", "check_attention_inputs"]
 
@@ -41,7 +41,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, max_seqlen: Optional[int
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     on_host = cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
-    remembered = not on_host and not torch.compiler.is_compiling()
+    remembered = not on_host and not torch.compiler.is_compiling() and not cu_seqlens.is_inference()
     key = (cu_seqlens._version, T, max_seqlen) if remembered else None
     if remembered and any(ref() is cu_seqlens and seen == key for ref, seen in _CHECKED):
         return
@@ -355,6 +355,7 @@ class _VisibleAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
@@ -374,6 +375,8 @@ def _visible_attention_triton(
     if max_seqlen is None:
         # an upper bound read from shapes, not values: no host synchronisation, at the price of idle programs
         max_seqlen = q.shape[0] if cu_seqlens is not None else q.shape[1]
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()  # the kernels read it by index, without a stride
     if torch.compiler.is_compiling():
         # the custom op is what compiled graphs trace through without a break
         return _attention_fwd(q, k, v, cu_seqlens, max_seqlen, _scale(q, scale))[0]
