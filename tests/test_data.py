@@ -26,7 +26,7 @@ from mimfast.data import (
     scan_video_folder,
 )
 from mimfast.data.datasets import clip_frame_ids, sample_rng
-from mimfast.data.transforms import center_crop_box, pil_to_tensor, random_resized_crop_box
+from mimfast.data.transforms import center_crop_box, multiscale_crop_box, pil_to_tensor, random_resized_crop_box
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,6 +89,42 @@ def test_random_resized_crop_box_in_bounds_and_seeded():
     assert center_crop_box(50, 30) == type(a)(10, 0, 30, 30)
 
 
+def test_multiscale_crop_box_takes_videomae_sizes_and_places():
+    # 320 x 240 frames to 224: sides int(240 * f) for f in (1, .875, .75, .66) = 240, 210, 180, 158, with 224 not
+    # within 2 of any; width and height at most one scale apart; 13 places on quarter steps of the free space
+    sides = [240, 210, 180, 158]
+    seen_sizes, seen_places = set(), set()
+    for i in range(3000):
+        box = multiscale_crop_box(320, 240, 224, random.Random(i))
+        assert sides.index(box.width) - sides.index(box.height) in (-1, 0, 1)
+        sw, sh = (320 - box.width) // 4, (240 - box.height) // 4
+        assert box.left % max(sw, 1) == 0 and box.top % max(sh, 1) == 0
+        assert box.left + box.width <= 320 and box.top + box.height <= 240
+        seen_sizes.add((box.width, box.height))
+        if sw and sh:  # (a full-height crop has one row of places)
+            seen_places.add((box.left // sw, box.top // sh))
+    assert len(seen_sizes) == 10  # 4 square pairs + 2 x 3 one-step distortions
+    assert seen_places == {(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1),
+                           (1, 3), (3, 3)}
+    # a side within 2 pixels of the output size is snapped to it (and kept inside the image)
+    assert {multiscale_crop_box(226, 226, 224, random.Random(i)).width for i in range(200)} >= {224}
+    assert all(multiscale_crop_box(223, 300, 224, random.Random(i)).width <= 223 for i in range(200))
+
+
+def test_method_transforms_follow_their_recipes():
+    simmim = ImageTransform.simmim(16)
+    assert (simmim.scale, simmim.interpolation, simmim.hflip) == ((0.67, 1.0), "bilinear", True)
+    assert (ImageTransform(16).scale, ImageTransform(16).interpolation) == ((0.2, 1.0), "bicubic")
+    with pytest.raises(ValueError, match="interpolation"):
+        ImageTransform(16, interpolation="nearest")
+    # VideoMAE: no flip, so a left-right ramp keeps its direction in every draw
+    ramp = Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8)[None, :, None], (50, 1, 3)))
+    clip = ClipTransform(10, 1, mean=(0.0,), std=(1.0,))
+    for i in range(50):
+        x = clip([ramp, ramp], random.Random(i))
+        assert x.shape == (1, 2, 10, 10) and bool((x[0, :, :, 0] < x[0, :, :, -1]).all())
+
+
 def test_image_transform_shapes_and_normalisation():
     img = Image.fromarray(np.full((30, 50, 3), 255, dtype=np.uint8))
     tf = ImageTransform(16, 3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -102,6 +138,18 @@ def test_image_transform_shapes_and_normalisation():
     flat = ImageTransform(10, 1, mean=(0.0,), std=(1.0,), scale=(1.0, 1.0))
     flips = sum(float(flat(ramp, random.Random(i))[0, 0, 0]) > 0.5 for i in range(200))
     assert 70 < flips < 130
+
+
+def test_image_folders_follow_linked_folders_once(tmp_path):
+    _write_images(tmp_path / "elsewhere", ["1.png", "2.png", "3.png"])
+    _write_images(tmp_path / "data" / "a", ["x.png"])
+    (tmp_path / "data" / "b").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "b" / "linked")
+    os.symlink(tmp_path / "data" / "a", tmp_path / "data" / "a" / "loop")  # a link back to its own folder
+    samples, classes = scan_image_folder(str(tmp_path / "data"))
+    assert classes == ["a", "b"]
+    assert sorted(label for _, label in samples).count(1) == 3
+    assert len([p for p, label in samples if label == 0]) == 1  # the loop is not walked again
 
 
 def test_scan_image_folder_layouts(tmp_path):
@@ -299,6 +347,10 @@ def test_16_bit_images_and_clips_match_their_8_bit_versions(tmp_path):
     reference = pil_to_tensor(Image.fromarray(ramp8), 1)
     assert torch.allclose(pil_to_tensor(Image.fromarray(ramp16.astype(">u2")), 1), reference, atol=1 / 255)
     assert torch.allclose(pil_to_tensor(Image.fromarray(ramp16.astype(np.int32), "I"), 1), reference, atol=1 / 255)
+    # 32-bit float images: [0, 1] (a float TIFF), or [0, 255]
+    unit = Image.fromarray(ramp8.astype(np.float32) / 255, "F")
+    assert torch.allclose(pil_to_tensor(unit, 1), reference, atol=1 / 255)
+    assert torch.allclose(pil_to_tensor(Image.fromarray(ramp8.astype(np.float32), "F"), 3), reference, atol=1 / 255)
 
     clips = tmp_path / "clips"
     clips.mkdir()
@@ -385,3 +437,14 @@ def test_training_crop_is_cropped_then_resized_in_the_output_mode():
     as_rgb = palette.convert("RGB")
     assert torch.equal(tf(palette, random.Random(5)),
                        pil_to_tensor(as_rgb.crop(box.as_pil_box()).resize((24, 24), Image.BICUBIC), 3))
+
+
+def test_frame_folders_of_unequal_frames_are_unreadable(tmp_path):
+    # a class folder of unrelated photographs is no clip: frames of several sizes are skipped and counted
+    _write_images(tmp_path / "vids" / "clip", ["0.png", "1.png"], size=(40, 30))
+    _write_images(tmp_path / "vids" / "clip", ["2.png"], size=(30, 40))
+    data = VideoFolder(str(tmp_path / "vids"), ClipTransform(8, 3), num_frames=3, stride=1)
+    from mimfast.data.datasets import Unreadable
+
+    item = data[(0, 0)]
+    assert isinstance(item, Unreadable) and "differ in size" in item.reason

@@ -233,3 +233,31 @@ def test_gpu_bf16_fused_matches_reference():
         err = (got.double() - exact).abs().max().item()
         budget = 2 * (same_dtype.double() - exact).abs().max().item() + 1e-3 * exact.abs().max().item()
         assert err <= budget, f"{name}: error {err:.3g} > {budget:.3g}"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_stochastic_depth_drops_or_rescales_whole_branches(fused):
+    rate = 0.5  # the last of two blocks (rates linspace(0, 0.5, 2) = [0, 0.5])
+    model = randomize_(tiny(fused=fused, drop_path_rate=rate).double(), scale=0.2).train()
+    assert [b.drop_path for b in model.encoder.blocks] == [0.0, 0.5]
+    imgs, mask = torch.randn(3, 3, 32, 32, dtype=torch.float64), random_mask(3, 16)
+    noise = torch.zeros(3, 2, 2, dtype=torch.float64)
+    noise[0, 1] = 0.9  # sample 0 keeps both branches of block 1 (u >= rate), the others drop them
+    out = model(imgs, mask, drop_noise=noise)
+    # dropped: as a one-block model; kept: as the plain model with block 1's branch outputs scaled by 1 / (1 - rate)
+    short = tiny(fused=fused, depth=1).double()
+    short.load_state_dict({k: v for k, v in model.state_dict().items() if "blocks.1." not in k})
+    scaled = tiny(fused=fused).double()
+    scaled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer in (scaled.encoder.blocks[1].attn.proj, scaled.encoder.blocks[1].mlp.fc2):
+            layer.weight.div_(1 - rate)
+            layer.bias.div_(1 - rate)
+    torch.testing.assert_close(out.pred[1:], short(imgs[1:], mask[1:]).pred, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.pred[:1], scaled(imgs[:1], mask[:1]).pred, rtol=1e-10, atol=1e-10)
+    # evaluation mode: no drop
+    plain = tiny(fused=fused).double()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.eval()(imgs, mask, drop_noise=noise).pred, plain(imgs, mask).pred)
+    with pytest.raises(ValueError, match="drop_noise must be"):
+        model.train()(imgs, mask, drop_noise=noise[:, :1])

@@ -129,9 +129,9 @@ def test_resume_keeps_this_versions_recipe_and_says_what_changed(tmp_path, capsy
     assert [tuple(g["betas"]) for g in resumed["optimizer"]["param_groups"]] == [(0.9, 0.999)] * 2
     assert [g["weight_decay"] for g in resumed["optimizer"]["param_groups"]] == [0.05, 0.0]
     # a rate below the recipe's floors lowers them instead of failing
-    run(tmp_path / "small", *flags, "--max-steps", "1", "--lr", "1e-9")  # floors 7.8e-8 and 7.8e-9 at batch 4
+    run(tmp_path / "small", *flags, "--max-steps", "1", "--lr", "1e-9")  # warm-up start 3.9e-9 at batch 4
     schedule = ckpt.load_checkpoint(str(tmp_path / "small" / "checkpoint.pt"))["scheduler"]
-    assert schedule["lr"] == schedule["min_lr"] == schedule["warmup_lr"] == 1e-9
+    assert schedule["lr"] == schedule["warmup_lr"] == 1e-9
 
 
 def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
@@ -212,12 +212,13 @@ def test_simmim_and_videomae_runs(tmp_path):
     assert r.step == 2 and r.eval["method"] == "simmim" and r.eval["split"] == "train"
     assert r.eval["probes"] is None and (tmp_path / "simmim" / "reconstructions.png").is_file()
     assert np.isfinite(r.eval["reconstruction_loss"]) and np.isfinite(r.eval["trivial_loss"])
-    # SimMIM's own recipe: AdamW betas (0.9, 0.999), rates per 512 images, warm-up from 1e-6 per 512, clip 5
+    # SimMIM's ViT recipe: AdamW betas (0.9, 0.999), rates per 512 images, warm-up from 5e-7 per 512, timm's
+    # multistep schedule, clip 5
     state = ckpt.load_checkpoint(str(tmp_path / "simmim" / "checkpoint.pt"))
     assert tuple(state["optimizer"]["param_groups"][0]["betas"]) == (0.9, 0.999)
-    assert state["scheduler"]["lr"] == pytest.approx(2e-4 * 4 / 512)
-    assert state["scheduler"]["warmup_lr"] == pytest.approx(1e-6 * 4 / 512)
-    assert state["scheduler"]["min_lr"] == pytest.approx(1e-5 * 4 / 512)
+    assert state["scheduler"]["lr"] == pytest.approx(1e-4 * 4 / 512)
+    assert state["scheduler"]["warmup_lr"] == pytest.approx(5e-7 * 4 / 512)
+    assert state["scheduler"]["kind"] == "timm_multistep"
     assert json.loads((tmp_path / "simmim" / "config.json").read_text())["clip_grad"] == 5.0
     _save_clips(tmp_path / "clips", 6)
     r = run(tmp_path / "video", "--model", "videomae_vit_nano_patch4", "--data", str(tmp_path / "clips"),
@@ -280,6 +281,43 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
     assert "written for model" in err and "simmim_vit_nano_patch4" in err
 
 
+def test_more_set_up_problems_get_one_line_errors(tmp_path, capsys, monkeypatch):
+    base = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "4", "--no-eval", "--output-dir"]
+    (tmp_path / "a_file").write_text("not a folder")
+    assert "cannot write the run folder" in _error_of(capsys, *base, str(tmp_path / "a_file"))
+    assert "cannot write the run folder" in _error_of(capsys, *base, str(tmp_path / "a_file" / "below"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    err = _error_of(capsys, *base, str(tmp_path / "o1"), "--resume", str(tmp_path / "notes.txt"))
+    assert "cannot read checkpoint" in err and "weights_only" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors: no Triton without the interpreter
+    err = _error_of(capsys, *base, str(tmp_path / "o2"), "--backend", "triton")
+    assert "--backend triton cannot run on cpu" in err
+    assert not (tmp_path / "o2" / "metrics.jsonl").exists()
+
+
+def test_runs_started_together_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda *a: "20260101-000000")  # the same second
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--max-steps", "1", "--batch-size", "4", "--no-eval"]
+    first, second = (train(parse_args(flags)) for _ in range(2))
+    assert first.output_dir == "runs/mae_vit_nano_patch4-20260101-000000"
+    assert second.output_dir == first.output_dir + "-2"
+    assert all(os.path.isfile(os.path.join(r.output_dir, "checkpoint.pt")) for r in (first, second))
+    # a start refused at set-up leaves no empty folder behind
+    with pytest.raises(ValueError):
+        train(parse_args(flags + ["--input-size", "30", "--data", "synthetic"]))
+    assert sorted(os.listdir("runs")) == [os.path.basename(first.output_dir), os.path.basename(second.output_dir)]
+
+
+def test_resume_warns_about_a_changed_loss_or_clipping(tmp_path, capsys):
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "4", "--no-eval"]
+    run(tmp_path / "run", *flags, "--max-steps", "1")
+    capsys.readouterr()
+    run(tmp_path / "run", *flags, "--max-steps", "2", "--resume", "auto", "--no-norm-pix-loss", "--clip-grad", "1")
+    out = capsys.readouterr().out
+    assert "--norm-pix-loss False" in out and "--clip-grad 1.0" in out
+
+
 def test_a_fresh_run_never_overwrites_another_runs_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "4", "--no-eval", "--log-every", "1"]
@@ -321,6 +359,33 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert r.step == 2
     records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert records[-1]["skipped_files"] == 2
+
+
+def test_unreadable_batches_neither_count_in_the_loss_nor_update(tmp_path, capsys, monkeypatch):
+    updates = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or step(self, *a, **k))
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    for name in ("x.png", "y.png", "z.png"):
+        (root / name).write_bytes(b"not an image")
+    flags = ["--model", "mae_vit_nano_patch4", "--data", str(root), "--input-size", "16", "--epochs", "1",
+             "--batch-size", "1", "--num-workers", "0", "--no-eval"]
+    losses = {}
+    for every in ("1", "6"):
+        run(tmp_path / every, *flags, "--log-every", every)
+        losses[every] = [r["loss"] for r in read_metrics(str(tmp_path / every / "metrics.jsonl"))]
+    # step by step: three steps with a loss, three without; the 6-step window averages the three readable ones
+    assert sum(v is None for v in losses["1"]) == 3 and len(losses["6"]) == 1
+    assert len(updates) == 2 * 3  # an optimizer update for each readable step of the two runs
+    assert losses["6"][0] == pytest.approx(np.mean([v for v in losses["1"] if v is not None]), rel=1e-5)
+    # a folder of which nothing can be read stops with a one-line error, not a run of zero losses
+    for f in root.glob("*.png"):
+        f.write_bytes(b"not an image")
+    err = _error_of(capsys, *flags, "--output-dir", str(tmp_path / "none"))
+    assert "no file of the training data could be read in epoch 1" in err
 
 
 def _colour_folder(root, classes, per_class=4):
@@ -408,3 +473,19 @@ def test_probes_skipped_when_the_encoder_features_are_not_finite(tmp_path, monke
     r = run(tmp_path / "run", "--model", "mae_vit_nano_patch4", "--data", str(tmp_path / "data"), "--input-size",
             "16", "--epochs", "1", "--batch-size", "4", "--num-workers", "0")
     assert r.eval["probes"] is None and "features are not finite" in r.eval["probes_skipped"]
+
+
+@pytest.mark.parametrize("model, per_step", [("simmim_vit_nano_patch4", 3), ("mae_vit_nano_patch4", 1)])
+def test_simmim_clips_after_every_micro_batch(tmp_path, monkeypatch, model, per_step):
+    # SimMIM's loop clips the accumulating gradient after each backward; MAE's clips once, before the update
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def counting(params, max_norm, *args, **kwargs):
+        calls.append(max_norm)
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting)
+    r = run(tmp_path / "run", "--model", model, "--data", "synthetic", "--epochs", "1", "--max-steps", "2",
+            "--batch-size", "2", "--accum-iter", "3", "--clip-grad", "0.5", "--no-eval")
+    assert r.step == 2 and calls == [0.5] * (2 * per_step)

@@ -85,3 +85,14 @@ def test_ddp_trains_with_per_sample_ratios(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     losses = [r["loss"] for r in read_metrics(str(tmp_path / "ddp" / "metrics.jsonl"))]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+
+
+def test_ddp_simmim_recipe_matches_one_process(tmp_path):
+    # SimMIM's recipe under accumulation: stochastic depth drawn per sample index, the running gradient clipped
+    # after every micro-batch (each reduced over the ranks first), timm's multistep schedule
+    flags = ["--model", "simmim_vit_micro_patch4", "--data", "synthetic", "--epochs", "1", "--max-steps", "3",
+             "--log-every", "1", "--no-eval", "--num-workers", "0", "--accum-iter", "2", "--clip-grad", "0.05",
+             "--drop-path", "0.5"]
+    train(parse_args(["--output-dir", str(tmp_path / "single"), "--batch-size", "4", *flags]))
+    torchrun(tmp_path / "ddp", "--batch-size", "2", *flags)
+    _compare(tmp_path / "single", tmp_path / "ddp")

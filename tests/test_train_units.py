@@ -11,7 +11,7 @@ import torch
 from mimfast.train import checkpoint as ckpt
 from mimfast.train.config import PretrainConfig, parse_args, resolve
 from mimfast.train.masks import hash_noise, mae_noise, simmim_mask, tube_mask
-from mimfast.train.optim import WarmupCosine, param_groups, scaled_lr
+from mimfast.train.optim import LRSchedule, param_groups, scaled_lr
 
 
 def test_hash_noise_is_a_function_of_seed_epoch_index_token():
@@ -221,10 +221,14 @@ def test_masking_flag_checks():
         (["--mask-schedule", "linear"], "--mask-ratio-end, which is not given"),
         (["--block-min-patches", "16"], "block only"),
         (["--mask-strategy", "block", "--importance-temperature", "1"], "importance only"),
-        (["--mask-ratio", "0"], "masks nothing"),
+        (["--mask-ratio", "0"], "nothing is masked"),
+        (["--mask-ratio", "0", "--mask-ratio-end", "0"], "nothing is masked"),
+        (["--mask-ratio-range", "0", "0"], "nothing is masked"),
         (["--num-frames", "8"], "videomae only"),
         (["--sampling-rate", "4"], "videomae only"),
         (["--mask-patch-size", "8"], "simmim only"),
+        (["--drop-path", "0.1"], "simmim only"),
+        (["--model", "simmim_vit_base_patch16", "--drop-path", "1"], "--drop-path must be in"),
         (["--model", "mae_vit_base_patch16", "--method", "simmim"], "does not train model mae_vit_base_patch16"),
         (["--weight-decay", "-1"], "--weight-decay"),
         (["--min-lr=-1e-5"], "--min-lr"),
@@ -304,7 +308,7 @@ def test_hash_noise_streams_are_independent_draws():
 def test_warmup_cosine_schedule():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = WarmupCosine(opt, lr=0.1, total_steps=100, warmup_steps=10, min_lr=0.001)
+    sched = LRSchedule(opt, lr=0.1, total_steps=100, warmup_steps=10, min_lr=0.001)
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
@@ -314,11 +318,11 @@ def test_warmup_cosine_schedule():
     assert lrs[10] == pytest.approx(0.1)
     assert lrs[55] == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
-    again = WarmupCosine(opt, lr=0.1, total_steps=100, warmup_steps=10, min_lr=0.001)
+    again = LRSchedule(opt, lr=0.1, total_steps=100, warmup_steps=10, min_lr=0.001)
     again.load_state_dict(sched.state_dict())
     assert again.last_step == 100 and again.current_lr() == sched.current_lr()
     # a resumed run given more epochs continues on its own, longer schedule (not at the old one's end, lr 0.001)
-    longer = WarmupCosine(opt, lr=0.1, total_steps=200, warmup_steps=10, min_lr=0.001)
+    longer = LRSchedule(opt, lr=0.1, total_steps=200, warmup_steps=10, min_lr=0.001)
     longer.load_state_dict(sched.state_dict())
     assert longer.current_lr() == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 90 / 190)))
     assert opt.param_groups[0]["lr"] == longer.current_lr()
@@ -327,10 +331,49 @@ def test_warmup_cosine_schedule():
 
 def test_warm_up_starts_from_warmup_lr():
     p = torch.nn.Parameter(torch.zeros(1))
-    sched = WarmupCosine(torch.optim.SGD([p], lr=1.0), lr=1.0, total_steps=10, warmup_steps=4, min_lr=0.1,
+    sched = LRSchedule(torch.optim.SGD([p], lr=1.0), lr=1.0, total_steps=10, warmup_steps=4, min_lr=0.1,
                          warmup_lr=0.2)
     assert [sched.lr_at(s) for s in (0, 2, 4)] == pytest.approx([0.2, 0.6, 1.0])
     assert sched.lr_at(10) == pytest.approx(0.1)
+
+
+def test_videomae_schedule_is_its_linspace_warm_up_then_cosine():
+    # utils.cosine_scheduler: np.linspace(start, lr, W) (ending on lr), then the cosine over the remaining steps
+    lr, floor, W, T = 2.0, 0.01, 5, 23
+    published = np.concatenate([np.linspace(0.0, lr, W),
+                                floor + 0.5 * (lr - floor) * (1 + np.cos(np.pi * np.arange(T - W) / (T - W)))])
+    sched = LRSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), lr, T, W, floor,
+                       kind="linspace_cosine")
+    assert [sched.lr_at(s) for s in range(T)] == pytest.approx(published.tolist(), rel=1e-12)
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_simmim_schedules_step_like_timm_after_each_update(accum):
+    # SimMIM's loop counts micro-batches and calls step_update(index of the update's last micro-batch) after the
+    # update; timm's warm-up is linear from warmup_lr over W, its cosine spans the whole run (warm-up included)
+    lr, start, floor, W, T = 1.0, 0.01, 0.001, 10, 80
+    w, total = W * accum, T * accum
+
+    def warm(t):
+        return start + t * (lr - start) / w
+
+    def multistep(t):
+        return warm(t) if t < w else lr * 0.1 ** (t >= 70 * accum)
+
+    def cosine(t):
+        return warm(t) if t < w else floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * t / total))
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for kind, rule in (("timm_multistep", multistep), ("timm_cosine", cosine)):
+        sched = LRSchedule(opt, lr, T, W, floor, start, kind=kind, decay_at=(7 / 8,), accum=accum)
+        used = []
+        for _ in range(T):
+            used.append(opt.param_groups[0]["lr"])
+            sched.step()
+        assert used == pytest.approx([rule(0)] + [rule(s * accum - 1) for s in range(1, T)], rel=1e-12)
+    assert used[1] == used[0] if accum == 1 else used[1] > used[0]  # timm's one-update lag
+    with pytest.raises(ValueError, match="unknown schedule"):
+        LRSchedule(opt, lr, T, W, kind="step")
 
 
 def test_method_recipes_fill_their_defaults():
@@ -340,7 +383,12 @@ def test_method_recipes_fill_their_defaults():
     assert resolve(parse_args(["--model", "simmim_vit_base_patch16", "--clip-grad", "1"])).clip_grad == 1.0
     assert resolve(parse_args(["--model", "mae_vit_base_patch16"])).clip_grad is None
     assert RECIPES["simmim"].betas == (0.9, 0.999) and RECIPES["mae"].betas == RECIPES["videomae"].betas == (0.9, 0.95)
-    assert scaled_lr(2e-4, 2048, RECIPES["simmim"].lr_batch) == pytest.approx(8e-4)
+    assert scaled_lr(1e-4, 2048, RECIPES["simmim"].lr_batch) == pytest.approx(4e-4)
+    simmim = resolve(parse_args(["--model", "simmim_vit_base_patch16", "--data", "synthetic"]))
+    # the published ViT-B recipe
+    assert (simmim.blr, simmim.epochs, simmim.warmup_epochs, simmim.drop_path) == (1e-4, 800, 10, 0.1)
+    with pytest.raises(ValueError, match="--min-lr applies"):
+        resolve(parse_args(["--model", "simmim_vit_base_patch16", "--min-lr", "0"]))
 
 
 def test_param_groups_exclude_biases_and_1d():
@@ -446,7 +494,7 @@ def test_config_defaults_and_checks():
     assert (demo.model, demo.method, demo.mask_ratio) == ("mae_vit_micro_patch4", "mae", 0.75)
     assert demo.epochs == 30 and demo.blr == 4e-3 and demo.output_dir.startswith("runs/mae_vit_micro_patch4-")
     folder = resolve(parse_args(["--data", "/x", "--model", "simmim_vit_base_patch16"]))
-    assert (folder.method, folder.mask_ratio, folder.epochs) == ("simmim", 0.6, 100)
+    assert (folder.method, folder.mask_ratio, folder.epochs) == ("simmim", 0.6, 800)
     assert resolve(parse_args(["--data", "/x"])).model == "mae_vit_base_patch16"
     assert parse_args(["--no-norm-pix-loss"]).norm_pix_loss is False
     with pytest.raises(ValueError, match="mask-ratio"):

@@ -105,8 +105,17 @@ def _given_labels(root: str, found: Sequence[str], classes: Sequence[str]) -> di
 
 
 def _images_under(folder: str) -> Iterator[str]:
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
+    """Image files below ``folder``, sorted, following linked folders (as torchvision's ImageFolder does) but
+    entering each real folder once, so a link back up the tree ends."""
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        fresh = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                fresh.append(d)
+        dirnames[:] = fresh
         yield from (os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
 
 
@@ -281,6 +290,8 @@ def _load_clip_frames(path: str, frame_ids: Sequence[int]) -> list[Image.Image]:
             with Image.open(files[i]) as img:
                 img.load()
                 out.append(img.copy())
+        if len({f.size for f in out}) > 1:  # e.g. a class folder of unrelated images taken for a clip
+            raise ValueError(f"the frames of one clip differ in size: {sorted({f.size for f in out})}")
         return out
     frames = np.asarray(_clip_array(path)[list(frame_ids)])
     if frames.dtype.kind in "iu" and frames.dtype != np.uint8:

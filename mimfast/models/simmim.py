@@ -3,7 +3,7 @@ one-layer head (1x1 convolution + pixel shuffle) regresses the raw pixels; L1 lo
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ class SimMIMEncoder(MIMModel):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         fused: bool = True,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -48,11 +49,14 @@ class SimMIMEncoder(MIMModel):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, embed_dim))
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
+        # stochastic depth rising linearly over the blocks, from 0 at the first to drop_path_rate at the last
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.fused = fused
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor,
+                drop_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.patch_embed(imgs)
         N, L, _ = x.shape
         if self.fused and mask.dtype == torch.bool:
@@ -62,8 +66,8 @@ class SimMIMEncoder(MIMModel):
             w = mask.reshape(N, L, 1).type_as(x)
             x = x * (1 - w) + self.mask_token * w
         x = torch.cat((self.cls_token.expand(N, -1, -1), x), dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, drop_noise=None if drop_noise is None else drop_noise[:, i])
         x = self.norm(x)[:, 1:, :]
         h, w = self.patch_embed.grid_size
         return x.transpose(1, 2).reshape(N, -1, h, w)
@@ -85,6 +89,11 @@ class SimMIMViT(MIMModel):
     embedding, ``qkv`` biases): SimMIM's published ViT-B uses a shared relative position bias and layer scale
     instead, so its checkpoints do not load here.
 
+    ``drop_path_rate``: stochastic depth rising linearly from 0 at the first block to this rate at the last
+    (SimMIM's ViT-B recipe trains with 0.1; the pretraining engine's default for SimMIM), active in training
+    mode; ``forward``'s ``drop_noise`` [N, depth, 2] (uniform in [0, 1)) supplies the draws, else torch's
+    generator does.
+
     Equivalent PyTorch (loss)::
 
         pred = decoder(encoder(imgs, mask))
@@ -105,9 +114,11 @@ class SimMIMViT(MIMModel):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         fused: bool = True,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        self.encoder = SimMIMEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
+        self.encoder = SimMIMEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
+                                     drop_path_rate=drop_path_rate)
         self.decoder = nn.Sequential(
             nn.Conv2d(embed_dim, patch_size * patch_size * in_chans, kernel_size=1), nn.PixelShuffle(patch_size)
         )
@@ -145,11 +156,15 @@ class SimMIMViT(MIMModel):
             raise TypeError(f"mask must be bool, integer or floating (1 = masked), got {mask.dtype}")
         return mask.reshape(N, L)
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor, drop_noise: Optional[torch.Tensor] = None) -> MIMOutput:
         check_model_input(imgs, name="imgs", img_size=self.img_size, patch_size=self.patch_size,
                           in_chans=self.in_chans, device=self.encoder.cls_token.device)
         mask = self._check_mask(mask, imgs.shape[0])
-        pred = self.decoder(self.encoder(imgs, mask))
+        depth = len(self.encoder.blocks)
+        if drop_noise is not None and tuple(drop_noise.shape) != (imgs.shape[0], depth, 2):
+            raise ValueError(f"drop_noise must be [N, depth, 2] = [{imgs.shape[0]}, {depth}, 2], got "
+                             f"{tuple(drop_noise.shape)}")
+        pred = self.decoder(self.encoder(imgs, mask, drop_noise))
         if self.fused:
             loss = simmim_pixel_loss(pred, imgs, mask, self.patch_size)
         else:

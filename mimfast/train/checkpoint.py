@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import random
 from typing import Any, Optional
 
@@ -93,8 +94,11 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); it may be truncated or "
-                              "not a mimfast checkpoint") from e
+        # torch's own message goes on about loading untrusted pickles with weights_only=False: not the advice here
+        detail = ("not a torch.save file of tensors and plain values" if isinstance(e, pickle.UnpicklingError)
+                  else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+        raise CheckpointError(f"cannot read checkpoint {path!r} ({detail}); it may be truncated or not a mimfast "
+                              "checkpoint") from e
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path!r} is not a mimfast pretraining checkpoint (no 'model' / 'step' entries)")
     return state

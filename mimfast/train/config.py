@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -28,14 +29,16 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 # Settings a resumed run must share with its checkpoint to reproduce the uninterrupted run.
 _TRAJECTORY_SETTINGS = ("batch_size", "accum_iter", "epochs", "seed", "mask_ratio", "mask_strategy", "mask_ratio_end",
                         "mask_schedule", "mask_ratio_range", "mask_patch_size", "block_min_patches",
-                        "importance_temperature", "data", "blr", "lr")
+                        "importance_temperature", "data", "blr", "lr", "norm_pix_loss", "clip_grad", "sampling_rate",
+                        "drop_path")
 # Settings of one masking variant, None when the run does not use that variant.
 _VARIANT_SETTINGS = ("mask_schedule", "block_min_patches", "importance_temperature")
 
 # MAE paper recipe; the demo overrides it (tiny data, minutes of CPU).
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "mae": dict(mask_ratio=0.75, blr=1.5e-4, epochs=400, warmup_epochs=40),
-    "simmim": dict(mask_ratio=0.6, blr=2e-4, epochs=100, warmup_epochs=10),
+    # the published ViT-B configuration (simmim_pretrain__vit_base__img224__800ep)
+    "simmim": dict(mask_ratio=0.6, blr=1e-4, epochs=800, warmup_epochs=10),
     "videomae": dict(mask_ratio=0.9, blr=1.5e-4, epochs=800, warmup_epochs=40),
 }
 _DEMO_DEFAULTS: dict[str, Any] = dict(
@@ -75,6 +78,7 @@ class PretrainConfig:
     importance_temperature: Optional[float] = None
     norm_pix_loss: bool = True
     clip_grad: Optional[float] = None
+    drop_path: Optional[float] = None
     output_dir: Optional[str] = None
     resume: Optional[str] = None
     device: Optional[str] = None
@@ -125,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
     a("--min-lr", type=float, default=None,
       help="floor of the cosine (default: the method's, scaled with the batch like the rate: 0 for mae, 1e-5 x "
-           "batch / 512 for simmim, 1e-5 x batch / 256 for videomae)")
+           "batch / 256 for videomae; simmim's step schedule has none)")
     a("--warmup-lr", type=float, default=None,
-      help="rate the warm-up starts from (default: the method's, scaled likewise: 0 for mae, 1e-6 for simmim and "
-           "videomae)")
+      help="rate the warm-up starts from (default: the method's, scaled likewise: 0 for mae and videomae, 5e-7 x "
+           "batch / 512 for simmim)")
     a("--weight-decay", type=float, default=0.05,
       help="AdamW weight decay (not on biases, 1-D parameters and the method's official exemptions)")
     a("--warmup-epochs", type=int, default=None, help="epochs of linear warm-up")
@@ -156,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="per-patch normalised pixel targets (MAE; VideoMAE's normalised target)")
     a("--clip-grad", type=float, default=None,
       help="clip the gradient norm to this value (default: none; 5 for simmim, as its recipe)")
+    a("--drop-path", type=float, default=None,
+      help="simmim: stochastic depth of the last block, rising linearly from 0 at the first (default 0.1, as its "
+           "ViT recipe)")
     a("--output-dir", default=None, help="run folder (default runs/<model>-<timestamp>)")
     a("--resume", default=None, help="checkpoint path, or 'auto': the newest checkpoint of the run folder "
                                      "(with no --output-dir: of the newest runs/<model>-* folder); none found "
@@ -215,6 +222,8 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
     default("method", method)
     for name, value in _METHOD_DEFAULTS[method].items():
         default(name, value)
+    if method == "simmim":
+        default("drop_path", 0.1)
     if method in METHODS and config.clip_grad is None and "clip_grad" not in fill:
         clip = RECIPES[method].clip_grad
         if clip is not None:
@@ -222,7 +231,7 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
     default("batch_size", 64)
     default("save_every", 1000)
     default("log_every", 20)
-    default("num_workers", 8)
+    default("num_workers", min(8, _cpus()))  # more workers than cores only contend (and DataLoader warns)
     if config.mask_ratio_range is not None:
         fill["mask_ratio_range"] = tuple(float(r) for r in config.mask_ratio_range)
     # settings of one masking variant get their default only when that variant runs, so a value given for another
@@ -242,6 +251,13 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
     return out
 
 
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return max(1, os.cpu_count() or 1)
+
+
 def _check(c: PretrainConfig) -> None:
     positive = dict(epochs=c.epochs, batch_size=c.batch_size, accum_iter=c.accum_iter, save_every=c.save_every,
                     log_every=c.log_every, eval_max_images=c.eval_max_images)
@@ -254,15 +270,20 @@ def _check(c: PretrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     # settings of one method that another would ignore
     for name, methods in (("num_frames", ("videomae",)), ("sampling_rate", ("videomae",)),
-                          ("mask_patch_size", ("simmim",))):
+                          ("mask_patch_size", ("simmim",)), ("drop_path", ("simmim",))):
         if getattr(c, name) is not None and c.method not in methods:
             raise ValueError(f"--{name.replace('_', '-')} applies to {' and '.join(methods)} only, not {c.method}")
     if c.warmup_epochs < 0 or c.num_workers < 0:
         raise ValueError("--warmup-epochs and --num-workers must be >= 0")
     if not 0.0 <= c.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {c.mask_ratio}")
-    if c.mask_ratio == 0.0 and c.mask_ratio_end is None and c.mask_ratio_range is None:
-        raise ValueError("--mask-ratio 0 masks nothing, so there is nothing to reconstruct (the loss is 0)")
+    if c.mask_ratio_range is not None:
+        highest = max(c.mask_ratio_range)
+    else:
+        highest = max(c.mask_ratio, c.mask_ratio_end if c.mask_ratio_end is not None else 0.0)
+    if highest == 0.0:
+        raise ValueError("the mask ratios (--mask-ratio, --mask-ratio-end, --mask-ratio-range) are all 0: nothing is "
+                         "masked, so there is nothing to reconstruct (the loss is 0)")
     _check_masking(c)
     # written as "not (x > 0)" so that NaN fails too
     if not (c.blr > 0 if c.lr is None else c.lr > 0) or not math.isfinite(c.lr if c.lr is not None else c.blr):
@@ -271,6 +292,11 @@ def _check(c: PretrainConfig) -> None:
         value = getattr(c, name)
         if value is not None and not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0 and finite, got {value}")
+    if c.min_lr is not None and c.method == "simmim":
+        raise ValueError("--min-lr applies to the cosine schedules of mae and videomae; simmim's recipe steps its rate "
+                         "down x0.1 at 7/8 of the run instead")
+    if c.drop_path is not None and not 0.0 <= c.drop_path < 1.0:
+        raise ValueError(f"--drop-path must be in [0, 1), got {c.drop_path}")
     if c.clip_grad is not None and not c.clip_grad > 0:
         raise ValueError(f"--clip-grad must be positive, got {c.clip_grad}")
     if c.method not in METHODS:
@@ -319,6 +345,8 @@ def changed_settings(saved: dict[str, Any], config: PretrainConfig) -> list[tupl
         then = saved.get(name, now)
         if isinstance(then, list):  # a tuple setting as some serialisations give it back
             then = tuple(then)
+        if name == "data" and isinstance(then, str) and isinstance(now, str) and then not in ("demo", "synthetic"):
+            then, now = os.path.normpath(then), os.path.normpath(now)  # data/ and data are one folder
         if then != now:
             changed.append((name, now, then))
     return changed

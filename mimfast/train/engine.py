@@ -45,7 +45,7 @@ from mimfast.train.distributed import (
 from mimfast.train.masks import EVAL_EPOCH
 from mimfast.train.metrics import MetricsLog, mfu, peak_flops, peak_memory_mb, read_metrics, train_flops_per_sample
 from mimfast.train.objectives import Objective, build_model
-from mimfast.train.optim import RECIPES, WarmupCosine, build_optimizer, scaled_lr
+from mimfast.train.optim import RECIPES, LRSchedule, build_optimizer, scaled_lr
 from mimfast.train.visualize import save_loss_curve, save_reconstructions
 
 __all__ = ["train", "RunResult", "build_datasets", "enable_grad_checkpointing"]
@@ -98,7 +98,8 @@ def build_datasets(config: PretrainConfig, objective: Objective, device: torch.d
             return VideoFolder(r, tf, objective.num_frames, config.sampling_rate, seed=config.seed, classes=classes)
     else:
         def make(r: str, train: bool, classes: Optional[list[str]] = None) -> ImageFolder:
-            return ImageFolder(r, ImageTransform(size, shape[0], IMAGENET_MEAN, IMAGENET_STD, train=train),
+            build = ImageTransform.simmim if objective.method == "simmim" else ImageTransform
+            return ImageFolder(r, build(size, shape[0], IMAGENET_MEAN, IMAGENET_STD, train=train),
                                seed=config.seed, classes=classes)
     train_set = make(root, True)
     # held-out labels index the training split's classes, so both splits number a class alike (an unlabelled
@@ -175,6 +176,12 @@ class Trainer:
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device) -> None:
         self.info, self.device = info, device
         self.config = config
+        if config.backend == "triton":
+            from mimfast.backend import triton_reasons
+
+            reasons = triton_reasons([device])
+            if reasons:
+                raise SetupError(f"--backend triton cannot run on {device}: {'; '.join(reasons)}")
         self.main = self.info.is_main
         self.out_dir = config.output_dir
         self.nvtx = config.nvtx and self.device.type == "cuda"
@@ -229,8 +236,9 @@ class Trainer:
         min_lr = rate("min-lr", config.min_lr, recipe.min_lr)
         warmup_lr = rate("warmup-lr", config.warmup_lr, recipe.warmup_lr)
         self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device, recipe.betas)
-        self.schedule = WarmupCosine(self.optimizer, lr, self.total_steps,
-                                     config.warmup_epochs * self.steps_per_epoch, min_lr, warmup_lr)
+        self.schedule = LRSchedule(self.optimizer, lr, self.total_steps, config.warmup_epochs * self.steps_per_epoch,
+                                   min_lr, warmup_lr, kind=recipe.schedule, decay_at=recipe.decay_at,
+                                   gamma=recipe.gamma, accum=config.accum_iter)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.metrics = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), enabled=self.main)
@@ -305,9 +313,13 @@ class Trainer:
         now = self.schedule.state_dict()
         moved = [k for k in ("lr", "min_lr", "warmup_lr", "total_steps", "warmup_steps")
                  if k in saved_schedule and not math.isclose(float(saved_schedule[k]), float(now[k]), rel_tol=1e-9)]
-        if moved:
+        changes = [f"{k} {saved_schedule[k]:.4g} -> {now[k]:.4g}" for k in moved]
+        saved_kind = saved_schedule.get("kind", "cosine")  # checkpoints before the per-method kinds used MAE's
+        if saved_kind != now["kind"]:
+            changes.append(f"kind {saved_kind} -> {now['kind']}")
+        if changes:
             self._log("warning: the learning-rate schedule differs from the checkpoint's ("
-                      + ", ".join(f"{k} {saved_schedule[k]:.4g} -> {now[k]:.4g}" for k in moved)
+                      + ", ".join(changes)
                       + "); the run continues on this one from step " + str(self.schedule.last_step))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -316,6 +328,10 @@ class Trainer:
         self.skipped_before = int(state.get("skipped_total", 0))
         self.metrics.truncate_after(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
+        if self.step >= self.last_step:
+            limit = f"--max-steps {self.config.max_steps}" if self.last_step < self.total_steps else \
+                f"the schedule's {self.total_steps} steps (--epochs {self.config.epochs})"
+            self._log(f"note: the checkpoint is already at or past {limit}: nothing left to train")
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -389,26 +405,48 @@ class Trainer:
         images = batch.images.to(self.device, non_blocking=True)
         return images, batch.indices, 1.0
 
+    def _clip_each_micro_batch(self) -> bool:
+        """SimMIM's loop clips the accumulating gradient after every backward, each one reduced over the processes
+        (its DistributedDataParallel syncs every micro-batch)."""
+        return (self.config.clip_grad is not None and self.config.accum_iter > 1
+                and RECIPES[self.config.method].clip_each_micro_batch)
+
     def _sync_context(self, last_micro: bool) -> Any:
         if self.config.accum_iter == 1 or not self.info.distributed:
             return contextlib.nullcontext()
+        if self._clip_each_micro_batch():
+            last_micro = True  # every micro-batch's gradient is reduced before it is clipped
         if isinstance(self.ddp_model, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext() if last_micro else self.ddp_model.no_sync()
         self.model.set_requires_gradient_sync(last_micro)
         return contextlib.nullcontext()
 
-    def train_step(self, it: Iterator[Batch], epoch: int) -> torch.Tensor:
-        """One optimizer step over ``accum_iter`` micro-batches; returns the mean loss (a device scalar)."""
+    def train_step(self, it: Iterator[Batch], epoch: int) -> tuple[torch.Tensor, float]:
+        """One optimizer step over ``accum_iter`` micro-batches; returns the sum of the micro-batches' losses (a
+        device scalar) and how many micro-batches had a readable image (the loss of the others is 0). A single
+        process whose micro-batches were all unreadable makes no update (under torchrun every rank updates, to
+        stay in step)."""
         accum = self.config.accum_iter
         total = torch.zeros((), device=self.device)
+        readable = 0.0
         for micro in range(accum):
             images, indices, weight = self._micro_batch(it)
+            readable += weight
             with self._sync_context(micro == accum - 1):
                 with _nvtx(self.nvtx, "forward"), self._autocast(), self._backend():
                     loss = self.objective.forward(self.step_model, images, indices, epoch, self.step).loss
                 with _nvtx(self.nvtx, "backward"), self._backend():
                     self.scaler.scale(loss.float() * (weight / accum)).backward()
+            if self._clip_each_micro_batch() and micro < accum - 1:
+                # the gradients are still scaled by the fp16 loss scale (unscaled once, before the update): the
+                # threshold scales with them
+                scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad * scale)
             total += loss.detach().float() * weight
+        if readable == 0 and not self.info.distributed:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()  # the step still counts: the schedule and the data stay where a full run has them
+            return total, readable
         with _nvtx(self.nvtx, "optimizer"):
             if self.config.clip_grad is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -417,7 +455,7 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
-        return total / accum
+        return total, readable
 
     def _skipped_total(self) -> int:
         """Unreadable files skipped so far by every rank (a collective call under torchrun)."""
@@ -441,6 +479,7 @@ class Trainer:
                    unit="step", desc="train")
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_start = 0, time.perf_counter()
+        window_readable = epoch_readable = 0.0  # micro-batches with a readable image, this rank
         saved_at = self.step
         stopped_by = None
         with self.stop.installed():
@@ -449,17 +488,26 @@ class Trainer:
                 self.sampler.set_epoch(epoch, start_step=in_epoch * c.accum_iter)
                 it = iter(self.loader)
                 bar.set_description(f"epoch {epoch + 1}/{c.epochs}")
+                if in_epoch == 0:
+                    epoch_readable = 0.0
                 for _ in range(in_epoch, self.steps_per_epoch):
-                    window_loss += self.train_step(it, epoch)
+                    loss_sum, readable = self.train_step(it, epoch)
+                    window_loss += loss_sum
+                    window_readable += readable
+                    epoch_readable += readable
                     self.step += 1
                     window_steps += 1
                     bar.update(1)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
                     if self.step % c.log_every == 0 or self.step == self.last_step or end_of_epoch:
-                        record = self._log_window(window_loss, window_steps, time.perf_counter() - window_start)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                        img_s=f"{record['img_per_s']:.0f}")
+                        record = self._log_window(window_loss, window_readable, window_steps,
+                                                  time.perf_counter() - window_start,
+                                                  epoch_readable if end_of_epoch and in_epoch == 0 else None)
+                        if record["loss"] is not None:
+                            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                            img_s=f"{record['img_per_s']:.0f}")
                         window_loss.zero_()
+                        window_readable = 0.0
                         window_steps, window_start = 0, time.perf_counter()
                     if self.step % c.save_every == 0 or end_of_epoch or self.step == self.last_step:
                         self.save()
@@ -477,9 +525,20 @@ class Trainer:
                       f"with --resume auto --output-dir {self.out_dir})")
         return stopped_by
 
-    def _log_window(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> dict[str, Any]:
-        loss = float(all_reduce_mean(loss_sum / max(steps, 1), self.info))
-        if not math.isfinite(loss):
+    def _log_window(self, loss_sum: torch.Tensor, readable: float, steps: int, seconds: float,
+                    epoch_readable: Optional[float] = None) -> dict[str, Any]:
+        """Log the mean loss over the window's readable micro-batches of every rank (None when it had none);
+        with ``epoch_readable`` (a whole epoch's count, at its end) raise when no rank read any image in it."""
+        counts = [readable] + ([epoch_readable] if epoch_readable is not None else [])
+        totals = all_reduce_sum(torch.cat([loss_sum.reshape(1).float(),
+                                           torch.tensor(counts, dtype=torch.float32).to(self.device)]), self.info)
+        loss_total, window_count, *epoch_count = totals.tolist()
+        if epoch_count and epoch_count[0] == 0:
+            epoch = (self.step - 1) // self.steps_per_epoch + 1  # counted from 1, as the progress bar does
+            raise DataError(f"no file of the training data could be read in epoch {epoch} ({self._skipped_total()} "
+                            "skipped); check the folder's files")
+        loss = loss_total / window_count if window_count else None
+        if loss is not None and not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}; lower the learning rate (--blr) or clip "
                                      "gradients (--clip-grad)")
         img_s = self.samples_per_step * steps / max(seconds, 1e-9)
@@ -648,10 +707,13 @@ def _agree_on_output_dir(config: PretrainConfig, given: bool, info: DistInfo) ->
     """``--resume auto`` without ``--output-dir`` continues the newest run folder of the model; every rank
     then uses rank 0's folder (a default name holds a timestamp the ranks need not agree on)."""
     out = config.output_dir
+    found = None
     if not given and config.resume == "auto":
         found = ckpt.find_resume_checkpoint(None, config.model)
         if found is not None:
             out = os.path.dirname(found)
+    if not given and found is None and info.rank == 0:
+        out = _claim_new_folder(out)
     if info.distributed:
         import torch.distributed as dist
 
@@ -659,6 +721,30 @@ def _agree_on_output_dir(config: PretrainConfig, given: bool, info: DistInfo) ->
         dist.broadcast_object_list(shared, src=0)
         out = shared[0]
     return dataclasses.replace(config, output_dir=out)
+
+
+def _remove_if_empty(path: Optional[str]) -> None:
+    try:
+        if path:
+            os.rmdir(path)
+    except OSError:  # not empty, or not there
+        pass
+
+
+def _claim_new_folder(path: str) -> str:
+    """Create the default run folder, or ``path-2``, ``path-3``, ... when it exists: runs started within the same
+    second (a sweep) would share a timestamped name, and so one metrics file and checkpoint."""
+    for k in range(1, 1000):
+        candidate = path if k == 1 else f"{path}-{k}"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(candidate)), exist_ok=True)
+            os.mkdir(candidate)  # atomic: exactly one process creates it
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise SetupError(f"cannot create the run folder {candidate}: {e.strerror or e}") from e
+    raise SetupError(f"no free run folder name next to {path}; pass --output-dir")
 
 
 class SetupError(ValueError):
@@ -680,19 +766,22 @@ def train(config: PretrainConfig) -> RunResult:
         info, device = init_distributed(config.device)
     except ValueError as e:  # a --device that does not exist here
         raise SetupError(str(e)) from e
+    resolved = None
     try:
         resolved = resolve(config)
         resolved = _agree_on_output_dir(resolved, config.output_dir is not None, info)
         _check_fresh_output_dir(resolved)
         trainer = Trainer(resolved, info, device)
-    except ValueError as e:
+    except BaseException as e:
         shutdown(info)
-        if isinstance(e, (SetupError, DataError)):
+        if resolved is not None and config.output_dir is None and info.rank == 0:
+            _remove_if_empty(resolved.output_dir)  # the default folder this start claimed
+        if isinstance(e, OSError) and not isinstance(e, DataError):  # an output folder that cannot be written
+            where = e.filename or (resolved.output_dir if resolved is not None else config.output_dir)
+            raise SetupError(f"cannot write the run folder ({e.strerror or type(e).__name__}: {where})") from e
+        if not isinstance(e, ValueError) or isinstance(e, (SetupError, DataError)):
             raise
         raise SetupError(str(e)) from e
-    except BaseException:
-        shutdown(info)
-        raise
     config = resolved
     try:
         trainer.resume()  # first: a refused resume leaves the run folder as it was

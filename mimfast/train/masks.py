@@ -26,6 +26,7 @@ _M32 = 0xFFFFFFFF
 # hash_noise streams besides the mask noise (0)
 _RATIO_STREAM = 1
 _GUMBEL_STREAM = 2
+DROP_PATH_STREAM = 3  # SimMIM's stochastic depth
 
 
 def _mul32(x: Union[torch.Tensor, int], c: int) -> Union[torch.Tensor, int]:

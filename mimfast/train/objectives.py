@@ -15,7 +15,9 @@ from mimfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mimfast.ops.patchify import patchify, unpatchify
 from mimfast.train.config import PretrainConfig
 from mimfast.train.masks import (
+    DROP_PATH_STREAM,
     block_mask,
+    hash_noise,
     importance_noise,
     mae_noise,
     mask_from_noise,
@@ -82,6 +84,8 @@ def build_model(config: PretrainConfig, channels: int) -> nn.Module:
         kwargs["img_size"] = config.input_size
     if config.method == "mae":
         kwargs["norm_pix_loss"] = config.norm_pix_loss
+    elif config.method == "simmim" and config.drop_path:
+        kwargs["drop_path_rate"] = config.drop_path
     elif config.method == "videomae":
         kwargs["norm_target"] = config.norm_pix_loss
         if config.num_frames is not None:
@@ -144,6 +148,9 @@ class Objective:
             self.mask_patch_size = config.mask_patch_size or default
             if self.img_size[0] != self.img_size[1]:
                 raise ValueError("SimMIM masking needs square inputs")
+        # blocks with stochastic depth: the training forward passes their draws
+        self.drop_path_blocks = len(model.encoder.blocks) if self.method == "simmim" and any(
+            b.drop_path > 0 for b in model.encoder.blocks) else 0
         if self.method == "videomae":
             self.tubelet_size = model.tubelet_size
             self.num_frames = model.num_frames
@@ -236,6 +243,10 @@ class Objective:
                     units = block_mask(self.seed, epoch, indices.cpu(), (side, side), num_masked,
                                        self.block_min_patches, images.device)
                 mask = units_to_patches(units, side, scale)
+            if step is not None and self.drop_path_blocks:
+                # stochastic depth drawn like the masks: a function of (seed, epoch, index), whatever the rank
+                u = hash_noise(self.seed, epoch, device_indices, 2 * self.drop_path_blocks, stream=DROP_PATH_STREAM)
+                return model(images, mask, drop_noise=u.view(-1, self.drop_path_blocks, 2))
             return model(images, mask)
         from mimfast.ops.masking import mask_info_from_mask
 

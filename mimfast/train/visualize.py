@@ -41,8 +41,10 @@ def save_loss_curve(records: Sequence[dict[str, Any]], path: str, title: str = "
     else:
         fig, ax = plt.subplots(figsize=(width, height), dpi=DPI)
         ax.set_xlabel("optimizer step")
-    ax.plot(steps, [r["loss"] for r in records if "loss" in r], color="tab:blue", label="train loss")
-    losses = [r["loss"] for r in records if "loss" in r]
+    # a window without a readable image logs no loss: a gap in the curve; a lone point gets a marker to be seen
+    curve = [r["loss"] if r["loss"] is not None else float("nan") for r in records if "loss" in r]
+    ax.plot(steps, curve, color="tab:blue", label="train loss", marker="o" if len(curve) == 1 else None)
+    losses = [v for v in curve if np.isfinite(v)]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 5:
         ax.set_yscale("log")  # the first steps would otherwise flatten the rest of the curve
     ax.set_ylabel("loss", color="tab:blue")
