@@ -146,10 +146,27 @@ def test_image_folders_follow_linked_folders_once(tmp_path):
     (tmp_path / "data" / "b").mkdir()
     os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "b" / "linked")
     os.symlink(tmp_path / "data" / "a", tmp_path / "data" / "a" / "loop")  # a link back to its own folder
+    os.symlink(tmp_path / "data", tmp_path / "data" / "a" / "up")  # to the data root: class b again, as a
     samples, classes = scan_image_folder(str(tmp_path / "data"))
     assert classes == ["a", "b"]
     assert sorted(label for _, label in samples).count(1) == 3
     assert len([p for p, label in samples if label == 0]) == 1  # the loop is not walked again
+
+
+def test_a_data_folder_that_cannot_be_listed_is_a_data_error(tmp_path, monkeypatch):
+    import mimfast.data.datasets as datasets
+
+    _write_images(tmp_path / "d", ["1.png"])
+    listdir = os.listdir
+
+    def denied(path="."):
+        if os.path.abspath(path) == str(tmp_path / "d"):
+            raise PermissionError(13, "Permission denied", path)
+        return listdir(path)
+
+    monkeypatch.setattr(datasets.os, "listdir", denied)
+    with pytest.raises(DataError, match="cannot be read"):
+        scan_image_folder(str(tmp_path / "d"))
 
 
 def test_scan_image_folder_layouts(tmp_path):

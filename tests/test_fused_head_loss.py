@@ -389,17 +389,18 @@ def test_repeated_masked_ids_are_refused():
         fused_head_masked_pixel_loss(hidden, weight, bias, imgs, None, 4, ids_masked=ids, backend="triton")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("rows", ["masked", "all"])
-def test_autocast_casts_the_head_like_nn_linear(rows):
+def test_autocast_casts_the_head_like_nn_linear(rows, device):
     # fp32 decoder features and head under autocast (as in the MAE decoder): the GEMMs run in the autocast dtype
     # and the gradients come back in fp32, as for nn.Linear + the reference loss
-    imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 8, 4, 16)
+    imgs, info, hidden, weight, bias, ids = make(2, 3, 8, 8, 4, 16, device=device)
     kw = dict(ids_masked=ids) if rows == "masked" else {}
     mask = None if rows == "masked" else info.mask
 
     def grads(backend):
         xs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = fused_head_masked_pixel_loss(*xs, imgs, mask, 4, norm_pix=True, backend=backend, **kw)
         loss.backward()
         return [loss.detach().float()] + [x.grad for x in xs]

@@ -210,3 +210,15 @@ def test_loss_modules_forward_their_configuration():
         got = VideoMAEPixelLoss(4, 2, norm_target=norm_target)(video_pred, videos, video_mask)
         expected = videomae_pixel_loss_ref(video_pred, videos, video_mask, 4, 2, norm_target=norm_target)
         torch.testing.assert_close(got, expected)
+
+
+def test_drop_path_decides_in_full_precision():
+    from mimfast.nn.block import drop_path
+
+    # just below the rate drops, at the rate keeps, in bf16 too (keep + u rounded in bf16 would reach 1 and keep)
+    x = torch.ones(4, 3, dtype=torch.bfloat16)
+    u = torch.tensor([0.1 - 1e-4, 0.1, 0.05, 0.9])
+    out = drop_path(x, 0.1, u)
+    assert out.dtype == torch.bfloat16
+    assert out[:, 0].tolist() == [0.0, torch.tensor(1 / 0.9, dtype=torch.bfloat16).item(), 0.0,
+                                  torch.tensor(1 / 0.9, dtype=torch.bfloat16).item()]

@@ -303,10 +303,18 @@ def test_runs_started_together_get_their_own_folders(tmp_path, monkeypatch):
     assert first.output_dir == "runs/mae_vit_nano_patch4-20260101-000000"
     assert second.output_dir == first.output_dir + "-2"
     assert all(os.path.isfile(os.path.join(r.output_dir, "checkpoint.pt")) for r in (first, second))
-    # a start refused at set-up leaves no empty folder behind
+    # a start refused at set-up, or by its --resume file, leaves no empty folder behind
     with pytest.raises(ValueError):
         train(parse_args(flags + ["--input-size", "30", "--data", "synthetic"]))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError):
+        train(parse_args(flags + ["--resume", str(tmp_path / "notes.txt")]))
     assert sorted(os.listdir("runs")) == [os.path.basename(first.output_dir), os.path.basename(second.output_dir)]
+    # a folder of runs that cannot be made is named as such
+    os.rename("runs", "kept")
+    open("runs", "w").close()
+    with pytest.raises(ValueError, match="cannot create the folder of the runs"):
+        train(parse_args(flags))
 
 
 def test_resume_warns_about_a_changed_loss_or_clipping(tmp_path, capsys):

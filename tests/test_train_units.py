@@ -276,6 +276,25 @@ def test_changed_settings_of_a_resumed_run():
         ("mask_ratio_range", (0.5, 0.7), (0.5, 0.8))]
     block = resolve(parse_args(["--mask-strategy", "block"]))
     assert changed_settings(dict(block.to_dict(), block_min_patches=8), block) == [("block_min_patches", 16, 8)]
+    # a checkpoint from before --drop-path trained without stochastic depth
+    simmim = resolve(parse_args(["--model", "simmim_vit_micro_patch4", "--data", "synthetic"]))
+    older = {k: v for k, v in simmim.to_dict().items() if k != "drop_path"}
+    assert changed_settings(older, simmim) == [("drop_path", 0.1, None)]
+    assert changed_settings({k: v for k, v in saved.items() if k != "drop_path"}, config) == []
+
+
+def test_schedule_edge_cases_follow_the_published_loops():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    # np.linspace(0, lr, 1) == [0]: a one-step VideoMAE warm-up runs its first step at the start rate
+    one = LRSchedule(opt, 1.0, 10, 1, kind="linspace_cosine")
+    assert one.lr_at(0) == 0.0 and one.lr_at(1) == 1.0
+    # a warm-up longer than the run: the run ends part-way up it (MAE: lr * step / warm-up steps)
+    assert [LRSchedule(opt, 1.0, 4, 8).lr_at(s) for s in range(4)] == pytest.approx([0, 0.125, 0.25, 0.375])
+    timm = LRSchedule(opt, 1.0, 4, 8, kind="timm_cosine")
+    assert [timm.lr_at(s) for s in range(4)] == pytest.approx([0, 0, 0.125, 0.25])
+    # SimMIM's milestone lands on a whole epoch: 7/8 of 100 epochs of 10 steps is epoch 88 (87.5 rounded)
+    multistep = LRSchedule(opt, 1.0, 1000, 0, kind="timm_multistep", decay_at=(7 / 8,), epoch_steps=10)
+    assert multistep.milestones == [880]
 
 
 def test_noise_from_mask_keeps_the_unmasked_patches_in_order():
@@ -585,6 +604,21 @@ def test_loss_curve_shows_a_moving_mask_ratio_below_the_loss(tmp_path):
             px = np.asarray(img.convert("RGB")).astype(int)[300:, :, :]  # the bottom quarter
         green.append(int(((px[..., 1] > 120) & (px[..., 0] < 80) & (px[..., 2] < 80)).sum()))
     assert green[0] > 100 and green[1] == 0
+
+
+def test_loss_curve_marks_a_point_between_gaps(tmp_path):
+    from PIL import Image
+
+    from mimfast.train.visualize import save_loss_curve
+
+    blue = []
+    for name, losses in (("gaps", [None, 0.5, None]), ("none", [None, None, None])):
+        save_loss_curve([dict(step=s + 1, loss=v, lr=1e-3) for s, v in enumerate(losses)],
+                        str(tmp_path / f"{name}.png"))
+        with Image.open(tmp_path / f"{name}.png") as img:
+            px = np.asarray(img.convert("RGB")).astype(int)
+        blue.append(int(((px[..., 2] > 150) & (px[..., 0] < 80)).sum()))
+    assert blue[0] > blue[1]
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12),

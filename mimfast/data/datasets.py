@@ -65,6 +65,10 @@ def _check_dir(root: str) -> None:
         raise DataError(f"data folder {root!r} does not exist")
     if not os.path.isdir(root):
         raise DataError(f"data path {root!r} is not a folder")
+    try:
+        os.listdir(root)
+    except OSError as e:
+        raise DataError(f"data folder {root!r} cannot be read ({e.strerror or type(e).__name__})") from e
 
 
 def _natural_key(name: str) -> tuple[tuple[Union[str, int], ...], str]:
@@ -106,13 +110,16 @@ def _given_labels(root: str, found: Sequence[str], classes: Sequence[str]) -> di
 
 def _images_under(folder: str) -> Iterator[str]:
     """Image files below ``folder``, sorted, following linked folders (as torchvision's ImageFolder does) but
-    entering each real folder once, so a link back up the tree ends."""
-    seen = {os.path.realpath(folder)}
+    entering each real folder once and never one that holds ``folder`` (a link back up the tree)."""
+    top = os.path.realpath(folder)
+    seen = {top}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         fresh = []
         for d in sorted(dirnames):
             real = os.path.realpath(os.path.join(dirpath, d))
-            if real not in seen:
+            # a link to a folder holding this one (the data root, a parent) would walk the other classes again
+            holds_top = os.path.commonpath([real, top]) == real
+            if real not in seen and not holds_top:
                 seen.add(real)
                 fresh.append(d)
         dirnames[:] = fresh

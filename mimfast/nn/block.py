@@ -15,9 +15,9 @@ __all__ = ["Block", "Mlp", "drop_path"]
 def drop_path(x: torch.Tensor, rate: float, u: torch.Tensor) -> torch.Tensor:
     """Stochastic depth of a residual branch (timm's ``drop_path``): sample n's branch output ``x[n]`` is kept,
     divided by 1 - rate, when its uniform ``u[n]`` in [0, 1) is >= rate, and zeroed otherwise."""
-    keep = 1.0 - rate
-    scale = torch.floor(keep + u.to(x.dtype)).div_(keep)
-    return x * scale.reshape((-1,) + (1,) * (x.dim() - 1))
+    # the decision in the noise's precision (fp32): in bf16, keep + u would round up to 1 and keep too often
+    kept = (u >= rate).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    return x.div(1.0 - rate) * kept
 
 
 class Mlp(nn.Module):

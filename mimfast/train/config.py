@@ -31,6 +31,8 @@ _TRAJECTORY_SETTINGS = ("batch_size", "accum_iter", "epochs", "seed", "mask_rati
                         "mask_schedule", "mask_ratio_range", "mask_patch_size", "block_min_patches",
                         "importance_temperature", "data", "blr", "lr", "norm_pix_loss", "clip_grad", "sampling_rate",
                         "drop_path")
+# What a trajectory setting missing from an older checkpoint's config stood for.
+_ABSENT_MEANS: dict[str, Any] = {"drop_path": None}
 # Settings of one masking variant, None when the run does not use that variant.
 _VARIANT_SETTINGS = ("mask_schedule", "block_min_patches", "importance_temperature")
 
@@ -342,7 +344,8 @@ def changed_settings(saved: dict[str, Any], config: PretrainConfig) -> list[tupl
         now = getattr(config, name)
         if now is None and name in _VARIANT_SETTINGS:
             continue
-        then = saved.get(name, now)
+        # a setting newer than the checkpoint had its default then: drop_path did not exist (no stochastic depth)
+        then = saved.get(name, _ABSENT_MEANS.get(name, now))
         if isinstance(then, list):  # a tuple setting as some serialisations give it back
             then = tuple(then)
         if name == "data" and isinstance(then, str) and isinstance(now, str) and then not in ("demo", "synthetic"):

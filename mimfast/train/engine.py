@@ -238,10 +238,14 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, lr, config.weight_decay, self.device, recipe.betas)
         self.schedule = LRSchedule(self.optimizer, lr, self.total_steps, config.warmup_epochs * self.steps_per_epoch,
                                    min_lr, warmup_lr, kind=recipe.schedule, decay_at=recipe.decay_at,
-                                   gamma=recipe.gamma, accum=config.accum_iter)
+                                   gamma=recipe.gamma, accum=config.accum_iter, epoch_steps=self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
-        self.metrics = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), enabled=self.main)
+        try:
+            self.metrics = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), enabled=self.main)
+        except OSError as e:  # the first write into the run folder
+            raise SetupError(f"cannot write the run folder {self.out_dir} ({e.strerror or type(e).__name__}: "
+                             f"{e.filename or self.out_dir})") from e
         self.skipped_before = 0  # unreadable files skipped by all ranks before the resumed checkpoint
         self.skipped_here = 0  # by this rank since this process started
         self.stop = _StopFlag()
@@ -679,7 +683,8 @@ class Trainer:
             return None
         result = self.evaluate()
         if self.main:
-            result["final_train_loss"] = records[-1]["loss"] if records else None
+            logged = [r["loss"] for r in records if r.get("loss") is not None]  # windows of no readable image log none
+            result["final_train_loss"] = logged[-1] if logged else None
             with open(os.path.join(self.out_dir, "eval.json"), "w") as f:
                 json.dump(result, f, indent=2)
             self._log(format_eval(result))
@@ -703,24 +708,32 @@ def format_eval(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _agree_on_output_dir(config: PretrainConfig, given: bool, info: DistInfo) -> PretrainConfig:
-    """``--resume auto`` without ``--output-dir`` continues the newest run folder of the model; every rank
-    then uses rank 0's folder (a default name holds a timestamp the ranks need not agree on)."""
+def _agree_on_output_dir(config: PretrainConfig, given: bool, info: DistInfo) -> tuple[PretrainConfig, bool]:
+    """``--resume auto`` without ``--output-dir`` continues the newest run folder of the model, else a new default
+    folder is claimed; every rank then uses rank 0's folder (a default name holds a timestamp the ranks need not
+    agree on), or raises rank 0's error. Returns the config and whether this start created the folder."""
     out = config.output_dir
     found = None
     if not given and config.resume == "auto":
         found = ckpt.find_resume_checkpoint(None, config.model)
         if found is not None:
             out = os.path.dirname(found)
-    if not given and found is None and info.rank == 0:
-        out = _claim_new_folder(out)
+    claimed = not given and found is None
+    error = None
+    if claimed and info.rank == 0:
+        try:
+            out = _claim_new_folder(out)
+        except SetupError as e:  # told to every rank below, so none waits for the others
+            error = str(e)
     if info.distributed:
         import torch.distributed as dist
 
-        shared = [out]
+        shared = [out, error]
         dist.broadcast_object_list(shared, src=0)
-        out = shared[0]
-    return dataclasses.replace(config, output_dir=out)
+        out, error = shared
+    if error is not None:
+        raise SetupError(error)
+    return dataclasses.replace(config, output_dir=out), claimed
 
 
 def _remove_if_empty(path: Optional[str]) -> None:
@@ -734,16 +747,20 @@ def _remove_if_empty(path: Optional[str]) -> None:
 def _claim_new_folder(path: str) -> str:
     """Create the default run folder, or ``path-2``, ``path-3``, ... when it exists: runs started within the same
     second (a sweep) would share a timestamped name, and so one metrics file and checkpoint."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise SetupError(f"cannot create the folder of the runs, {parent} ({e.strerror or e})") from e
     for k in range(1, 1000):
         candidate = path if k == 1 else f"{path}-{k}"
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(candidate)), exist_ok=True)
             os.mkdir(candidate)  # atomic: exactly one process creates it
             return candidate
         except FileExistsError:
             continue
         except OSError as e:
-            raise SetupError(f"cannot create the run folder {candidate}: {e.strerror or e}") from e
+            raise SetupError(f"cannot create the run folder {candidate} ({e.strerror or e})") from e
     raise SetupError(f"no free run folder name next to {path}; pass --output-dir")
 
 
@@ -766,25 +783,27 @@ def train(config: PretrainConfig) -> RunResult:
         info, device = init_distributed(config.device)
     except ValueError as e:  # a --device that does not exist here
         raise SetupError(str(e)) from e
-    resolved = None
+    resolved, claimed = None, False
     try:
         resolved = resolve(config)
-        resolved = _agree_on_output_dir(resolved, config.output_dir is not None, info)
+        resolved, claimed = _agree_on_output_dir(resolved, config.output_dir is not None, info)
         _check_fresh_output_dir(resolved)
         trainer = Trainer(resolved, info, device)
     except BaseException as e:
         shutdown(info)
-        if resolved is not None and config.output_dir is None and info.rank == 0:
-            _remove_if_empty(resolved.output_dir)  # the default folder this start claimed
-        if isinstance(e, OSError) and not isinstance(e, DataError):  # an output folder that cannot be written
-            where = e.filename or (resolved.output_dir if resolved is not None else config.output_dir)
-            raise SetupError(f"cannot write the run folder ({e.strerror or type(e).__name__}: {where})") from e
+        if claimed and info.rank == 0:
+            _remove_if_empty(resolved.output_dir)
         if not isinstance(e, ValueError) or isinstance(e, (SetupError, DataError)):
             raise
         raise SetupError(str(e)) from e
     config = resolved
     try:
-        trainer.resume()  # first: a refused resume leaves the run folder as it was
+        try:
+            trainer.resume()  # first: a refused resume leaves the run folder as it was
+        except BaseException:
+            if claimed and trainer.main:
+                _remove_if_empty(trainer.out_dir)
+            raise
         if trainer.main:
             os.makedirs(trainer.out_dir, exist_ok=True)
             with open(os.path.join(trainer.out_dir, "config.json"), "w") as f:

@@ -94,21 +94,25 @@ class LRSchedule:
 
         rate(t) = warmup_lr + (lr - warmup_lr) * t / (W * accum)                        t < W * accum
         timm_cosine:    min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * t / (T * accum)))  (the warm-up included)
-        timm_multistep: lr * gamma ** (number of milestones <= t), milestones = decay_at * T * accum
+        timm_multistep: lr * gamma ** (number of milestones <= t), milestones = decay_at * T * accum, rounded to
+                        whole epochs of ``epoch_steps`` steps
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int,
                  min_lr: float = 0.0, warmup_lr: float = 0.0, *, kind: str = "cosine", decay_at: tuple[float, ...] = (),
-                 gamma: float = 0.1, accum: int = 1) -> None:
+                 gamma: float = 0.1, accum: int = 1, epoch_steps: int = 1) -> None:
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
         self.optimizer = optimizer
         self.lr, self.min_lr, self.warmup_lr = lr, min_lr, warmup_lr
-        self.total_steps, self.warmup_steps = max(1, total_steps), min(warmup_steps, total_steps)
+        # a warm-up longer than the run is kept as given: the run ends part-way up it, as the published loops do
+        self.total_steps, self.warmup_steps = max(1, total_steps), max(0, warmup_steps)
         self.kind, self.gamma, self.accum = kind, gamma, max(1, accum)
-        # milestones in the schedule's own unit (micro-batches for the timm kinds), as whole counts like SimMIM's
-        # epoch x iterations per epoch
-        self.milestones = sorted(round(f * self.total_steps) * self.accum for f in decay_at)
+        # milestones on whole epochs (``epoch_steps`` steps each), as SimMIM's epoch x iterations per epoch, in the
+        # schedule's own unit (micro-batches for the timm kinds)
+        epoch_steps = max(1, epoch_steps)
+        self.milestones = sorted(round(f * self.total_steps / epoch_steps) * epoch_steps * self.accum
+                                 for f in decay_at)
         self.last_step = 0
         self._apply()
 
@@ -118,7 +122,8 @@ class LRSchedule:
         W = self.warmup_steps
         if step < W:
             span = W - 1 if self.kind == "linspace_cosine" else W
-            return self.warmup_lr + (self.lr - self.warmup_lr) * (step / span if span > 0 else 1.0)
+            # np.linspace(start, lr, 1) is [start]
+            return self.warmup_lr + (self.lr - self.warmup_lr) * (step / span if span > 0 else 0.0)
         span = self.total_steps - W
         progress = min(1.0, (step - W) / span) if span > 0 else 1.0
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -41,9 +41,15 @@ def save_loss_curve(records: Sequence[dict[str, Any]], path: str, title: str = "
     else:
         fig, ax = plt.subplots(figsize=(width, height), dpi=DPI)
         ax.set_xlabel("optimizer step")
-    # a window without a readable image logs no loss: a gap in the curve; a lone point gets a marker to be seen
+    # a window without a readable image logs no loss: a gap in the curve; a point with no neighbour to draw a line
+    # to gets a marker to be seen
     curve = [r["loss"] if r["loss"] is not None else float("nan") for r in records if "loss" in r]
-    ax.plot(steps, curve, color="tab:blue", label="train loss", marker="o" if len(curve) == 1 else None)
+    ax.plot(steps, curve, color="tab:blue", label="train loss")
+    finite = [bool(np.isfinite(v)) for v in curve]
+    lone = [i for i, ok in enumerate(finite)
+            if ok and not (i > 0 and finite[i - 1]) and not (i + 1 < len(finite) and finite[i + 1])]
+    if lone:
+        ax.plot([steps[i] for i in lone], [curve[i] for i in lone], "o", color="tab:blue", markersize=3)
     losses = [v for v in curve if np.isfinite(v)]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 5:
         ax.set_yscale("log")  # the first steps would otherwise flatten the rest of the curve
