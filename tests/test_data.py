@@ -235,10 +235,15 @@ def test_video_folder_npy_and_frame_folders(tmp_path):
     x, _, _ = data[(0, by_name["clip1"])]  # 3 frames, 4 wanted: the last repeats
     assert x.shape == (3, 4, 16, 16)
     assert isinstance(data[(0, by_name["bad.npy"])], Unreadable)
-    assert clip_frame_ids(9, 4, 2, None) == [1, 3, 5, 7]  # centred
-    assert clip_frame_ids(3, 4, 2, None) == [0, 2, 2, 2]
+    # VideoMAE's sampling: num_frames x stride frames reserved, steps only while before the last frame
+    assert clip_frame_ids(10, 4, 2, None) == [1, 3, 5, 7]  # centred in the 2 free positions
+    assert clip_frame_ids(3, 4, 2, None) == [0, 0, 0, 0]  # 0 + 2 is the last frame: no step
+    assert clip_frame_ids(30, 16, 4, random.Random(0)) == [0, 4, 8, 12, 16, 20, 24, 28] + [28] * 8
+    assert clip_frame_ids(16, 16, 1, None) == list(range(15)) + [14]
+    starts = {clip_frame_ids(100, 4, 3, random.Random(i))[0] for i in range(2000)}
+    assert starts == set(range(89))  # 100 - 4 * 3 + 1 places
     ids = clip_frame_ids(100, 4, 3, random.Random(0))
-    assert np.diff(ids).tolist() == [3, 3, 3] and 0 <= ids[0] <= 91
+    assert np.diff(ids).tolist() == [3, 3, 3]
     (tmp_path / "novideo").mkdir()
     with pytest.raises(DataError, match="no clips"):
         VideoFolder(str(tmp_path / "novideo"), ClipTransform(16), 4, 2)
@@ -310,10 +315,12 @@ def test_frame_folders_are_read_in_numeric_order(tmp_path):
             _write_grey(tmp_path / "vids" / clip / name, 20 * t)
     tf = ClipTransform(8, 1, mean=(0.0,), std=(1.0,), train=False)
     for clip, names in clips.items():
-        data = VideoFolder(str(tmp_path / "vids"), tf, num_frames=len(names), stride=1)
+        # all but the last frame: VideoMAE's sampling steps only while before the last frame
+        n = len(names) - 1
+        data = VideoFolder(str(tmp_path / "vids"), tf, num_frames=n, stride=1)
         x, _, _ = data[(0, [p.split("/")[-1] for p, _ in data.samples].index(clip))]
-        levels = [round(float(x[0, t].mean()) * 255) for t in range(len(names))]
-        assert levels == [20 * t for t in range(len(names))], clip
+        levels = [round(float(x[0, t].mean()) * 255) for t in range(n)]
+        assert levels == [20 * t for t in range(n)], clip
 
 
 def test_badly_shaped_clips_and_decompression_bombs_are_unreadable(tmp_path, monkeypatch):
@@ -458,9 +465,9 @@ def test_training_crop_is_cropped_then_resized_in_the_output_mode():
 
 def test_frame_folders_of_unequal_frames_are_unreadable(tmp_path):
     # a class folder of unrelated photographs is no clip: frames of several sizes are skipped and counted
-    _write_images(tmp_path / "vids" / "clip", ["0.png", "1.png"], size=(40, 30))
-    _write_images(tmp_path / "vids" / "clip", ["2.png"], size=(30, 40))
-    data = VideoFolder(str(tmp_path / "vids"), ClipTransform(8, 3), num_frames=3, stride=1)
+    _write_images(tmp_path / "vids" / "clip", ["0.png", "2.png"], size=(40, 30))
+    _write_images(tmp_path / "vids" / "clip", ["1.png"], size=(30, 40))
+    data = VideoFolder(str(tmp_path / "vids"), ClipTransform(8, 3, train=False), num_frames=2, stride=1)
     from mimfast.data.datasets import Unreadable
 
     item = data[(0, 0)]

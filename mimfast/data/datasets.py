@@ -319,12 +319,18 @@ def _num_frames(path: str) -> int:
 
 
 def clip_frame_ids(total: int, num_frames: int, stride: int, rng: Optional[random.Random]) -> list[int]:
-    """``num_frames`` indices ``stride`` apart from a random start (``rng``) or the centred start (``None``);
-    clips shorter than the span repeat their last frame."""
-    span = (num_frames - 1) * stride + 1
-    room = max(0, total - span)
-    start = rng.randint(0, room) if rng is not None else room // 2
-    return [min(start + i * stride, total - 1) for i in range(num_frames)]
+    """VideoMAE's frame sampling (its TSN-style loader, one segment, no temporal jitter): the clip reserves
+    ``num_frames * stride`` frames and starts uniformly where that span fits (``rng``), centred there (``None``),
+    or at frame 0 when it does not fit; then ``num_frames`` frames ``stride`` apart, each step taken only while it
+    lands before the last frame, so a short clip repeats the last frame on its stride."""
+    room = total - num_frames * stride
+    start = 0 if room < 0 else (rng.randint(0, room) if rng is not None else room // 2)
+    ids, pos = [], start
+    for _ in range(num_frames):
+        ids.append(pos)
+        if pos + stride < total - 1:
+            pos += stride
+    return ids
 
 
 class VideoFolder:
