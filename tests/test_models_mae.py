@@ -379,6 +379,19 @@ def test_gpu_bf16_fused_matches_reference():
         assert err <= budget, f"{name}: error {err:.3g} > {budget:.3g}"
 
 
+def test_compiled_triton_model_draws_its_masks_in_the_graph():
+    # no noise, triton backend, one graph: the mask is drawn inside it (a seed read at trace time would repeat the
+    # same mask on every call); a smaller last batch recompiles instead of failing
+    torch._dynamo.reset()
+    model = randomize_(tiny(norm_pix_loss=True), scale=0.2)
+    model.fused = True
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with backend.use("triton"):
+        masks = [compiled(torch.randn(n, 3, 32, 32), mask_ratio=0.75).mask for n in (2, 2, 1)]
+    assert not torch.equal(masks[0], masks[1]) and masks[2].shape == (1, 16)
+    assert all(int(m.sum()) == 12 * m.shape[0] for m in masks)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("with_noise", [False, True], ids=["fullgraph_drawn_mask", "given_noise"])
 def test_compiled_fused_model_matches_eager(with_noise):

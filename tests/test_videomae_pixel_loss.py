@@ -295,3 +295,17 @@ def test_gpu_bf16_run_to_run_bit_equality(norm_target, videos_dtype):
     (loss_a, grad_a), (loss_b, grad_b) = two_runs(pred, videos, mask, p, pt, norm_target=norm_target)
     assert torch.isfinite(loss_a) and torch.isfinite(grad_a).all() and grad_a.dtype == torch.bfloat16
     assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+
+
+def test_reference_compiles_into_one_graph():
+    # the boolean selection of the masked tubes has a data-dependent size: compiled, the reference gathers them
+    torch._dynamo.reset()
+    videos = torch.randn(2, 3, 4, 8, 8)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, [1, 2, 5]] = mask[1, [0, 6, 7]] = True
+    pred = torch.randn(2, 3, 2 * 4 * 4 * 3)
+    compiled = torch.compile(videomae_pixel_loss_ref, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(pred, videos, mask, 4, 2), videomae_pixel_loss_ref(pred, videos, mask, 4, 2))
+    uneven = mask.clone()
+    uneven[1, 0] = False  # two masked tubes in sample 1, three in sample 0: NaN, where eager fails to reshape
+    assert torch.isnan(compiled(pred, videos, uneven, 4, 2))

@@ -248,7 +248,10 @@ def random_masking_ref(
     if noise is None and seed is not None:
         noise = random_keys_ref(N, L, seed, sample_offset, device)
     elif noise is None:
-        noise = torch.rand(N, L, generator=generator, device=device)
+        # the generator overload only when one is given: it takes no symbolic sizes (a compiled call with a
+        # changing batch)
+        noise = (torch.rand(N, L, device=device) if generator is None
+                 else torch.rand(N, L, generator=generator, device=device))
     return _masking_from_order(noise, K)
 
 
@@ -335,7 +338,13 @@ def random_masking_kept_triton(
     """Triton launcher with the kept count K given directly (generators with their own count rule use it)."""
     dev = resolve_device(noise, device)
     if noise is None and seed is None:
-        seed = draw_seed(generator)
+        if torch.compiler.is_compiling():
+            # a seed read from the generator here would be one constant of the graph (the same mask every call,
+            # and a graph break reading the generator): the graph draws the noise instead
+            noise = (torch.rand(N, L, device=dev) if generator is None
+                     else torch.rand(N, L, generator=generator, device=dev))
+        else:
+            seed = draw_seed(generator)
     launch = _random_masking_kernel_op if torch.compiler.is_compiling() else _random_masking_launch
     ids_keep, ids_restore, mask = launch(noise, N, L, K, seed or 0, sample_offset, dev)
     return MaskInfo(ids_keep, ids_restore, mask)

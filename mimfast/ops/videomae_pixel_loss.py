@@ -87,6 +87,15 @@ def videomae_pixel_loss_ref(
         cubes = cubes.reshape(N, L, -1, C)
         cubes = (cubes - cubes.mean(-2, keepdim=True)) / (cubes.var(-2, keepdim=True).sqrt() + STD_EPS)
         cubes = cubes.reshape(N, L, P)
+    if torch.compiler.is_compiling():
+        # the boolean selection has a data-dependent size, which a compiled graph cannot hold: gather the
+        # pred.shape[1] masked tokens of each sample instead (the same rows, in the same order), NaN when a sample
+        # masks another count (where the selection's reshape fails)
+        R = pred.shape[1]
+        labels = torch.gather(cubes, 1, masked_ids(mask, R)[..., None].expand(-1, -1, P))
+        dtype = torch.promote_types(pred.dtype, labels.dtype)
+        loss = F.mse_loss(pred.to(dtype), labels.to(dtype))
+        return torch.where((mask.sum(1) == R).all(), loss, torch.full_like(loss, float("nan")))
     labels = cubes[mask].reshape(N, -1, P)
     # one dtype for both sides: mixed-dtype mse_loss has no CUDA backward (autocast runs it in fp32 anyway)
     dtype = torch.promote_types(pred.dtype, labels.dtype)

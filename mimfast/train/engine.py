@@ -220,7 +220,17 @@ class Trainer:
         if config.fsdp and not self.info.distributed:
             self._log("note: --fsdp shards over the processes of a torchrun launch; this single process trains the "
                       "whole model")
-        self.step_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
+        self.step_model = self.ddp_model
+        if config.compile and (config.mask_ratio_end is not None or config.mask_ratio_range is not None):
+            # a ratio that moves with the step (or one per sample) is a new constant for a compiled whole model at
+            # every step, which recompiles until dynamo gives up and runs it eagerly: compile the transformer
+            # blocks instead, whose inputs keep their shapes (or vary in one dimension, which turns dynamic)
+            for block in transformer_blocks(self.model):
+                block.compile()
+            self._log("note: --compile with a moving or per-sample mask ratio compiles each transformer block, not "
+                      "the whole model")
+        elif config.compile:
+            self.step_model = torch.compile(self.ddp_model)
 
         # the method's official recipe: rates scaled with the effective batch, AdamW betas
         recipe = RECIPES[config.method]
