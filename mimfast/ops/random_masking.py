@@ -392,9 +392,11 @@ def random_masking(
     - ``seed`` (int in [0, 2**63)) and ``sample_offset``: sample n's mask is a function of (seed, sample_offset
       + n) only, identical on every backend; fold an epoch or rank into the seed with :func:`fold_seed`.
     - otherwise randomness comes from ``generator`` (torch's default generator when None): see the module
-      docstring. The triton backend never syncs the device; under ``torch.compile`` pass ``seed`` or ``noise``,
-      since drawing a seed from a generator is host code. A CUDA graph records the seed as a constant, so every
-      replay repeats the mask: inside captured code pass ``noise`` drawn by captured torch RNG.
+      docstring. The triton backend never syncs the device. Under ``torch.compile`` without a generator, the
+      graph draws ``noise`` with ``torch.rand`` (so compiled and eager calls draw differently from the same
+      state; pass ``seed`` or ``noise`` for the same masks); a ``generator`` there breaks the graph. Outside
+      torch.compile a CUDA graph records the drawn seed as a constant, so every replay repeats the mask: inside
+      captured code pass ``noise`` drawn by captured torch RNG.
 
     Equivalent PyTorch::
 

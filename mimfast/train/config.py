@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--accum-iter", type=int, default=1, help="micro-steps accumulated per optimizer step")
     a("--blr", type=float, default=None,
       help="base learning rate: lr = blr * effective batch / 256 (/ 512 for simmim, as its recipe; default: mae "
-           "and videomae 1.5e-4, simmim 1e-4)")
+           "and videomae 1.5e-4, simmim 1e-4; the demo 4e-3)")
     a("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
     a("--min-lr", type=float, default=None,
       help="floor of the cosine (default: the method's, scaled with the batch like the rate: 0 for mae, 1e-5 x "

@@ -221,14 +221,16 @@ class Trainer:
             self._log("note: --fsdp shards over the processes of a torchrun launch; this single process trains the "
                       "whole model")
         self.step_model = self.ddp_model
-        if config.compile and (config.mask_ratio_end is not None or config.mask_ratio_range is not None):
-            # a ratio that moves with the step (or one per sample) is a new constant for a compiled whole model at
-            # every step, which recompiles until dynamo gives up and runs it eagerly: compile the transformer
-            # blocks instead, whose inputs keep their shapes (or vary in one dimension, which turns dynamic)
+        moving_ratio = config.mask_ratio_end is not None or config.mask_ratio_range is not None
+        if config.compile and config.method == "mae" and moving_ratio:
+            # MAE's forward takes the ratio (SimMIM and VideoMAE take masks): one that moves with the step, or one
+            # per sample, is a new constant for a compiled whole model at every step, which recompiles until dynamo
+            # gives up and runs it eagerly; compile the transformer blocks instead, whose inputs keep their shapes
+            # (or vary in one dimension, which turns dynamic)
             for block in transformer_blocks(self.model):
                 block.compile()
-            self._log("note: --compile with a moving or per-sample mask ratio compiles each transformer block, not "
-                      "the whole model")
+            self._log("note: --compile with a moving or per-sample MAE mask ratio compiles each transformer block, "
+                      "not the whole model")
         elif config.compile:
             self.step_model = torch.compile(self.ddp_model)
 
