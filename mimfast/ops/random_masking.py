@@ -248,11 +248,15 @@ def random_masking_ref(
     if noise is None and seed is not None:
         noise = random_keys_ref(N, L, seed, sample_offset, device)
     elif noise is None:
-        # the generator overload only when one is given: it takes no symbolic sizes (a compiled call with a
-        # changing batch)
-        noise = (torch.rand(N, L, device=device) if generator is None
-                 else torch.rand(N, L, generator=generator, device=device))
+        noise = uniform_noise(N, L, generator, device)
     return _masking_from_order(noise, K)
+
+
+def uniform_noise(N: int, L: int, generator: Optional[torch.Generator], device: Device) -> torch.Tensor:
+    """[N, L] uniform noise from ``generator`` (torch's default one when None). The generator overload only when
+    one is given: it takes no symbolic sizes (a compiled call with a changing batch)."""
+    return torch.rand(N, L, device=device) if generator is None else torch.rand(N, L, generator=generator,
+                                                                                 device=device)
 
 
 _op = get_op("random_masking")
@@ -341,8 +345,7 @@ def random_masking_kept_triton(
         if torch.compiler.is_compiling():
             # a seed read from the generator here would be one constant of the graph (the same mask every call,
             # and a graph break reading the generator): the graph draws the noise instead
-            noise = (torch.rand(N, L, device=dev) if generator is None
-                     else torch.rand(N, L, generator=generator, device=dev))
+            noise = uniform_noise(N, L, generator, dev)
         else:
             seed = draw_seed(generator)
     launch = _random_masking_kernel_op if torch.compiler.is_compiling() else _random_masking_launch

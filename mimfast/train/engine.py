@@ -251,6 +251,10 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, lr, self.total_steps, config.warmup_epochs * self.steps_per_epoch,
                                    min_lr, warmup_lr, kind=recipe.schedule, decay_at=recipe.decay_at,
                                    gamma=recipe.gamma, accum=config.accum_iter, epoch_steps=self.steps_per_epoch)
+        # SimMIM's loop clips the accumulating gradient after every backward, each one reduced over the processes
+        # (its DistributedDataParallel syncs every micro-batch)
+        self.clip_each_micro_batch = (config.clip_grad is not None and config.accum_iter > 1
+                                      and recipe.clip_each_micro_batch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         try:
@@ -421,16 +425,10 @@ class Trainer:
         images = batch.images.to(self.device, non_blocking=True)
         return images, batch.indices, 1.0
 
-    def _clip_each_micro_batch(self) -> bool:
-        """SimMIM's loop clips the accumulating gradient after every backward, each one reduced over the processes
-        (its DistributedDataParallel syncs every micro-batch)."""
-        return (self.config.clip_grad is not None and self.config.accum_iter > 1
-                and RECIPES[self.config.method].clip_each_micro_batch)
-
     def _sync_context(self, last_micro: bool) -> Any:
         if self.config.accum_iter == 1 or not self.info.distributed:
             return contextlib.nullcontext()
-        if self._clip_each_micro_batch():
+        if self.clip_each_micro_batch:
             last_micro = True  # every micro-batch's gradient is reduced before it is clipped
         if isinstance(self.ddp_model, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext() if last_micro else self.ddp_model.no_sync()
@@ -453,7 +451,7 @@ class Trainer:
                     loss = self.objective.forward(self.step_model, images, indices, epoch, self.step).loss
                 with _nvtx(self.nvtx, "backward"), self._backend():
                     self.scaler.scale(loss.float() * (weight / accum)).backward()
-            if self._clip_each_micro_batch() and micro < accum - 1:
+            if self.clip_each_micro_batch and micro < accum - 1:
                 # the gradients are still scaled by the fp16 loss scale (unscaled once, before the update): the
                 # threshold scales with them
                 scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
