@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -169,9 +170,15 @@ def graph_time(fn: Callable[[], Any], eager_ms: float, replays: int = 30) -> tup
 
     The graph holds ``copies`` rounds of (L2 flush, call) so one replay lasts about a millisecond; a second graph
     holds the flushes alone, and its median is subtracted. Warm-up runs on a side stream first, as whole-step
-    capture requires (autograd and the allocator set up their state there). A call that synchronises with the host
-    cannot be captured and raises.
+    capture requires (autograd and the allocator set up their state there), and the capture runs on that stream too.
+    A call that synchronises with the host cannot be captured and raises. A ``fn`` that keeps state from its first
+    call (a saved forward whose backward is timed) has a ``restart`` attribute that drops it: it is called before
+    the warm-up, so the state is made again on the capture stream (autograd runs a backward on its forward's
+    stream, and any other stream breaks the capture).
     """
+    restart = getattr(fn, "restart", None)
+    if restart is not None:
+        restart()
     copies = max(1, min(16, round(1.0 / max(eager_ms, 1e-3))))
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
     side = torch.cuda.Stream()
@@ -185,7 +192,7 @@ def graph_time(fn: Callable[[], Any], eager_ms: float, replays: int = 30) -> tup
     graphs = []
     for with_call in (True, False):
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, stream=side):
             for _ in range(copies):
                 flush.zero_()
                 if with_call:
@@ -257,6 +264,8 @@ def measure(case: Case, provider: str, fn: Callable[[], Any], device: torch.devi
             print(f"graph timing of {case.name} / {provider} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         finally:
             torch.cuda.synchronize()
+            gc.collect()  # a failed capture's graph and pool, held by the exception's frames until now
+            torch.cuda.empty_cache()
     return row
 
 
@@ -370,9 +379,11 @@ def speedups(rows: list[Row], ours: str = "mimfast", key: str = "ms_median") -> 
 
 def measured_copy_fractions(rows: list[Row], ours: str = "mimfast") -> dict[str, dict[str, float]]:
     """Per case with a ``copy`` row: the fraction of the copy bandwidth measured in the same run at the case's own
-    bytes that ours reaches (the copy's time / ours), ``eager`` and, where both were graph-timed, ``graph``."""
+    bytes that ours reaches (the copy's time / ours): ``eager``; where both were profiled, ``kernels`` (summed
+    kernel durations, no host time and no graph-node overhead: a graph replays the copy as a memcpy node, which
+    runs slower than the eager copy); and where both were graph-timed, ``graph``."""
     out: dict[str, dict[str, float]] = {}
-    for key, label in (("ms_median", "eager"), ("graph_ms", "graph")):
+    for key, label in (("ms_median", "eager"), ("device_ms", "kernels"), ("graph_ms", "graph")):
         for case, sp in speedups(rows, ours, key).items():
             if COPY_PROVIDER in sp:
                 out.setdefault(case, {})[label] = sp[COPY_PROVIDER]
