@@ -6,9 +6,9 @@
 Pixel losses (MAE ViT-B/16, ViT-L/16 with P = 768, ViT-H/14 with P = 588, batch 256 at 224 px, mask ratio 0.75,
 norm_pix on; VideoMAE-B: batch 64, 16 x 224 x 224, tubelet 2, tube mask ratio 0.9, 1568 tokens, P = 1536,
 norm_target on): the loss and the gradient for pred from fp32 images. Providers: ``mimfast`` (the fused kernel),
-``mimfast/rows_together`` (the same kernel with each row's loads issued with its own math instead of one row
-ahead), ``reference`` (the torch reference the tests use), ``reference+compile`` (``torch.compile`` of it). MAE
-runs with pred holding all L rows (``full``) and with only the masked rows (``masked_rows``, ``ids_masked``).
+``reference`` (the torch reference the tests use), ``reference+compile`` (``torch.compile`` of it). MAE runs with
+pred holding all L rows (``full``) and with only the masked rows (``masked_rows``, ``ids_masked``). The kernel's
+tile settings were chosen with ``benchmarks.sweep``.
 
 Bytes that must move (PERF_NOTES.md): pred read, the masked patches of the images read, the pred gradient
 written; nothing else (statistics live in registers). ``copy`` times a device-to-device copy of as many bytes:
@@ -87,21 +87,6 @@ def grad_step(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Cal
     return lambda: torch.autograd.grad(fn(), leaves)
 
 
-def rows_together(step: Callable[[], Any]) -> Callable[[], Any]:
-    """``step`` with the loss kernel issuing each row's loads with that row's math (kernels.pixel_loss.PREFETCH_ROWS
-    off while it runs, so also while a CUDA graph captures it)."""
-    from mimfast.kernels import pixel_loss
-
-    def call() -> Any:
-        pixel_loss.PREFETCH_ROWS = False
-        try:
-            return step()
-        finally:
-            pixel_loss.PREFETCH_ROWS = True
-
-    return call
-
-
 def mae_cases(s: MAEShape, device: torch.device, dtype: torch.dtype) -> list[tuple[Case, dict[str, Callable]]]:
     N, p = s.batch, s.patch
     L, P = (s.img // p) ** 2, p * p * 3
@@ -114,8 +99,6 @@ def mae_cases(s: MAEShape, device: torch.device, dtype: torch.dtype) -> list[tup
     def providers(pred: torch.Tensor, kw: dict[str, Any]) -> dict[str, Callable]:
         return {
             "mimfast": grad_step(lambda: masked_pixel_loss(pred, imgs, info.mask, p, backend="triton", **kw), [pred]),
-            "mimfast/rows_together": rows_together(grad_step(
-                lambda: masked_pixel_loss(pred, imgs, info.mask, p, backend="triton", **kw), [pred])),
             "reference": grad_step(lambda: masked_pixel_loss_ref(pred, imgs, info.mask, p, **kw), [pred]),
             "reference+compile": grad_step(lambda: compiled(pred, imgs, info.mask, p, **kw), [pred]),
             COPY_PROVIDER: copy_provider(moved_bytes(pred), device),
@@ -152,8 +135,6 @@ def video_cases(s: VideoShape, device: torch.device, dtype: torch.dtype) -> list
     case = Case(f"{s.name}/L{L}/P{P}/fwd+bwd", bytes=moved, meta={"N": N, "L": L, "rows": R, "P": P})
     return [(case, {
         "mimfast": grad_step(lambda: videomae_pixel_loss(pred, videos, mask, p, pt, backend="triton"), [pred]),
-        "mimfast/rows_together": rows_together(grad_step(
-            lambda: videomae_pixel_loss(pred, videos, mask, p, pt, backend="triton"), [pred])),
         "reference": grad_step(lambda: videomae_pixel_loss_ref(pred, videos, mask, p, pt), [pred]),
         "reference+compile": grad_step(lambda: compiled(pred, videos, mask, p, pt), [pred]),
         COPY_PROVIDER: copy_provider(moved, device),
@@ -194,6 +175,18 @@ def head_cases(s: HeadShape, device: torch.device, dtype: torch.dtype) -> list[t
     })]
 
 
+def all_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[tuple[Case, dict[str, Callable]]]:
+    mae, video, head = (MAE_QUICK, VIDEO_QUICK, HEAD_QUICK) if quick else (MAE_FULL, VIDEO_FULL, HEAD_FULL)
+    cases = []
+    for s in mae:
+        cases += mae_cases(s, device, dtype)
+    for v in video:
+        cases += video_cases(v, device, dtype)
+    for h in head:
+        cases += head_cases(h, device, dtype)
+    return cases
+
+
 def main() -> None:
     ap = common_args(__doc__.splitlines()[0])
     args = ap.parse_args()
@@ -202,14 +195,7 @@ def main() -> None:
     if device.type == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32  # CPU runs are smoke tests; the interpreter's bf16 rounding is not the GPU's
         print("CPU run: float32 instead of bfloat16")
-    mae, video, head = (MAE_QUICK, VIDEO_QUICK, HEAD_QUICK) if args.quick else (MAE_FULL, VIDEO_FULL, HEAD_FULL)
-    cases = []
-    for s in mae:
-        cases += mae_cases(s, device, dtype)
-    for v in video:
-        cases += video_cases(v, device, dtype)
-    for h in head:
-        cases += head_cases(h, device, dtype)
+    cases = all_cases(args.quick, device, dtype)
     rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph,
                name="bench_loss" if not args.no_save else None)
     if not args.no_save:

@@ -206,19 +206,23 @@ def block_case(s: Shape, device: torch.device) -> tuple[Case, dict[str, Callable
     return case, {"mimfast": provider("triton"), "reference": provider("torch")}
 
 
-def main() -> None:
-    ap = common_args(__doc__.splitlines()[0])
-    args = ap.parse_args()
-    device = default_device()
-    dtype = getattr(torch, args.dtype)
-    shapes = QUICK if args.quick else FULL
+def all_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[tuple[Case, dict[str, Callable]]]:
     cases = []
-    for s in shapes:
+    for s in QUICK if quick else FULL:
         cases.append(embed_case(s, device, dtype))
         cases.append(gather_case(s, device, dtype))
         cases.append(restore_case(s, device, dtype))
         if not s.frames:
             cases.append(block_case(s, device))
+    return cases
+
+
+def main() -> None:
+    ap = common_args(__doc__.splitlines()[0])
+    args = ap.parse_args()
+    device = default_device()
+    dtype = getattr(torch, args.dtype)
+    cases = all_cases(args.quick, device, dtype)
     rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph,
                name="bench_masking" if not args.no_save else None)
     if not args.no_save:

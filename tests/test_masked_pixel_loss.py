@@ -224,7 +224,7 @@ def test_poisoned_buffers_fully_overwritten(in_place):
     pred, imgs, info = mae_inputs(2, 3, 12, 20, 4)
     N, L, P = pred.shape
     wparts = launch_weight_sums(info.mask, None, L)
-    partials = torch.full((num_partials(N * L),), float("nan"))
+    partials = torch.full((num_partials(N * L, P),), float("nan"))
     buf = pred.clone()
     grad = buf if in_place else torch.full_like(pred, float("nan"))
     launch_pixel_loss(buf, imgs, None, info.mask, wparts, N * L, partials, grad, 4, 1, NORM_PATCH, False, 1e-6)
@@ -237,10 +237,12 @@ def test_poisoned_buffers_fully_overwritten(in_place):
 
 
 @pytest.mark.parametrize("case", ["mae_full", "mae_masked_rows_l1", "video"])
-def test_row_load_orders_agree_bitwise(case, monkeypatch):
-    """Loads issued one row ahead (the default) or with each row's math: the same arithmetic, so the same bits.
-    Rows of weight 0 hold NaN (never read), and the row count is not a multiple of the rows per program."""
+def test_tile_sizes_agree(case, monkeypatch):
+    """One row per program, a few, or many: the same per-row arithmetic, so the same gradients, and the loss up to
+    the order of its fp32 sum. Rows of weight 0 hold NaN (never read), and the row count is not a multiple of the
+    rows per program."""
     from mimfast.kernels import pixel_loss as kernels
+    from mimfast.kernels.sizes import next_pow2
     from mimfast.ops import IMAGENET_MEAN, IMAGENET_STD, videomae_pixel_loss
 
     torch.manual_seed(0)
@@ -271,12 +273,16 @@ def test_row_load_orders_agree_bitwise(case, monkeypatch):
             loss.backward()
             return loss.detach(), x.grad
 
-    assert kernels.PREFETCH_ROWS
-    ahead = run()
-    monkeypatch.setattr(kernels, "PREFETCH_ROWS", False)
-    together = run()
-    assert torch.isfinite(ahead[0]) and torch.isfinite(ahead[1]).all()
-    assert torch.equal(ahead[0], together[0]) and torch.equal(ahead[1], together[1])
+    P = pred.shape[-1]
+    results = []
+    for rows in (1, 4, 16):
+        monkeypatch.setattr(kernels, "LOSS_TILE", rows * next_pow2(P))
+        assert kernels.rows_per_program(P) == rows
+        results.append(run())
+    for loss, grad in results:
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-6, atol=1e-9)
 
 
 def saved_for_backward(fn):
@@ -446,11 +452,12 @@ else:
     sig["eps"] = "fp32"
     # the strides a contiguous launch specialises to 1
     const = {"s_pe": 1, "s_w": 1, "s_ir": 1, "s_ml": 1}
-    const.update({"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_S": 512 if video else 256,
-                  "BLOCK_C": 4, "ROWS": K.ROWS_PER_PROGRAM, "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
+    P = 1536 if video else 588
+    const.update({"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_P": 2048 if video else 1024,
+                  "ROWS": K.rows_per_program(P), "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
                   "L1": which == "mae_l1", "UNNORM": video, "HAS_IDS": which != "mae_full", "HAS_MASK": not video,
-                  "COMPUTE_GRAD": True, "PREFETCH": K.PREFETCH_ROWS})
-    fn, warps = K.pixel_loss_kernel, 8 if video else 4
+                  "COMPUTE_GRAD": True})
+    fn, warps = K.pixel_loss_kernel, K.LOSS_WARPS
 for k in const:
     sig[k] = "constexpr"
 kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),

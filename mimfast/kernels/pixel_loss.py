@@ -1,18 +1,20 @@
 """Triton kernels for the masked reconstruction losses (MAE, VideoMAE, SimMIM).
 
 A loss call is three launches: ``weight_sum_kernel`` (a few programs sum the row weights of the mask into at
-most MAX_WPARTS fp32 partials; skipped without a mask), ``pixel_loss_kernel`` (each program handles ROWS_PER_PROGRAM
-predicted patches: it loads the prediction row and the matching patch of the image, computed from the patch
-index, no patchified copy of the image, normalises the target in registers with fp32 statistics, writes the
-gradient of the loss for the row, Liger style, and one fp32 partial of the weighted error), and
-``loss_finalize_kernel`` (one program sums the partials in a fixed order: deterministic, no float atomics). Rows
-whose weight is 0 skip every load and write a zero gradient. The backward pass is ``scale_inplace_kernel``, which
-multiplies the stored gradient by the incoming one in place and does nothing when that factor is exactly 1.
-``masked_ids_kernel`` lists the masked tokens of a bool mask (VideoMAE) with one program per sample.
+most MAX_WPARTS fp32 partials; skipped without a mask), ``pixel_loss_kernel`` (each program takes a tile of whole
+predicted patches, :func:`rows_per_program` of them: it loads the prediction rows and the matching patches of the
+image, computed from the patch indices, no patchified copy of the image, normalises the targets in registers with
+fp32 statistics, writes the gradient of the loss for the rows, Liger style, and one fp32 partial of the weighted
+error), and ``loss_finalize_kernel`` (one program sums the partials in a fixed order: deterministic, no float
+atomics). Rows whose weight is 0 skip every load and write a zero gradient. The backward pass is
+``scale_inplace_kernel``, which multiplies the stored gradient by the incoming one in place and does nothing when
+that factor is exactly 1. ``masked_ids_kernel`` lists the masked tokens of a bool mask (VideoMAE) with one program
+per sample.
 
-A patch is held as a tile [BLOCK_S, BLOCK_C]: s = (t, row, col) inside the patch (or cube), c = channel, so the
-flattened patch index is s * C + c, the (row, col, channel) order of ``patchify``. The image is read in its own
-order [BLOCK_C, BLOCK_S] (runs of ``p`` neighbouring pixels) and transposed in registers.
+The loss kernel holds a row in pred's flat order e = s * C + c (s = (t, row, col) inside the patch or cube, c =
+channel: the order of ``patchify``), so pred and its gradient move as contiguous vectors; each image value is
+read at its own place in the image. SimMIM's kernel holds a patch as a tile [BLOCK_S, BLOCK_C], read in the
+image's order [BLOCK_C, BLOCK_S] (runs of ``p`` neighbouring pixels) and transposed in registers.
 
 Target normalisation ``NORM``: 0 none, 1 per patch (MAE norm_pix: (x - mean) / sqrt(var + eps), unbiased var over
 all P values), 2 per channel over the cube (VideoMAE: (x - mean) / (std_unbiased + eps)).
@@ -108,34 +110,6 @@ def weight_sum_kernel(
 
 
 @triton.jit
-def _row_loads(pred_ptr, img_ptr, row, l, w, total_rows, R, GH, GW, s_pn, s_pr, s_pe, s_n, s_c, s_t, s_h, s_w,
-               C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-               NORM: tl.constexpr):
-    """Every load of one row, issued together: the prediction tile (storage dtype), the image patch (fp32) and,
-    with NORM, the patch's first value of each channel. A row past the end or of weight 0 reads nothing (zeros)."""
-    ok = (row < total_rows) & (w != 0.0)
-    n = row // R
-    r = row % R
-    s = tl.arange(0, BLOCK_S)[:, None]
-    c = tl.arange(0, BLOCK_C)[None, :]
-    valid = (s < PT * PS * PS) & (c < C)
-    pred = tl.load(pred_ptr + n * s_pn + r * s_pr + (s * C + c) * s_pe, mask=tl.where(ok, valid, False), other=0.0)
-    x = _image_tile(img_ptr, n, l, ok, GH, GW, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C)
-    cc = tl.arange(0, BLOCK_C)
-    x0 = tl.zeros([BLOCK_C], tl.float32)
-    if NORM != 0:
-        first = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
-        x0 = tl.load(first + cc * s_c, mask=tl.where(ok, cc < C, False), other=0.0).to(tl.float32)
-    return pred, x, x0
-
-
-@triton.jit
-def _pick(values, k, ROWS: tl.constexpr):
-    """values[k] of a [ROWS] tensor, as a scalar."""
-    return tl.sum(tl.where(tl.arange(0, ROWS) == k, values, 0), axis=0)
-
-
-@triton.jit
 def pixel_loss_kernel(
     pred_ptr,  # [N, R, P] predicted rows, any strides
     grad_ptr,  # [N, R, P] gradient of the loss for pred, last dim contiguous (may alias pred_ptr)
@@ -154,84 +128,85 @@ def pixel_loss_kernel(
     s_mn, s_ml,  # mask strides
     eps,
     C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_P: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
     NORM: tl.constexpr, L1: tl.constexpr, UNNORM: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
     S: tl.constexpr = PT * PS * PS
-    inv_denom = _inv_denom(wpart_ptr, num_wparts, row_count, S * C, HAS_MASK, BLOCK_G)
-    s = tl.arange(0, BLOCK_S)[:, None]
-    c = tl.arange(0, BLOCK_C)[None, :]
-    valid = (s < S) & (c < C)
-    e = s * C + c
-    cc = tl.arange(0, BLOCK_C)
-    if UNNORM:
-        mean_c = tl.load(stats_ptr + cc, mask=cc < C, other=0.0)
-        std_c = tl.load(stats_ptr + C + cc, mask=cc < C, other=0.0)
-    total = tl.full([], 0.0, tl.float32)
-    # several rows per program: fewer partials for the final sum, and the per-program setup (the weight sum, the
-    # index tiles, the statistics) is paid once per ROWS rows. The rows' patch indices and weights are loaded
-    # together up front; with PREFETCH every load of row k + 1 is issued before row k's reductions, so the
-    # memory system always has a row in flight while the last one is reduced (the reductions' barriers keep the
-    # compiler from moving loads across them itself).
-    first_row = tl.program_id(0).to(tl.int64) * ROWS
-    rows = first_row + tl.arange(0, ROWS)
+    P: tl.constexpr = S * C
+    inv_denom = _inv_denom(wpart_ptr, num_wparts, row_count, P, HAS_MASK, BLOCK_G)
+    # the tile is [ROWS, BLOCK_P]: ROWS whole rows at once, each in pred's own flat order e = s * C + c, so the
+    # pred loads and gradient stores are contiguous vectors, and every reduction serves ROWS rows. The image value
+    # of each e is read at its place in the image: one offset table for the program, plus each row's patch base.
+    e = tl.arange(0, BLOCK_P)
+    e_ok = e < P
+    ec = e % C
+    es = e // C
+    # offsets inside a patch fit in int32 (the ops' backend reasons check): 32-bit per-element arithmetic
+    img_off = ec * s_c + (es // (PS * PS)) * s_t + ((es // PS) % PS) * s_h + (es % PS) * s_w
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rows_ok = rows < total_rows
-    n_all = rows // R
-    r_all = rows % R
+    n = rows // R
+    r = rows % R
     if HAS_IDS:
-        l_all = tl.load(ids_ptr + n_all * s_in + r_all * s_ir, mask=rows_ok, other=0).to(tl.int32)
+        l = tl.load(ids_ptr + n * s_in + r * s_ir, mask=rows_ok, other=0).to(tl.int32)
     else:
-        l_all = r_all.to(tl.int32)
+        l = r.to(tl.int32)
     if HAS_MASK:
-        w_all = tl.load(mask_ptr + n_all * s_mn + l_all * s_ml, mask=rows_ok, other=0).to(tl.float32)
+        w = tl.load(mask_ptr + n * s_mn + l * s_ml, mask=rows_ok, other=0).to(tl.float32)
     else:
-        w_all = tl.where(rows_ok, 1.0, 0.0)
-    # (a tuple is always unpacked into names: Triton 3.0 keeps only the first element of a tuple bound to one name)
-    if PREFETCH:
-        next_pred, next_x, next_x0 = _row_loads(pred_ptr, img_ptr, first_row, _pick(l_all, 0, ROWS),
-                                                _pick(w_all, 0, ROWS), total_rows, R, GH, GW, s_pn, s_pr, s_pe,
-                                                s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C, NORM)
-    for k in tl.static_range(ROWS):
-        row = first_row + k
-        w = _pick(w_all, k, ROWS)
-        if PREFETCH:
-            pred = next_pred
-            x = next_x
-            x0 = next_x0
-            if k + 1 < ROWS:
-                next_pred, next_x, next_x0 = _row_loads(
-                    pred_ptr, img_ptr, row + 1, _pick(l_all, k + 1, ROWS), _pick(w_all, k + 1, ROWS), total_rows, R,
-                    GH, GW, s_pn, s_pr, s_pe, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C, NORM)
-        else:
-            pred, x, x0 = _row_loads(pred_ptr, img_ptr, row, _pick(l_all, k, ROWS), w, total_rows, R, GH, GW, s_pn,
-                                     s_pr, s_pe, s_n, s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_S, BLOCK_C, NORM)
-        pred = pred.to(tl.float32)
+        w = tl.where(rows_ok, 1.0, 0.0)
+    # a row past the end or of weight 0 reads nothing; its error is 0 and its gradient is written as exact zeros
+    ok = rows_ok & (w != 0.0)
+    ld = ok[:, None] & e_ok[None, :]
+    pred = tl.load(pred_ptr + (n * s_pn + r * s_pr)[:, None] + (e * s_pe)[None, :], mask=ld,
+                   other=0.0).to(tl.float32)
+    base = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
+    x = tl.load(base[:, None] + img_off[None, :], mask=ld, other=0.0).to(tl.float32)
+    if UNNORM:
+        x = x * tl.load(stats_ptr + C + ec, mask=e_ok, other=0.0)[None, :] + tl.load(
+            stats_ptr + ec, mask=e_ok, other=0.0)[None, :]
+    # statistics of x - (the patch's first value, of channel 0 or of each channel): a constant patch gives exactly
+    # 0 deviation instead of rounding noise that 1 / (std + eps) would amplify up to 1e6-fold, and large offsets
+    # lose no precision; the first values are loads of their own, not reductions
+    if NORM == 1:
+        x0 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
         if UNNORM:
-            x = tl.where(valid, x * std_c[None, :] + mean_c[None, :], 0.0)
-            x0 = x0 * std_c + mean_c
-        # statistics of x - (first value of the patch, or of each channel): a constant patch gives exactly 0
-        # deviation instead of rounding noise that 1 / (std + eps) would amplify up to 1e6-fold, and large
-        # offsets lose no precision; a scalar load, not a reduction
-        if NORM == 1:
-            x = tl.where(valid, x - tl.sum(tl.where(cc == 0, x0, 0.0), axis=0), 0.0)
-            d = tl.where(valid, x - tl.sum(tl.sum(x, axis=1), axis=0) / (S * C), 0.0)
-            var = tl.sum(tl.sum(d * d, axis=1), axis=0) / (S * C - 1)
-            x = d / tl.sqrt(var + eps)
-        elif NORM == 2:
-            x = tl.where(valid, x - x0[None, :], 0.0)
-            d = tl.where(valid, x - (tl.sum(x, axis=0) / S)[None, :], 0.0)
-            std = tl.sqrt(tl.sum(d * d, axis=0) / (S - 1))
-            x = d / (std[None, :] + eps)
-        err, g = _error_and_grad(pred, x, valid, w, inv_denom, L1)
-        # a row of weight 0 read nothing; its error is 0 and its gradient is written as exact zeros
-        scored = w != 0.0
-        total += tl.where(scored, err, 0.0)
-        if COMPUTE_GRAD:
-            g = tl.where(scored, g, 0.0)
-            tl.store(grad_ptr + (row // R) * s_gn + (row % R) * s_gr + e, g.to(grad_ptr.dtype.element_ty),
-                     mask=tl.where(row < total_rows, valid, False))
-    tl.store(partial_ptr + tl.program_id(0), total)
+            x0 = x0 * tl.load(stats_ptr + C) + tl.load(stats_ptr)
+        x = tl.where(ld, x - x0[:, None], 0.0)
+        d = tl.where(ld, x - (tl.sum(x, axis=1) / P)[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / (P - 1)
+        x = d / tl.sqrt(var + eps)[:, None]
+    elif NORM == 2:
+        x0 = tl.zeros([ROWS, BLOCK_P], tl.float32)
+        for c in tl.static_range(C):
+            x0c = tl.load(base + c * s_c, mask=ok, other=0.0).to(tl.float32)
+            if UNNORM:
+                x0c = x0c * tl.load(stats_ptr + C + c) + tl.load(stats_ptr + c)
+            x0 = tl.where((ec == c)[None, :], x0c[:, None], x0)
+        x = tl.where(ld, x - x0, 0.0)
+        mean = tl.zeros([ROWS, BLOCK_P], tl.float32)
+        for c in tl.static_range(C):
+            sel = (ec == c)[None, :]
+            mean = tl.where(sel, (tl.sum(tl.where(sel, x, 0.0), axis=1) / S)[:, None], mean)
+        d = tl.where(ld, x - mean, 0.0)
+        std = tl.zeros([ROWS, BLOCK_P], tl.float32)
+        for c in tl.static_range(C):
+            sel = (ec == c)[None, :]
+            std = tl.where(sel, tl.sqrt(tl.sum(tl.where(sel, d * d, 0.0), axis=1) / (S - 1))[:, None], std)
+        x = d / (std + eps)
+    diff = tl.where(ld, pred - x, 0.0)
+    if L1:
+        err = tl.abs(diff)
+        g = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    else:
+        err = diff * diff
+        g = 2.0 * diff
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(ok, w * tl.sum(err, axis=1), 0.0), axis=0))
+    if COMPUTE_GRAD:
+        g = tl.where(ok[:, None], g * (w * inv_denom)[:, None], 0.0)
+        tl.store(grad_ptr + (n * s_gn + r * s_gr)[:, None] + e[None, :], g.to(grad_ptr.dtype.element_ty),
+                 mask=rows_ok[:, None] & e_ok[None, :])
 
 
 @triton.jit
@@ -347,19 +322,24 @@ def _strides5(imgs: torch.Tensor) -> tuple[int, ...]:
     return tuple(imgs.stride())
 
 
-# rows of the loss kernel per program; weight partials (at most MAX_WPARTS, read by every loss program)
-ROWS_PER_PROGRAM = 4
-# issue each row's loads one row ahead (see pixel_loss_kernel); False keeps loads and math of a row together
-# (benchmarks time both orders)
-PREFETCH_ROWS = True
+# the loss kernel's tile: whole rows up to LOSS_TILE values per program (P rounded up to a power of 2), LOSS_WARPS
+# warps; weight partials (at most MAX_WPARTS, read by every loss program)
+LOSS_TILE = 4096
+LOSS_WARPS = 8
 MAX_WPARTS = 64
 _WEIGHT_BLOCK = 1024
 _FINAL_BLOCK = 2048
 
 
-def num_partials(rows: int) -> int:
-    """Length of the partials buffer the loss kernel fills for ``rows`` rows."""
-    return cdiv(rows, ROWS_PER_PROGRAM)
+def rows_per_program(P: int) -> int:
+    """Rows of P values each that one loss program takes (a power of 2)."""
+    fit = max(1, min(16, LOSS_TILE // next_pow2(P)))
+    return 1 << (fit.bit_length() - 1)
+
+
+def num_partials(rows: int, P: int) -> int:
+    """Length of the partials buffer the loss kernel fills for ``rows`` rows of P values."""
+    return cdiv(rows, rows_per_program(P))
 
 
 def launch_weight_sums(mask: torch.Tensor, ids: Optional[torch.Tensor], rows_per_sample: int) -> torch.Tensor:
@@ -406,7 +386,9 @@ def launch_pixel_loss(
     C = imgs.shape[1]
     PT, PS = tubelet_size, patch_size
     GH, GW = imgs.shape[-2] // PS, imgs.shape[-1] // PS
-    block_s, block_c, warps = _tile(C, PT * PS * PS)
+    assert P == C * PT * PS * PS
+    rows = rows_per_program(P)
+    block_p = next_pow2(P)
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     if grad is not None:
@@ -414,7 +396,7 @@ def launch_pixel_loss(
     assert (mask is None) == (wparts is None)
     # the callers' backend reasons refused in-patch offsets past int32
     dummy = partials
-    pixel_loss_kernel[(num_partials(N * R),)](
+    pixel_loss_kernel[(num_partials(N * R, P),)](
         pred, grad if grad is not None else dummy, imgs,
         ids if ids is not None else dummy, mask if mask is not None else dummy,
         stats if stats is not None else dummy, wparts if wparts is not None else dummy, partials,
@@ -425,10 +407,10 @@ def launch_pixel_loss(
         *(ids.stride() if ids is not None else (0, 0)),
         *(mask.stride() if mask is not None else (0, 0)),
         eps,
-        C=C, PT=PT, PS=PS, BLOCK_S=block_s, BLOCK_C=block_c, ROWS=ROWS_PER_PROGRAM, BLOCK_G=MAX_WPARTS,
+        C=C, PT=PT, PS=PS, BLOCK_P=block_p, ROWS=rows, BLOCK_G=MAX_WPARTS,
         NORM=norm, L1=l1, UNNORM=stats is not None,
-        HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, PREFETCH=PREFETCH_ROWS,
-        num_warps=warps,
+        HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None,
+        num_warps=max(1, min(LOSS_WARPS, rows * block_p // 256)),
     )
 
 

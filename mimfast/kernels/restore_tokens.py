@@ -4,8 +4,9 @@ Output rows are j = OFF + l (OFF = 1 when a cls row leads, l the patch position)
 ids_restore[n, l] of x_vis when that is < K, else the mask token, plus pos_embed row j.
 
 The forward and the common backward (no pos_embed gradient: MAE's decoder_pos_embed is a frozen table) see the
-output as one flat list of N * (OFF + L) rows cut into tiles of BLOCK_R rows: every tile is one program with no
-loop, so thousands of programs keep the memory system busy whatever the batch size. The backward with a pos_embed
+output as one flat list of N * (OFF + L) rows cut into tiles of BLOCK_R rows. In the forward every tile is one
+program with no loop, so thousands of programs keep the memory system busy whatever the batch size; the backward's
+programs each walk a strided set of tiles, so its mask-token gradient leaves a few partials per SM to add up. The backward with a pos_embed
 gradient sums over the batch per position instead, so its programs own positions and loop over a batch chunk.
 """
 
@@ -18,11 +19,12 @@ from mimfast.kernels.sizes import next_pow2
 
 
 @triton.jit
-def _flat_rows(ids_ptr, s_idn, NR, R, L, K, HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """This program's flat output rows r = n * R + j: the int64 row, whether it exists, which x_vis row feeds it
-    (n * (OFF + K) + source row), whether it is visible (or the cls row), and whether it takes the mask token."""
+def _flat_rows(tile, ids_ptr, s_idn, NR, R, L, K, HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The flat output rows r = n * R + j of row tile ``tile``: the int64 row, whether it exists, which x_vis row
+    feeds it (n * (OFF + K) + source row), whether it is visible (or the cls row), and whether it takes the mask
+    token."""
     OFF: tl.constexpr = 1 if HAS_CLS else 0
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.cast(tile, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = r < NR
     n = r // R
     tok = r % R - OFF
@@ -47,7 +49,7 @@ def restore_tokens_fwd_kernel(
     HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     R = L + (1 if HAS_CLS else 0)
-    r, row_ok, n, xrow, visible, _ = _flat_rows(ids_ptr, s_idn, NR, R, L, K, HAS_CLS, BLOCK_R)
+    r, row_ok, n, xrow, visible, _ = _flat_rows(tl.program_id(0), ids_ptr, s_idn, NR, R, L, K, HAS_CLS, BLOCK_R)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     v = tl.load(x_ptr + n[:, None] * s_xn + xrow[:, None] * s_xr + d[None, :] * s_xd,
@@ -65,20 +67,24 @@ def restore_tokens_bwd_kernel(
     g_ptr,  # [N * (OFF + L), D] gradient of the decoder input, contiguous
     ids_ptr,  # [N, L] int64 ids_restore
     gx_ptr,  # [N * (OFF + K), D] gradient of x_vis, contiguous
-    part_mt_ptr,  # [n_row_tiles, D] fp32 mask-token gradient of each row tile
+    part_mt_ptr,  # [num_programs(0), D] fp32 mask-token gradient of each program's row tiles
     NR, L, K, D,
     s_idn,
     HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # each program walks the row tiles pid, pid + num_programs, ... in order: a few programs per SM, and one
+    # mask-token partial per program (a short second pass) instead of one per tile
     R = L + (1 if HAS_CLS else 0)
-    r, row_ok, n, xrow, visible, masked = _flat_rows(ids_ptr, s_idn, NR, R, L, K, HAS_CLS, BLOCK_R)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
-    g = tl.load(g_ptr + r[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # ids_restore is a permutation, so each x_vis row is written by exactly one output row
-    tl.store(gx_ptr + (n * (K + R - L) + xrow)[:, None] * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
-             mask=visible[:, None] & d_ok[None, :])
-    mt = tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
+    mt = tl.zeros([BLOCK_D], tl.float32)
+    for tile in range(tl.program_id(0), tl.cdiv(NR, BLOCK_R), tl.num_programs(0)):
+        r, row_ok, n, xrow, visible, masked = _flat_rows(tile, ids_ptr, s_idn, NR, R, L, K, HAS_CLS, BLOCK_R)
+        g = tl.load(g_ptr + r[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # ids_restore is a permutation, so each x_vis row is written by exactly one output row
+        tl.store(gx_ptr + (n * (K + R - L) + xrow)[:, None] * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
+                 mask=visible[:, None] & d_ok[None, :])
+        mt += tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
     tl.store(part_mt_ptr + tl.program_id(0).to(tl.int64) * D + d, mt, mask=d_ok)
 
 
@@ -130,11 +136,15 @@ def restore_tokens_bwd_pos_kernel(
              mask=(rows < R)[:, None] & d_ok[None, :])
 
 
+# rows of a flat-row tile
+FLAT_BLOCK_R = 64
+
+
 def flat_config(D: int) -> dict[str, int]:
-    """Tile of the flat-row kernels: 64 rows (one mask-token partial per 64 rows keeps the second pass at a few
-    per cent of the bytes) by up to 128 columns; 8 warps give each thread 32 values, eight 16-byte accesses."""
+    """Tile of the flat-row kernels: FLAT_BLOCK_R rows by up to 128 columns; 8 warps from 4096 values on (at 64
+    rows, 32 values a thread, eight 16-byte accesses), 4 below."""
     block_d = min(128, next_pow2(max(D, 1)))
-    block_r = 64
+    block_r = FLAT_BLOCK_R
     return {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": 8 if block_r * block_d >= 4096 else 4}
 
 

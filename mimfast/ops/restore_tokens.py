@@ -85,6 +85,10 @@ def _check(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Ten
                          f"got {tuple(pos_embed.shape)}")
 
 
+# programs per SM of the common backward (each walks its share of the row tiles; see kernels.restore_tokens)
+BWD_PROGRAMS_PER_SM = 3
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -133,9 +137,11 @@ def _backward_grads(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: 
     ids = ids_restore.contiguous()
     if not pos_grad:
         cfg = kernels.flat_config(D)
-        n_rt = -(-N * R // cfg["BLOCK_R"])
-        part_mt = torch.empty(n_rt, D, dtype=torch.float32, device=grad.device)
-        kernels.restore_tokens_bwd_kernel[(n_rt, -(-D // cfg["BLOCK_D"]))](
+        n_dt = -(-D // cfg["BLOCK_D"])
+        # enough programs for BWD_PROGRAMS_PER_SM on every SM, none without a tile
+        progs = max(1, min(-(-N * R // cfg["BLOCK_R"]), -(-BWD_PROGRAMS_PER_SM * _sm_count(grad.device) // n_dt)))
+        part_mt = torch.empty(progs, D, dtype=torch.float32, device=grad.device)
+        kernels.restore_tokens_bwd_kernel[(progs, n_dt)](
             g, ids, gx, part_mt, N * R, L, num_visible, D, ids.stride(0), HAS_CLS=has_cls, **cfg)
         return gx, part_mt.sum(0), grad.new_empty(0, D, dtype=torch.float32)
     cfg = kernels.pos_config(R, D)
