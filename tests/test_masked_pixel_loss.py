@@ -224,7 +224,7 @@ def test_poisoned_buffers_fully_overwritten(in_place):
     pred, imgs, info = mae_inputs(2, 3, 12, 20, 4)
     N, L, P = pred.shape
     wparts = launch_weight_sums(info.mask, None, L)
-    partials = torch.full((num_partials(N * L, P),), float("nan"))
+    partials = torch.full((num_partials(N * L, P, NORM_PATCH),), float("nan"))
     buf = pred.clone()
     grad = buf if in_place else torch.full_like(pred, float("nan"))
     launch_pixel_loss(buf, imgs, None, info.mask, wparts, N * L, partials, grad, 4, 1, NORM_PATCH, False, 1e-6)
@@ -275,9 +275,10 @@ def test_tile_sizes_agree(case, monkeypatch):
 
     P = pred.shape[-1]
     results = []
+    norm = 2 if case == "video" else 1 if case == "mae_full" else 0
     for rows in (1, 4, 16):
-        monkeypatch.setattr(kernels, "LOSS_TILE", rows * next_pow2(P))
-        assert kernels.rows_per_program(P) == rows
+        monkeypatch.setattr(kernels, "LOSS_TILE", rows * next_pow2(P) * (2 if norm == 2 else 1))
+        assert kernels.rows_per_program(P, norm) == rows
         results.append(run())
     for loss, grad in results:
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
@@ -454,7 +455,7 @@ else:
     const = {"s_pe": 1, "s_w": 1, "s_ir": 1, "s_ml": 1}
     P = 1536 if video else 588
     const.update({"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_P": 2048 if video else 1024,
-                  "ROWS": K.rows_per_program(P), "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
+                  "ROWS": K.rows_per_program(P, 2 if video else 1), "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
                   "L1": which == "mae_l1", "UNNORM": video, "HAS_IDS": which != "mae_full", "HAS_MASK": not video,
                   "COMPUTE_GRAD": True})
     fn, warps = K.pixel_loss_kernel, K.LOSS_WARPS

@@ -167,7 +167,7 @@ def test_poisoned_buffers_fully_overwritten(in_place, monkeypatch):
     assert torch.equal(short_ids[:, :R - 1], masked_ids(short, R - 1)) and short_ids[1, R - 1] == 0
 
     stats = torch.tensor(IMAGENET_MEAN + IMAGENET_STD, dtype=torch.float32).view(2, C)
-    partials = torch.full((num_partials(N * R, pred.shape[-1]),), float("nan"))
+    partials = torch.full((num_partials(N * R, pred.shape[-1], NORM_CHANNEL),), float("nan"))
     buf = pred.clone()
     grad = buf if in_place else torch.full_like(pred, float("nan"))
     launch_pixel_loss(buf, videos, ids, None, None, N * R, partials, grad, p, pt, NORM_CHANNEL, False, STD_EPS, stats)

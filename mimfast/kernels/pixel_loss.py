@@ -322,24 +322,27 @@ def _strides5(imgs: torch.Tensor) -> tuple[int, ...]:
     return tuple(imgs.stride())
 
 
-# the loss kernel's tile: whole rows up to LOSS_TILE values per program (P rounded up to a power of 2), LOSS_WARPS
-# warps; weight partials (at most MAX_WPARTS, read by every loss program)
+# the loss kernel's tile: whole rows up to LOSS_TILE values per program (P rounded up to a power of 2; half as many
+# with per-channel statistics, whose extra reductions favour more, smaller programs), LOSS_WARPS warps. Chosen with
+# benchmarks.sweep on the H100 (bf16): ViT-B P 768 fwd+bwd 0.123 ms at 4096 / 4 warps against 0.136 at 2048, 0.143
+# at 8192 and 0.137 at 4096 / 8 warps; VideoMAE-B P 1536 0.681 ms at 2048 / 4 warps against 0.862 at 4096.
+# Weight partials: at most MAX_WPARTS, read by every loss program.
 LOSS_TILE = 4096
-LOSS_WARPS = 8
+LOSS_WARPS = 4
 MAX_WPARTS = 64
 _WEIGHT_BLOCK = 1024
 _FINAL_BLOCK = 2048
 
 
-def rows_per_program(P: int) -> int:
-    """Rows of P values each that one loss program takes (a power of 2)."""
-    fit = max(1, min(16, LOSS_TILE // next_pow2(P)))
+def rows_per_program(P: int, norm: int = 0) -> int:
+    """Rows of P values each that one loss program takes (a power of 2), for normalisation ``norm``."""
+    fit = max(1, min(16, (LOSS_TILE // 2 if norm == 2 else LOSS_TILE) // next_pow2(P)))
     return 1 << (fit.bit_length() - 1)
 
 
-def num_partials(rows: int, P: int) -> int:
+def num_partials(rows: int, P: int, norm: int = 0) -> int:
     """Length of the partials buffer the loss kernel fills for ``rows`` rows of P values."""
-    return cdiv(rows, rows_per_program(P))
+    return cdiv(rows, rows_per_program(P, norm))
 
 
 def launch_weight_sums(mask: torch.Tensor, ids: Optional[torch.Tensor], rows_per_sample: int) -> torch.Tensor:
@@ -387,7 +390,7 @@ def launch_pixel_loss(
     PT, PS = tubelet_size, patch_size
     GH, GW = imgs.shape[-2] // PS, imgs.shape[-1] // PS
     assert P == C * PT * PS * PS
-    rows = rows_per_program(P)
+    rows = rows_per_program(P, norm)
     block_p = next_pow2(P)
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
@@ -396,7 +399,7 @@ def launch_pixel_loss(
     assert (mask is None) == (wparts is None)
     # the callers' backend reasons refused in-patch offsets past int32
     dummy = partials
-    pixel_loss_kernel[(num_partials(N * R, P),)](
+    pixel_loss_kernel[(num_partials(N * R, P, norm),)](
         pred, grad if grad is not None else dummy, imgs,
         ids if ids is not None else dummy, mask if mask is not None else dummy,
         stats if stats is not None else dummy, wparts if wparts is not None else dummy, partials,

@@ -132,7 +132,7 @@ def fused_head_forward(
     bounds = [(n0, min(N, n0 + per_chunk)) for n0 in range(0, N, per_chunk)] if chunks else []
     offsets = [0]
     for n0, n1 in bounds:
-        offsets.append(offsets[-1] + num_partials((n1 - n0) * R, P))
+        offsets.append(offsets[-1] + num_partials((n1 - n0) * R, P, norm))
     partials = torch.empty(offsets[-1], dtype=torch.float32, device=hidden.device)
     grad_hidden = grad_w = grad_b = None
     if compute_grad:

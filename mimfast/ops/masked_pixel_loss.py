@@ -164,7 +164,7 @@ def pixel_loss_forward(
 
     N, R, P = pred.shape
     wparts = None if mask is None else launch_weight_sums(mask, ids, R)
-    partials = torch.empty(num_partials(N * R, P), dtype=torch.float32, device=pred.device)
+    partials = torch.empty(num_partials(N * R, P, norm), dtype=torch.float32, device=pred.device)
     grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if compute_grad else None
     if N * R > 0:
         launch_pixel_loss(pred, imgs, ids, mask, wparts, N * R, partials, grad, patch_size, tubelet_size, norm, l1,
