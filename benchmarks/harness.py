@@ -416,6 +416,12 @@ def write_results(name: str, rows: list[Row], device: torch.device, extra: Optio
     with open(tmp, "w") as f:
         json.dump(history, f, indent=1)
     os.replace(tmp, path)
+    write_md(name, history)
+    return path
+
+
+def write_md(name: str, history: list[dict[str, Any]]) -> str:
+    """Rewrite results/<name>.md from the runs of results/<name>.json, newest first."""
     md = [f"# {name}", ""]
     for rec in history:
         e = rec["env"]
@@ -448,9 +454,10 @@ def write_results(name: str, rows: list[Row], device: torch.device, extra: Optio
             for case, fr in rec["measured_copy_fraction"].items():
                 md.append(f"- {case}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fr.items()))
         md.append("")
-    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+    out = os.path.join(RESULTS_DIR, f"{name}.md")
+    with open(out, "w") as f:
         f.write("\n".join(md))
-    return path
+    return out
 
 
 def default_device() -> torch.device:
