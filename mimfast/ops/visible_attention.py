@@ -431,8 +431,8 @@ def visible_attention(
     Backends: ``triton`` runs the fused kernels (fp16/bf16 on CUDA, fp32 too; head dim up to 128, padded to a
     power of two; no host synchronisation; deterministic backward). ``torch`` runs SDPA for dense input (flash
     or cuDNN on CUDA) and the per-sequence reference for packed input. ``auto`` takes triton for packed input on
-    CUDA and SDPA for dense input on CUDA (measured faster or equal there: ``python -m benchmarks.bench_attention``
-    measures both).
+    CUDA and SDPA for dense input on CUDA (there its host work is lighter and its kernels equal or faster, except
+    at 50 tokens where ours take 0.7x its device time: ``python -m benchmarks.bench_attention`` measures both).
 
     Equivalent PyTorch::
 
@@ -443,9 +443,10 @@ def visible_attention(
     """
     check_attention_inputs(q, k, v, cu_seqlens, max_seqlen, scale)
     if cu_seqlens is None and q.is_cuda and requested_backend(backend) == "auto":
-        # Dense equal lengths on CUDA go to SDPA. Measured on H100 (bf16, d 64, 12 heads, N 256 / 32; the first run
-        # in benchmarks/results/bench_attention.md), fwd + bwd ms, Triton kernels vs SDPA's best backend: 50 tokens
-        # 1.16 vs 0.33, 197 tokens 0.84 vs 0.84, 1568 tokens 3.11 vs 2.42. Packed input stays on the kernels,
-        # which spend nothing on padding.
+        # Dense equal lengths on CUDA go to SDPA. Measured on H100 (bf16, d 64, 12 heads, N 256 / 32 / 32;
+        # benchmarks/results/bench_attention.md, 2026-11-23), fwd + bwd, Triton kernels vs SDPA's best backend:
+        # 50 tokens 0.106 vs 0.146 ms of device time but 0.86 vs 0.55 ms of host time per call, 197 tokens 0.83 vs
+        # 0.83 ms, 1568 tokens backward 2.36 vs 1.77 ms. Packed input stays on the kernels, which spend nothing on
+        # padding.
         backend = "torch"
     return _op(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, backend=backend)
