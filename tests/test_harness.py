@@ -184,3 +184,40 @@ def test_gpu_session_stages_expand_to_benchmark_commands(tmp_path):
     bad = subprocess.run(["bash", "benchmarks/gpu_session.sh", "nonsense"], cwd=repo, env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "unknown stage nonsense" in bad.stdout
+
+
+def test_sweep_times_each_setting_and_restores_the_default(tmp_path, monkeypatch):
+    # in-process, interpreted kernels on the quick shapes: every combination timed, each row named by its settings,
+    # the attribute back at its default afterwards
+    import sys
+
+    from benchmarks import sweep
+    from mimfast.kernels import pixel_loss
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    default = pixel_loss.LOSS_TILE
+    seen = []
+    real_time_fn = sweep.time_fn
+
+    def spy(fn, device):
+        seen.append(pixel_loss.LOSS_TILE)
+        return real_time_fn(fn, device, rep_ms=1)
+
+    monkeypatch.setattr(sweep, "time_fn", spy)
+    out = tmp_path / "sweep.json"
+    monkeypatch.setattr(sys, "argv", ["sweep", "bench_loss", "--quick", "--cases", "quick_mae/full",
+                                      "--set", "mimfast.kernels.pixel_loss.LOSS_TILE=64,512", "--out", str(out)])
+    sweep.main()
+    rows = json.loads(out.read_text())
+    assert [r["settings"] for r in rows] == ["LOSS_TILE=64", "LOSS_TILE=512"]
+    assert all(r["case"] == "quick_mae/full/P48/fwd+bwd" and r["ms"] > 0 and "error" not in r for r in rows)
+    assert seen == [64, 512] and pixel_loss.LOSS_TILE == default
+
+
+def test_sweep_refuses_a_malformed_setting():
+    from benchmarks import sweep
+
+    with pytest.raises(SystemExit, match="module.ATTR"):
+        sweep.parse_setting("LOSS_TILE=1,2")
+    with pytest.raises(SystemExit, match="no attribute"):
+        sweep.parse_setting("mimfast.kernels.pixel_loss.NO_SUCH=1")
