@@ -164,7 +164,8 @@ def test_gpu_session_stages_expand_to_benchmark_commands(tmp_path):
     (fake / "python3").write_text('#!/bin/sh\necho "python3 $*"\n')
     (fake / "python3").chmod(0o755)
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(tmp_path / "out"))
-    stages = ["masking:mae_vit_b16,videomae", "loss", "e2e:mae_vit_l16", "tests:test_visible_attention.py"]
+    stages = ["masking:mae_vit_b16,videomae", "loss", "e2e:mae_vit_l16", "tests:test_visible_attention.py",
+              "sweep:restore"]
     out = subprocess.run(["bash", "benchmarks/gpu_session.sh", *stages], cwd=repo, env=env, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -174,16 +175,21 @@ def test_gpu_session_stages_expand_to_benchmark_commands(tmp_path):
         "python3 -m benchmarks.bench_loss --graph --profile",
         "python3 -m benchmarks.bench_e2e --cases mae_vit_l16 --profile",
         "python3 -m pytest -q -m gpu tests/test_visible_attention.py -p no:cacheprovider",
+        f"python3 -m benchmarks.sweep bench_masking --cases /restore --set mimfast.kernels.restore_tokens.FLAT_BLOCK_R="
+        f"32,64,128 --set mimfast.ops.restore_tokens.BWD_PROGRAMS_PER_SM=2,3,4 --out {tmp_path / 'out'}/sweep_restore.json",
     ]
     # every stage's whole log and the commit the results will name, where $OUT comes back from
     logs = sorted(p.name for p in (tmp_path / "out").glob("*.log"))
-    assert logs == ["e2e_mae_vit_l16.log", "loss.log", "masking_mae_vit_b16_videomae.log",
+    assert logs == ["e2e_mae_vit_l16.log", "loss.log", "masking_mae_vit_b16_videomae.log", "sweep_restore.log",
                     "tests_test_visible_attention.py.log"]
     assert "python3 -m benchmarks.bench_loss" in (tmp_path / "out" / "loss.log").read_text()
     assert out.stdout.splitlines()[0].startswith("commit ") and "unknown" not in out.stdout.splitlines()[0]
     bad = subprocess.run(["bash", "benchmarks/gpu_session.sh", "nonsense"], cwd=repo, env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "unknown stage nonsense" in bad.stdout
+    bad = subprocess.run(["bash", "benchmarks/gpu_session.sh", "sweep:nothing"], cwd=repo, env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unknown sweep 'nothing'" in bad.stdout
 
 
 def test_sweep_times_each_setting_and_restores_the_default(tmp_path, monkeypatch):

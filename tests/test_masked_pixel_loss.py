@@ -238,8 +238,8 @@ def test_poisoned_buffers_fully_overwritten(in_place):
 
 @pytest.mark.parametrize("case", ["mae_full", "mae_masked_rows_l1", "video"])
 def test_tile_sizes_agree(case, monkeypatch):
-    """One row per program, a few, or many: the same per-row arithmetic, so the same gradients, and the loss up to
-    the order of its fp32 sum. Rows of weight 0 hold NaN (never read), and the row count is not a multiple of the
+    """One row per program, a few, or many, and pred loaded early or late: the same per-row arithmetic, so the
+    same gradients, and the loss up to the order of its fp32 sum. Rows of weight 0 hold NaN (never read), and the row count is not a multiple of the
     rows per program."""
     from mimfast.kernels import pixel_loss as kernels
     from mimfast.kernels.sizes import next_pow2
@@ -276,8 +276,9 @@ def test_tile_sizes_agree(case, monkeypatch):
     P = pred.shape[-1]
     results = []
     norm = 2 if case == "video" else 1 if case == "mae_full" else 0
-    for rows in (1, 4, 16):
+    for rows, late in ((1, False), (4, False), (16, False), (4, True)):
         monkeypatch.setattr(kernels, "LOSS_TILE", rows * next_pow2(P) * (2 if norm == 2 else 1))
+        monkeypatch.setattr(kernels, "LATE_PRED", late)
         assert kernels.rows_per_program(P, norm) == rows
         results.append(run())
     for loss, grad in results:
@@ -457,7 +458,7 @@ else:
     const.update({"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_P": 2048 if video else 1024,
                   "ROWS": K.rows_per_program(P, 2 if video else 1), "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
                   "L1": which == "mae_l1", "UNNORM": video, "HAS_IDS": which != "mae_full", "HAS_MASK": not video,
-                  "COMPUTE_GRAD": True})
+                  "COMPUTE_GRAD": True, "LATE_PRED": K.LATE_PRED})
     fn, warps = K.pixel_loss_kernel, K.LOSS_WARPS
 for k in const:
     sig[k] = "constexpr"

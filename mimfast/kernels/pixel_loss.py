@@ -130,7 +130,7 @@ def pixel_loss_kernel(
     C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr,
     BLOCK_P: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
     NORM: tl.constexpr, L1: tl.constexpr, UNNORM: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, LATE_PRED: tl.constexpr,
 ):
     S: tl.constexpr = PT * PS * PS
     P: tl.constexpr = S * C
@@ -159,8 +159,9 @@ def pixel_loss_kernel(
     # a row past the end or of weight 0 reads nothing; its error is 0 and its gradient is written as exact zeros
     ok = rows_ok & (w != 0.0)
     ld = ok[:, None] & e_ok[None, :]
-    pred = tl.load(pred_ptr + (n * s_pn + r * s_pr)[:, None] + (e * s_pe)[None, :], mask=ld,
-                   other=0.0).to(tl.float32)
+    pred_ptrs = pred_ptr + (n * s_pn + r * s_pr)[:, None] + (e * s_pe)[None, :]
+    if not LATE_PRED:
+        pred = tl.load(pred_ptrs, mask=ld, other=0.0).to(tl.float32)
     base = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
     x = tl.load(base[:, None] + img_off[None, :], mask=ld, other=0.0).to(tl.float32)
     if UNNORM:
@@ -195,6 +196,8 @@ def pixel_loss_kernel(
             sel = (ec == c)[None, :]
             std = tl.where(sel, tl.sqrt(tl.sum(tl.where(sel, d * d, 0.0), axis=1) / (S - 1))[:, None], std)
         x = d / (std + eps)
+    if LATE_PRED:  # loaded once the target is ready: fewer live registers while its statistics are reduced
+        pred = tl.load(pred_ptrs, mask=ld, other=0.0).to(tl.float32)
     diff = tl.where(ld, pred - x, 0.0)
     if L1:
         err = tl.abs(diff)
@@ -329,6 +332,9 @@ def _strides5(imgs: torch.Tensor) -> tuple[int, ...]:
 # Weight partials: at most MAX_WPARTS, read by every loss program.
 LOSS_TILE = 4096
 LOSS_WARPS = 4
+# load pred after the target's statistics instead of with the image (fewer live registers, less overlap); not yet
+# timed on a GPU, so off
+LATE_PRED = False
 MAX_WPARTS = 64
 _WEIGHT_BLOCK = 1024
 _FINAL_BLOCK = 2048
@@ -412,7 +418,7 @@ def launch_pixel_loss(
         eps,
         C=C, PT=PT, PS=PS, BLOCK_P=block_p, ROWS=rows, BLOCK_G=MAX_WPARTS,
         NORM=norm, L1=l1, UNNORM=stats is not None,
-        HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None,
+        HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, LATE_PRED=LATE_PRED,
         num_warps=max(1, min(LOSS_WARPS, rows * block_p // 256)),
     )
 
