@@ -7,7 +7,8 @@
 #
 # A stage is info, tests[:FILE] (the gpu tier, or one test file's gpu tests), BENCH[:CASES] with BENCH one of
 # masking, loss, attention, e2e and CASES a comma-separated list of case-name substrings (benchmarks' --cases), or
-# sweep:loss / sweep:restore (benchmarks.sweep over the open kernel settings, rows to sweep_<name>.json).
+# sweep:loss, sweep:restore or sweep:embed (benchmarks.sweep over the open kernel settings, rows to
+# sweep_<name>.json).
 # Each benchmark stage appends one run to benchmarks/results/<bench>.json and .md, and streams its rows to
 # <bench>.partial.jsonl while it runs (kept when a time limit stops the stage). When $OUT is set (a machine that
 # sends back only $OUT), the results, the partial files and every stage's full log (<stage>.log) are copied there
@@ -36,7 +37,8 @@ if [ ${#stages[@]} -eq 0 ]; then
     # Most telling first, for a session whose device time may run out: the gpu tests of the kernels that changed
     # since the last GPU run, the sweeps of their open settings, then the ViT-B and VideoMAE-B shapes the issues'
     # targets were measured at, the whole gpu tier, end to end, and last the larger shapes.
-    stages=(info tests:test_masked_pixel_loss.py tests:test_restore_tokens.py sweep:loss sweep:restore
+    stages=(info tests:test_masked_pixel_loss.py tests:test_restore_tokens.py tests:test_embed_visible.py
+            sweep:loss sweep:restore sweep:embed
             loss:mae_vit_b16 loss:videomae masking:mae_vit_b16
             attention:mae_vit_b16_enc,mae_vit_l16_enc attention:mae_enc_50,mae_dec_197 attention:videomae_dec_1568
             tests e2e:mae_vit_b16 masking:videomae_b16
@@ -75,11 +77,13 @@ for stage in "${stages[@]}"; do
                 restore) sweep=(bench_masking --cases /restore
                                 --set mimfast.kernels.restore_tokens.FLAT_BLOCK_R=32,64,128
                                 --set mimfast.ops.restore_tokens.BWD_PROGRAMS_PER_SM=2,3,4) ;;
-                *) echo "unknown sweep '$arg' (loss, restore)"; status=2; continue ;;
+                embed) sweep=(bench_masking --cases mask+embed
+                              --set mimfast.ops.embed_visible.WEIGHT_GRAD_VIA_GEMM=False,True) ;;
+                *) echo "unknown sweep '$arg' (loss, restore, embed)"; status=2; continue ;;
             esac
             python3 -m benchmarks.sweep "${sweep[@]}" --out "$out/sweep_$arg.json" 2>&1 | tee "$log"
             rc=${PIPESTATUS[0]} ;;
-        *) echo "unknown stage $stage (info, tests[:FILE], masking|loss|attention|e2e[:CASES], sweep:loss|restore)"
+        *) echo "unknown stage $stage (info, tests[:FILE], masking|loss|attention|e2e[:CASES], sweep:loss|restore|embed)"
            status=2; continue ;;
     esac
     [ "$rc" -ne 0 ] && { echo "stage $stage failed with status $rc"; status=1; }

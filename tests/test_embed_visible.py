@@ -58,6 +58,15 @@ def make(shape, p, t, D, pos_kind, with_bias, ratio, dtype=torch.float32):
     return imgs, ids_keep, weight, bias, None if pos is None else pos.to(dtype)
 
 
+@pytest.fixture(params=[False, True], ids=["wgrad_kernel", "wgrad_gemm"])
+def wgrad_path(request, monkeypatch):
+    """Both weight-gradient paths: the gather-GEMM kernel with fp32 partials, and gather_rows + torch.mm."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mimfast.ops.embed_visible"), "WEIGHT_GRAD_VIA_GEMM", request.param)
+    return request.param
+
+
 def run(fn, imgs, ids_keep, weight, bias, pos, p, t, grad_out, dtype=None):
     """Output and gradients of (imgs, weight, bias, pos) through ``fn``, leaves cast to ``dtype`` if given."""
     leaves = [None if x is None else x.detach().to(dtype or x.dtype).requires_grad_()
@@ -93,7 +102,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_forward_and_gradients_match_float64(case, poison):
+def test_forward_and_gradients_match_float64(case, poison, wgrad_path):
     shape, p, t, D = case[:4]
     imgs, ids_keep, weight, bias, pos = make(*case)
     grad_out = torch.randn(shape[0], ids_keep.shape[1], D)
@@ -156,7 +165,7 @@ def test_noncontiguous_images(name):
         assert_by_error_ratio(a, b, c)
 
 
-def test_deterministic_forward_and_backward():
+def test_deterministic_forward_and_backward(wgrad_path):
     # M = 128 kept rows: the weight gradient is split over two row chunks, then added up
     imgs, ids_keep, weight, bias, pos = make((4, 3, 32, 32), 4, None, 32, "cls", True, 0.5)
     grad_out = torch.randn(4, 32, 32)
@@ -215,7 +224,7 @@ def test_frozen_weight_and_images_give_only_bias_and_pos_grads():
     assert (gpe[0, 0] == 0).all()  # the cls row gets no gradient from patch tokens
 
 
-def test_autocast_rounds_weight_and_bias_keeps_fp32_grads():
+def test_autocast_rounds_weight_and_bias_keeps_fp32_grads(wgrad_path):
     # under autocast the kernel rounds weight and bias to the autocast dtype (as the conv's casts do) and hands back
     # fp32 weight/bias gradients straight from its fp32 accumulators
     imgs, ids_keep, weight, bias, pos = make((2, 3, 16, 16), 4, None, 32, "cls", True, 0.5)
@@ -349,7 +358,7 @@ def test_kernels_compile_for_h100(config):
                                                ((32, 3, 224, 224), 14, None, 1280, 0.75),
                                                ((4, 3, 16, 224, 224), 16, 2, 768, 0.9)],
                          ids=["mae_b", "mae_h_p14", "videomae_b"])
-def test_gpu_bf16_autocast_real_shapes(shape, p, t, D, ratio):
+def test_gpu_bf16_autocast_real_shapes(shape, p, t, D, ratio, wgrad_path):
     imgs, ids_keep, weight, bias, pos = make(shape, p, t, D, "cls", True, ratio)
     imgs, ids_keep = imgs.cuda(), ids_keep.cuda()
     leaves = [x.cuda().requires_grad_() for x in (weight, bias, pos)]

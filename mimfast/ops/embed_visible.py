@@ -98,6 +98,11 @@ def _check(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bia
                          f"got {tuple(pos_embed.shape)}")
 
 
+# the weight gradient by gather_rows + torch.mm (the GEMM library's kernel, its output rounded to the compute dtype as
+# the conv's own weight gradient is) instead of the gather-GEMM kernel with fp32 partials; not yet timed on a GPU
+WEIGHT_GRAD_VIA_GEMM = False
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -174,7 +179,16 @@ def _backward_grads(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tens
                 grad.new_zeros(pos_rows, D, dtype=torch.float32))
     g = grad.contiguous()
     ids = ids_keep.contiguous()
-    if weight_grad:
+    if weight_grad and WEIGHT_GRAD_VIA_GEMM:
+        from mimfast.ops.gather_patches import gather_rows
+
+        # the kept patches gathered once more, in the compute dtype, and one library GEMM (fp32 accumulation,
+        # deterministic): [D, M] @ [M, P] in the patches' (t, row, col, channel) order, then the conv's order
+        rows = gather_rows(imgs, ids, patch_size, tubelet_size, w_dtype).view(M, P)
+        g_w = torch.mm(g.view(M, D).to(w_dtype).t(), rows)
+        g_w = g_w.view(D, tubelet_size, patch_size, patch_size, C).movedim(-1, 1).reshape(D * P)
+        g_wb = torch.cat([g_w.float(), g.view(M, D).float().sum(0)])
+    elif weight_grad:
         cfg = wgrad_config(D, P)
         tiles = -(-D // cfg["BLOCK_D"]) * -(-P // cfg["BLOCK_P"])
         blocks = -(-M // cfg["BLOCK_M"])

@@ -123,16 +123,22 @@ def _launch(kernel, src: torch.Tensor, ids_keep: torch.Tensor, dst: torch.Tensor
                  C=C, PT=tubelet, PS=patch_size, **cfg)
 
 
-def _forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
+def gather_rows(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The kept patches [N, K, P] in ``dtype`` (the kernel converts as it stores: no copy in the images' dtype)."""
     from mimfast.kernels.gather_patches import gather_patches_fwd_kernel
 
     x = _as_video(imgs)
     N, C = x.shape[:2]
     K = ids_keep.shape[1]
-    out = torch.empty(N, K, patch_dim(C, patch_size, tubelet_size), dtype=imgs.dtype, device=imgs.device)
+    out = torch.empty(N, K, patch_dim(C, patch_size, tubelet_size), dtype=dtype, device=imgs.device)
     if out.numel():
         _launch(gather_patches_fwd_kernel, x, ids_keep.contiguous(), out, x, patch_size, tubelet_size)
     return out
+
+
+def _forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
+    return gather_rows(imgs, ids_keep, patch_size, tubelet_size, imgs.dtype)
 
 
 _gather_patches_op = torch.library.custom_op("mimfast::gather_patches", mutates_args=())(_forward)
