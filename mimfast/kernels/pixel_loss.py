@@ -61,8 +61,8 @@ def _image_tile(img_ptr, n, l, ok, GH, GW, s_n, s_c, s_t, s_h, s_w,
 
 
 @triton.jit
-def _error_and_grad(pred, x, valid, w, inv_denom, L1: tl.constexpr):
-    """Weighted error sum of one row and its gradient for ``pred`` (fp32)."""
+def _error_terms(pred, x, valid, L1: tl.constexpr):
+    """Elementwise error of ``pred`` against ``x`` and its derivative for ``pred`` (fp32), 0 outside ``valid``."""
     diff = tl.where(valid, pred - x, 0.0)
     if L1:
         err = tl.abs(diff)
@@ -70,7 +70,7 @@ def _error_and_grad(pred, x, valid, w, inv_denom, L1: tl.constexpr):
     else:
         err = diff * diff
         g = 2.0 * diff
-    return w * tl.sum(tl.sum(err, axis=1), axis=0), g * (w * inv_denom)
+    return err, g
 
 
 @triton.jit
@@ -198,13 +198,7 @@ def pixel_loss_kernel(
         x = d / (std + eps)
     if LATE_PRED:  # loaded once the target is ready: fewer live registers while its statistics are reduced
         pred = tl.load(pred_ptrs, mask=ld, other=0.0).to(tl.float32)
-    diff = tl.where(ld, pred - x, 0.0)
-    if L1:
-        err = tl.abs(diff)
-        g = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-    else:
-        err = diff * diff
-        g = 2.0 * diff
+    err, g = _error_terms(pred, x, ld, L1)
     tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(ok, w * tl.sum(err, axis=1), 0.0), axis=0))
     if COMPUTE_GRAD:
         g = tl.where(ok[:, None], g * (w * inv_denom)[:, None], 0.0)
@@ -301,7 +295,9 @@ def simmim_loss_kernel(
     if w != 0.0:
         pred = _image_tile(pred_ptr, n, l, True, GH, GW, s_pn, s_pc, 0, s_ph, s_pw, C, 1, PS, BLOCK_S, BLOCK_C)
         x = _image_tile(img_ptr, n, l, True, GH, GW, s_n, s_c, 0, s_h, s_w, C, 1, PS, BLOCK_S, BLOCK_C)
-        total, g = _error_and_grad(pred, x, valid, w, tl.load(inv_denom_ptr), True)
+        err, g = _error_terms(pred, x, valid, True)
+        total = w * tl.sum(tl.sum(err, axis=1), axis=0)
+        g = g * (w * tl.load(inv_denom_ptr))
         tl.store(partial_ptr + row, total)
     else:
         tl.store(partial_ptr + row, 0.0)
