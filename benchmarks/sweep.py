@@ -65,6 +65,9 @@ def main() -> None:
             label = " ".join(f"{attr}={v}" for (_, attr, _), v in zip(settings, values)) or "defaults"
             for case, fn in cases:
                 row: dict[str, Any] = {"settings": label, "case": case.name}
+                restart = getattr(fn, "restart", None)  # state kept from a call under another setting
+                if restart is not None:
+                    restart()
                 try:
                     eager = time_fn(fn, device)[0]
                     if device.type == "cuda":

@@ -529,3 +529,12 @@ def test_weights_summing_to_zero_or_below_match_the_reference(weights):
     ref = masked_pixel_loss_ref(pred, imgs, mask, 2)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(torch.autograd.grad(got, pred)[0], torch.autograd.grad(ref, pred)[0])
+
+
+def test_loss_warps_keep_a_thread_within_32_values():
+    from mimfast.kernels import pixel_loss as K
+
+    assert K.loss_warps(4096) == K.LOSS_WARPS == 4  # ViT-B: 4 rows of 1024, as swept on the H100
+    assert K.loss_warps(2048) == 4  # VideoMAE-B: one row of 2048
+    assert K.loss_warps(8192) == 8  # one row of a 2 x 32 x 32 x 3 cube: 32 values a thread, not 64
+    assert K.loss_warps(64) == 1

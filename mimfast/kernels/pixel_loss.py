@@ -342,6 +342,12 @@ def rows_per_program(P: int, norm: int = 0) -> int:
     return 1 << (fit.bit_length() - 1)
 
 
+def loss_warps(tile: int) -> int:
+    """Warps of a loss program of ``tile`` values: LOSS_WARPS (fewer for a tile under 256 values each), more for a
+    tile beyond 32 values a thread (a single row of a big cube: P 6144 at 4 warps needs 255 registers)."""
+    return max(1, min(LOSS_WARPS, tile // 256), min(16, tile // 1024))
+
+
 def num_partials(rows: int, P: int, norm: int = 0) -> int:
     """Length of the partials buffer the loss kernel fills for ``rows`` rows of P values."""
     return cdiv(rows, rows_per_program(P, norm))
@@ -399,6 +405,7 @@ def launch_pixel_loss(
     if grad is not None:
         assert grad.stride(2) == 1 and grad.shape == pred.shape
     assert (mask is None) == (wparts is None)
+    assert partials.numel() == num_partials(N * R, P, norm), "partials sized for another tile"
     # the callers' backend reasons refused in-patch offsets past int32
     dummy = partials
     pixel_loss_kernel[(num_partials(N * R, P, norm),)](
@@ -415,7 +422,7 @@ def launch_pixel_loss(
         C=C, PT=PT, PS=PS, BLOCK_P=block_p, ROWS=rows, BLOCK_G=MAX_WPARTS,
         NORM=norm, L1=l1, UNNORM=stats is not None,
         HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, LATE_PRED=LATE_PRED,
-        num_warps=max(1, min(LOSS_WARPS, rows * block_p // 256)),
+        num_warps=loss_warps(rows * block_p),
     )
 
 

@@ -99,7 +99,9 @@ def _check(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bia
 
 
 # the weight gradient by gather_rows + torch.mm (the GEMM library's kernel, its output rounded to the compute dtype as
-# the conv's own weight gradient is) instead of the gather-GEMM kernel with fp32 partials; not yet timed on a GPU
+# the conv's own weight gradient is: fp16 can overflow where the fp32 partials would not; in fp32 it follows the
+# matmul TF32 setting, not cuDNN's; under torch.use_deterministic_algorithms it needs CUBLAS_WORKSPACE_CONFIG like
+# any cuBLAS call) instead of the gather-GEMM kernel with fp32 partials; not yet timed on a GPU
 WEIGHT_GRAD_VIA_GEMM = False
 
 
