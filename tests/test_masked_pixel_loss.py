@@ -239,8 +239,8 @@ def test_poisoned_buffers_fully_overwritten(in_place):
 @pytest.mark.parametrize("case", ["mae_full", "mae_masked_rows_l1", "video"])
 def test_tile_sizes_agree(case, monkeypatch):
     """One row per program, a few, or many, and pred loaded early or late: the same per-row arithmetic, so the
-    same gradients, and the loss up to the order of its fp32 sum. Rows of weight 0 hold NaN (never read), and the row count is not a multiple of the
-    rows per program."""
+    same gradients, and the loss up to the order of its fp32 sum. Rows of weight 0 hold NaN (never read), and the
+    row count is not a multiple of the rows per program."""
     from mimfast.kernels import pixel_loss as kernels
     from mimfast.kernels.sizes import next_pow2
     from mimfast.ops import IMAGENET_MEAN, IMAGENET_STD, videomae_pixel_loss

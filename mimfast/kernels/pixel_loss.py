@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels.sizes import cdiv, next_pow2
+from mimfast.kernels.sizes import cdiv, next_pow2, sm_count
 
 
 @triton.jit
@@ -405,10 +405,11 @@ def launch_pixel_loss(
     if grad is not None:
         assert grad.stride(2) == 1 and grad.shape == pred.shape
     assert (mask is None) == (wparts is None)
-    assert partials.numel() == num_partials(N * R, P, norm), "partials sized for another tile"
+    programs = cdiv(N * R, rows)
+    assert partials.numel() == programs, "partials sized for another tile"
     # the callers' backend reasons refused in-patch offsets past int32
     dummy = partials
-    pixel_loss_kernel[(num_partials(N * R, P, norm),)](
+    pixel_loss_kernel[(programs,)](
         pred, grad if grad is not None else dummy, imgs,
         ids if ids is not None else dummy, mask if mask is not None else dummy,
         stats if stats is not None else dummy, wparts if wparts is not None else dummy, partials,
@@ -442,16 +443,9 @@ def launch_loss_finalize(partials: torch.Tensor, wparts: Optional[torch.Tensor],
     return loss
 
 
-_sm_count: dict[torch.device, int] = {}
-
-
 def _programs(device: torch.device) -> int:
     """A grid filling the device a few times over (grid-stride loops)."""
-    if device.type != "cuda":
-        return 4
-    if device not in _sm_count:
-        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * _sm_count[device]
+    return 4 * sm_count(device) if device.type == "cuda" else 4
 
 
 def launch_scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ ids_restore[n, l] of x_vis when that is < K, else the mask token, plus pos_embed
 The forward and the common backward (no pos_embed gradient: MAE's decoder_pos_embed is a frozen table) see the
 output as one flat list of N * (OFF + L) rows cut into tiles of BLOCK_R rows. In the forward every tile is one
 program with no loop, so thousands of programs keep the memory system busy whatever the batch size; the backward's
-programs each walk a strided set of tiles, so its mask-token gradient leaves a few partials per SM to add up. The backward with a pos_embed
-gradient sums over the batch per position instead, so its programs own positions and loop over a batch chunk.
+programs each walk a strided set of tiles, so its mask-token gradient leaves a few partials per SM to add up. The
+backward with a pos_embed gradient sums over the batch per position instead, so its programs own positions and
+loop over a batch chunk.
 """
 
 from __future__ import annotations

@@ -12,6 +12,20 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+_SM_COUNT: dict = {}
+
+
+def sm_count(device) -> int:
+    """Multiprocessors of a CUDA device (read once per device); 4 elsewhere (the interpreter's grids)."""
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        import torch
+
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling of a / b for b > 0."""
     return -(-a // b)

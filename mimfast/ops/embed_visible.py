@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mimfast.backend import eager_autograd, get_op
+from mimfast.kernels.sizes import sm_count
 from mimfast.ops.gather_patches import check_distinct, check_index
 from mimfast.ops.patchify import as_size, check_images, grid_size, patch_dim, span_reasons
 
@@ -105,10 +106,6 @@ def _check(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bia
 WEIGHT_GRAD_VIA_GEMM = False
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 operands follow torch's convolution setting, so the kernel rounds like the conv it replaces
     return "tf32" if dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
@@ -196,7 +193,7 @@ def _backward_grads(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tens
         blocks = -(-M // cfg["BLOCK_M"])
         # two programs fit an SM: split the rows into as many chunks as fill those slots in one wave, and no more
         # (every chunk is one more [D, P] fp32 partial to write and add up)
-        chunks = max(1, min(blocks, 2 * _sm_count(grad.device) // tiles))
+        chunks = max(1, min(blocks, 2 * sm_count(grad.device) // tiles))
         m_per = -(-blocks // chunks) * cfg["BLOCK_M"]
         chunks = -(-M // m_per)
         part = torch.empty(chunks, D * P + D, dtype=torch.float32, device=grad.device)

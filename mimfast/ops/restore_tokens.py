@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from mimfast.backend import eager_autograd, get_op
+from mimfast.kernels.sizes import sm_count
 from mimfast.ops.gather_patches import check_distinct, check_index
 
 __all__ = ["restore_tokens", "restore_tokens_ref"]
@@ -89,10 +90,6 @@ def _check(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Ten
 BWD_PROGRAMS_PER_SM = 3
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _forward(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
              pos_embed: Optional[torch.Tensor], has_cls: bool) -> torch.Tensor:
     """Launch the forward kernel: [N, OFF + K, D] -> [N, OFF + L, D]."""
@@ -139,7 +136,7 @@ def _backward_grads(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: 
         cfg = kernels.flat_config(D)
         n_dt = -(-D // cfg["BLOCK_D"])
         # enough programs for BWD_PROGRAMS_PER_SM on every SM, none without a tile
-        progs = max(1, min(-(-N * R // cfg["BLOCK_R"]), -(-BWD_PROGRAMS_PER_SM * _sm_count(grad.device) // n_dt)))
+        progs = max(1, min(-(-N * R // cfg["BLOCK_R"]), -(-BWD_PROGRAMS_PER_SM * sm_count(grad.device) // n_dt)))
         part_mt = torch.empty(progs, D, dtype=torch.float32, device=grad.device)
         kernels.restore_tokens_bwd_kernel[(progs, n_dt)](
             g, ids, gx, part_mt, N * R, L, num_visible, D, ids.stride(0), HAS_CLS=has_cls, **cfg)
@@ -148,7 +145,7 @@ def _backward_grads(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: 
     n_rb, n_db = -(-R // cfg["BLOCK_R"]), -(-D // cfg["BLOCK_D"])
     # split the batch as far as needed to give every SM four programs: each program walks its chunk serially, and
     # every chunk costs one [OFF + L, D] fp32 partial to add up
-    chunks = max(1, min(N, -(-4 * _sm_count(grad.device) // (n_rb * n_db))))
+    chunks = max(1, min(N, -(-4 * sm_count(grad.device) // (n_rb * n_db))))
     n_per = -(-N // chunks)
     chunks = -(-N // n_per)
     part_mt = torch.empty(chunks, n_rb, D, dtype=torch.float32, device=grad.device)
