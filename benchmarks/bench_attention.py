@@ -207,6 +207,16 @@ def dense_cases(s: Dense, device: torch.device, dtype: torch.dtype) -> list[tupl
     return out
 
 
+def all_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[tuple[Case, dict[str, Callable]]]:
+    ragged, dense = (RAGGED_QUICK, DENSE_QUICK) if quick else (RAGGED_FULL, DENSE_FULL)
+    cases = []
+    for r in ragged:
+        cases += ragged_cases(r, device, dtype)
+    for s in dense:
+        cases += dense_cases(s, device, dtype)
+    return cases
+
+
 def main() -> None:
     ap = common_args(__doc__.splitlines()[0])
     args = ap.parse_args()
@@ -215,13 +225,7 @@ def main() -> None:
     if device.type == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32  # the Triton interpreter computes bf16 dots wrongly; the CPU run is a smoke test
         print("CPU run: float32 instead of bfloat16")
-    ragged, dense = (RAGGED_QUICK, DENSE_QUICK) if args.quick else (RAGGED_FULL, DENSE_FULL)
-    cases = []
-    for r in ragged:
-        cases += ragged_cases(r, device, dtype)
-    for s in dense:
-        cases += dense_cases(s, device, dtype)
-    rows = run(cases, device, args.providers, args.cases, profile=args.profile, graph=args.graph,
+    rows = run(all_cases(args.quick, device, dtype), device, args.providers, args.cases, profile=args.profile, graph=args.graph,
                name="bench_attention" if not args.no_save else None)
     if not args.no_save:
         write_results("bench_attention", rows, device, {"dtype": str(dtype).replace("torch.", "")})

@@ -7,8 +7,8 @@
 #
 # A stage is info, tests[:FILE] (the gpu tier, or one test file's gpu tests), BENCH[:CASES] with BENCH one of
 # masking, loss, attention, e2e and CASES a comma-separated list of case-name substrings (benchmarks' --cases), or
-# sweep:loss, sweep:restore or sweep:embed (benchmarks.sweep over the open kernel settings, rows to
-# sweep_<name>.json).
+# sweep:NAME with NAME one of loss, restore, embed, gather, attention (benchmarks.sweep over the open kernel
+# settings, rows to sweep_<name>.json).
 # Each benchmark stage appends one run to benchmarks/results/<bench>.json and .md, and streams its rows to
 # <bench>.partial.jsonl while it runs (kept when a time limit stops the stage). When $OUT is set (a machine that
 # sends back only $OUT), the results, the partial files and every stage's full log (<stage>.log) are copied there
@@ -38,7 +38,8 @@ if [ ${#stages[@]} -eq 0 ]; then
     # since the last GPU run, the sweeps of their open settings, then the ViT-B and VideoMAE-B shapes the issues'
     # targets were measured at, the whole gpu tier, end to end, and last the larger shapes.
     stages=(info tests:test_masked_pixel_loss.py tests:test_restore_tokens.py tests:test_embed_visible.py
-            sweep:loss sweep:restore sweep:embed
+            tests:test_gather_patches.py
+            sweep:loss sweep:restore sweep:embed sweep:gather sweep:attention
             loss:mae_vit_b16 loss:videomae masking:mae_vit_b16
             attention:mae_vit_b16_enc,mae_vit_l16_enc attention:mae_enc_50,mae_dec_197 attention:videomae_dec_1568
             tests e2e:mae_vit_b16 masking:videomae_b16
@@ -73,17 +74,26 @@ for stage in "${stages[@]}"; do
             case "$arg" in
                 loss) sweep=(bench_loss --cases mae_vit_b16/,mae_vit_h14/,videomae_b/
                              --set mimfast.kernels.pixel_loss.LATE_PRED=False,True
-                             --set mimfast.kernels.pixel_loss.LOSS_TILE=2048,4096,8192) ;;
+                             --set mimfast.kernels.pixel_loss.CHANNEL_SUMS=False,True
+                             --set mimfast.kernels.pixel_loss.LOSS_TILE=2048,4096) ;;
                 restore) sweep=(bench_masking --cases /restore
-                                --set mimfast.kernels.restore_tokens.FLAT_BLOCK_R=32,64,128
-                                --set mimfast.ops.restore_tokens.BWD_PROGRAMS_PER_SM=2,3,4) ;;
+                                --set mimfast.kernels.restore_tokens.FLAT_BLOCK_R=32,64
+                                --set mimfast.ops.restore_tokens.BWD_PROGRAMS_PER_SM=3,6
+                                --set mimfast.kernels.restore_tokens.BWD_PREFETCH=False,True) ;;
                 embed) sweep=(bench_masking --cases mask+embed
                               --set mimfast.ops.embed_visible.WEIGHT_GRAD_VIA_GEMM=False,True) ;;
-                *) echo "unknown sweep '$arg' (loss, restore, embed)"; status=2; continue ;;
+                gather) sweep=(bench_masking --cases "gather fwd"
+                               --set mimfast.kernels.gather_patches.GATHER_TILE=2048,4096,8192
+                               --set mimfast.kernels.gather_patches.GATHER_WARPS=4,8) ;;
+                attention) sweep=(bench_attention --cases mae_dec_197/H12/fwd,videomae_dec_1568/H12/fwd
+                                  --set mimfast.kernels.visible_attention.FWD_BLOCK_M=64,128
+                                  --set mimfast.kernels.visible_attention.FWD_BLOCK_N=32,64,128
+                                  --set mimfast.kernels.visible_attention.FWD_STAGES=2,3) ;;
+                *) echo "unknown sweep '$arg' (loss, restore, embed, gather, attention)"; status=2; continue ;;
             esac
             python3 -m benchmarks.sweep "${sweep[@]}" --out "$out/sweep_$arg.json" 2>&1 | tee "$log"
             rc=${PIPESTATUS[0]} ;;
-        *) echo "unknown stage $stage (info, tests[:FILE], masking|loss|attention|e2e[:CASES], sweep:loss|restore|embed)"
+        *) echo "unknown stage $stage (info, tests[:FILE], masking|loss|attention|e2e[:CASES], sweep:NAME)"
            status=2; continue ;;
     esac
     [ "$rc" -ne 0 ] && { echo "stage $stage failed with status $rc"; status=1; }

@@ -23,3 +23,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA"))
+
+
+@pytest.fixture(params=[False, True], ids=["channel_loops", "channel_sums"])
+def channel_sums(request, monkeypatch):
+    """Both ways the pixel-loss kernel may reduce per-channel statistics (kernels.pixel_loss.CHANNEL_SUMS)."""
+    import mimfast.kernels.pixel_loss as kernels
+
+    monkeypatch.setattr(kernels, "CHANNEL_SUMS", request.param)
+    return request.param

@@ -58,6 +58,34 @@ def test_matches_reference_exactly(case, poison):
     assert torch.equal(out, ref)  # a copy: bit-equal, and no NaN left from the poisoned buffer
 
 
+def test_chunk_size_pads_rows_least():
+    from mimfast.kernels.gather_patches import chunk_size
+
+    # P 768 and 1536 split exactly; P 588 (ViT-H/14) in 5 chunks of 128 (640 values) rather than 1024; small P whole
+    assert [chunk_size(P) for P in (768, 1536, 588, 48, 27, 128, 4096)] == [256, 512, 128, 64, 32, 128, 4096]
+
+
+@pytest.mark.parametrize("tile", [128, 512, 4096])
+@pytest.mark.parametrize("shape,p,t", [((3, 3, 48, 64), 16, None), ((2, 3, 42, 56), 14, None),
+                                       ((1, 3, 4, 32, 48), 16, 2)], ids=["P768", "P588", "P1536"])
+def test_tiles_of_several_rows_and_chunks(monkeypatch, poison, tile, shape, p, t):
+    # a tile smaller than a row (several chunks a row), of a few rows with a part-filled last tile, and of more
+    # rows than there are: forward and backward equal the reference exactly
+    import mimfast.kernels.gather_patches as kernels
+
+    monkeypatch.setattr(kernels, "GATHER_TILE", tile)
+    imgs = torch.randn(shape, requires_grad=True)
+    L = num_patches(shape, p, t)
+    ids_keep = torch.stack([torch.randperm(L)[: L // 2 + 1] for _ in range(shape[0])])  # odd row counts
+    out = gather_patches(imgs, ids_keep, p, t, backend="triton")
+    assert torch.equal(out, gather_patches_ref(imgs, ids_keep, p, t))
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, imgs, g)
+    ref = imgs.detach().clone().requires_grad_()
+    (gref,) = torch.autograd.grad(gather_patches_ref(ref, ids_keep, p, t), ref, g)
+    assert torch.equal(gx, gref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_copy(dtype):
     imgs = torch.randn(2, 3, 32, 32).to(dtype)

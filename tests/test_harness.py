@@ -176,7 +176,8 @@ def test_gpu_session_stages_expand_to_benchmark_commands(tmp_path):
         "python3 -m benchmarks.bench_e2e --cases mae_vit_l16 --profile",
         "python3 -m pytest -q -m gpu tests/test_visible_attention.py -p no:cacheprovider",
         "python3 -m benchmarks.sweep bench_masking --cases /restore --set mimfast.kernels.restore_tokens.FLAT_BLOCK_R="
-        "32,64,128 --set mimfast.ops.restore_tokens.BWD_PROGRAMS_PER_SM=2,3,4 "
+        "32,64 --set mimfast.ops.restore_tokens.BWD_PROGRAMS_PER_SM=3,6 "
+        "--set mimfast.kernels.restore_tokens.BWD_PREFETCH=False,True "
         f"--out {tmp_path / 'out'}/sweep_restore.json",
     ]
     # every stage's whole log and the commit the results will name, where $OUT comes back from

@@ -164,11 +164,11 @@ def test_patch_base_offsets_past_int32():
 
 
 def test_final_sums_past_one_block_of_partials():
-    # the loss's final pass reads its partials 2048 at a time and the row weights' first pass runs several
+    # the loss's final pass reads its partials _FINAL_BLOCK at a time and the row weights' first pass runs several
     # programs past 1024 rows: sizes the small shapes above never reach
-    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_weight_sums
+    from mimfast.kernels.pixel_loss import _FINAL_BLOCK, launch_loss_finalize, launch_weight_sums
 
-    partials = torch.rand(5000)
+    partials = torch.rand(2 * _FINAL_BLOCK + 5)
     loss = launch_loss_finalize(partials, None, 20000, 8, torch.float32)
     torch.testing.assert_close(loss.double(), partials.double().sum() / (8 * 20000), rtol=1e-6, atol=0)
     mask = torch.rand(3, 1500)
@@ -434,7 +434,7 @@ elif which == "finalize":
     sig = {"partial_ptr": "*fp32", "wpart_ptr": "*fp32", "bad_ptr": "*i32", "loss_ptr": "*fp32", "num_partials": "i32",
            "num_wparts": "i32", "row_count": "fp32", "num_bad": "i32"}
     const = {"P": 768, "HAS_MASK": True, "HAS_BAD": True, "BLOCK": K._FINAL_BLOCK, "BLOCK_G": K.MAX_WPARTS}
-    fn, warps = K.loss_finalize_kernel, 8
+    fn, warps = K.loss_finalize_kernel, K._FINAL_WARPS
 elif which == "scale":
     sig = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "numel": "i64"}
     const = {"BLOCK": 4096}
@@ -458,7 +458,7 @@ else:
     const.update({"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_P": 2048 if video else 1024,
                   "ROWS": K.rows_per_program(P, 2 if video else 1), "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
                   "L1": which == "mae_l1", "UNNORM": video, "HAS_IDS": which != "mae_full", "HAS_MASK": not video,
-                  "COMPUTE_GRAD": True, "LATE_PRED": K.LATE_PRED})
+                  "COMPUTE_GRAD": True, "LATE_PRED": K.LATE_PRED, "CHANNEL_SUMS": K.CHANNEL_SUMS})
     fn, warps = K.pixel_loss_kernel, K.LOSS_WARPS
 for k in const:
     sig[k] = "constexpr"

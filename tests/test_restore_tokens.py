@@ -85,10 +85,23 @@ def test_forward_and_backward_match_reference(case, poison):
 
 
 @pytest.mark.parametrize("case", [CASES[k] for k in ("mae_L196_D40", "no_cls_L196", "keep_none", "keep_all",
-                                                     "prime_D37_9_samples")],
-                         ids=["mae_L196_D40", "no_cls_L196", "keep_none", "keep_all", "prime_D37_9_samples"])
-def test_frozen_pos_backward_matches_reference(case, poison):
-    # MAE's decoder_pos_embed is a fixed table: the backward then takes the flat-row path (no sum over the batch)
+                                                     "prime_D37_9_samples", "D200_two_column_blocks")],
+                         ids=["mae_L196_D40", "no_cls_L196", "keep_none", "keep_all", "prime_D37_9_samples",
+                              "D200_two_column_blocks"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["tile_by_tile", "prefetch"])
+@pytest.mark.parametrize("programs_per_sm", [1, 3])
+def test_frozen_pos_backward_matches_reference(case, poison, monkeypatch, prefetch, programs_per_sm):
+    # MAE's decoder_pos_embed is a fixed table: the backward then takes the flat-row path (no sum over the batch),
+    # whose programs walk several row tiles each (one program per SM: every program more than one tile; the
+    # interpreter's 4 SMs) with and without loading the next tile ahead
+    import importlib
+
+    import mimfast.kernels.restore_tokens as kernels
+
+    ops = importlib.import_module("mimfast.ops.restore_tokens")  # the module, not the function mimfast.ops exports
+    monkeypatch.setattr(kernels, "BWD_PREFETCH", prefetch)
+    monkeypatch.setattr(kernels, "FLAT_BLOCK_R", 16)
+    monkeypatch.setattr(ops, "BWD_PROGRAMS_PER_SM", programs_per_sm)
     N, L, ratio, D, has_cls, _ = case
     x_vis, ids_restore, mask_token, pos = make(*case)
     grad_out = torch.randn(N, int(has_cls) + L, D)
@@ -229,11 +242,11 @@ if which == "fwd":
            "NR": "i32", "L": "i32", "K": "i32", "D": "i32", "s_xn": "i32", "s_xr": "i32", "s_xd": "constexpr",
            "s_idn": "i32"}
     consts = {"HAS_CLS": True, "HAS_POS": True, "s_xd": 1}
-elif which == "bwd":
+elif which in ("bwd", "bwd_prefetch"):
     fn = k.restore_tokens_bwd_kernel
     sig = {"g_ptr": "*fp32", "ids_ptr": "*i64", "gx_ptr": "*" + dtype, "part_mt_ptr": "*fp32", "NR": "i32",
            "L": "i32", "K": "i32", "D": "i32", "s_idn": "i32"}
-    consts = {"HAS_CLS": True}
+    consts = {"HAS_CLS": True, "PREFETCH": which == "bwd_prefetch"}
 else:
     fn = k.restore_tokens_bwd_pos_kernel
     sig = {"g_ptr": "*fp32", "ids_ptr": "*i64", "gx_ptr": "*" + dtype, "part_mt_ptr": "*fp32",
@@ -253,7 +266,7 @@ print("compiled")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["fwd bf16 512", "bwd bf16 512", "fwd fp16 384", "bwd fp32 384",
-                                    "bwd_pos bf16 512"])
+                                    "bwd_prefetch bf16 512", "bwd_pos bf16 512"])
 def test_kernels_compile_for_h100(config):
     # full compilation to an sm_90 cubin without a GPU (and without the interpreter, in a subprocess): catches what
     # the interpreter accepts but the compiler rejects

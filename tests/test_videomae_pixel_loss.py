@@ -52,7 +52,7 @@ def run_case(pred, videos, mask, p, pt, view=lambda t: t, **kw):
 @pytest.mark.parametrize("shape", [(2, 3, 4, 8, 12, 4, 2), (1, 3, 2, 16, 16, 8, 2), (3, 1, 3, 4, 8, 4, 3),
                                    (1, 3, 4, 32, 32, 16, 2)],
                          ids=["N2_T4_p4", "P768_pt2_p8", "C1_pt3_prime", "P1536_pt2_p16"])
-def test_matches_float64(shape, norm_target):
+def test_matches_float64(shape, norm_target, channel_sums):
     N, C, T, H, W, p, pt = shape
     videos = torch.randn(N, C, T, H, W)
     t, hw = T // pt, (H // p) * (W // p)
@@ -72,7 +72,7 @@ def test_half_precision_pred(dtype, device):
         run_case(pred, videos, mask, 4, 2, norm_target=norm_target)
 
 
-def test_random_non_tube_mask_constant_cubes_and_all_masked():
+def test_random_non_tube_mask_constant_cubes_and_all_masked(channel_sums):
     N, C, T, H, W, p, pt = 2, 3, 4, 8, 8, 4, 2
     videos = torch.randn(N, C, T, H, W)
     videos[:, :, :2, :4, :4] = 0.3  # the first cube of each sample is constant: std 0
@@ -86,7 +86,7 @@ def test_random_non_tube_mask_constant_cubes_and_all_masked():
 
 @pytest.mark.parametrize("huge", ["videos", "pred"], ids=["huge_videos", "huge_pred"])
 @pytest.mark.parametrize("norm_target", [True, False], ids=["norm_target", "raw_target"])
-def test_huge_values(norm_target, huge):
+def test_huge_values(norm_target, huge, channel_sums):
     # huge videos: un-normalised values around 7e3 +- 2e3 (per-channel statistics of a large offset), predictions at
     # the target's scale; huge pred: predictions 1e4 times the target's scale
     N, C, T, H, W, p, pt = 2, 3, 4, 8, 8, 4, 2

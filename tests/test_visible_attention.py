@@ -295,6 +295,21 @@ def test_tiled_max_seqlen_upper_bound_matches_exact(interpret, lengths, H, d, dt
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("block_m,block_n,stages", [(64, 32, 2), (128, 128, 3)])
+def test_tiled_forward_tilings_of_the_sweep(interpret, monkeypatch, block_m, block_n, stages):
+    # the forward tilings benchmarks/gpu_session.sh's sweep:attention times, on fp16 sequences past the short path
+    # with partial query and key blocks
+    import mimfast.kernels.visible_attention as kernels
+
+    monkeypatch.setattr(kernels, "FWD_BLOCK_M", block_m)
+    monkeypatch.setattr(kernels, "FWD_BLOCK_N", block_n)
+    monkeypatch.setattr(kernels, "FWD_STAGES", stages)
+    assert_tiled(32, torch.float16, 197)
+    assert kernels.fwd_config(32, 197, False)["BLOCK_N"] == block_n
+    torch.manual_seed(0)
+    check_packed([197, 3, 130], 1, 32, torch.float16, tail=5)
+
+
 @pytest.mark.parametrize("lengths,H,d,dtype,tail,loose", TILED_CASES)
 def test_tiled_every_element_written_and_tail_never_read(interpret, lengths, H, d, dtype, tail, loose):
     del loose

@@ -28,19 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels.gather_patches import patch_base, patch_offsets
 from mimfast.kernels.sizes import cdiv, next_pow2, sm_count
-
-
-@triton.jit
-def _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexpr, PS: tl.constexpr):
-    """Pointer to the first value (channel 0) of patch ``l`` of image ``n``: the patch coordinates in 32 bits (64-bit
-    division costs many instructions and registers), their products with the strides in 64 bits, once per patch."""
-    gt = l // (GH * GW)
-    gh = (l // GW) % GH
-    gw = l % GW
-    # left to right: each coordinate is int64 before it meets a stride (PT * s_t alone would be an int32 product)
-    return (img_ptr + n * s_n + gt.to(tl.int64) * PT * s_t + gh.to(tl.int64) * PS * s_h
-            + gw.to(tl.int64) * PS * s_w)
 
 
 @triton.jit
@@ -55,7 +44,7 @@ def _image_tile(img_ptr, n, l, ok, GH, GW, s_n, s_c, s_t, s_h, s_w,
     inner = (s // (PS * PS)) * s_t + ((s // PS) % PS) * s_h + (s % PS) * s_w
     off = c[:, None] * s_c + inner[None, :]
     valid = tl.where(ok, (c < C)[:, None] & (s < PT * PS * PS)[None, :], False)
-    base = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
+    base = patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
     x = tl.load(base + off, mask=valid, other=0.0).to(tl.float32)
     return tl.trans(x)
 
@@ -110,6 +99,31 @@ def weight_sum_kernel(
 
 
 @triton.jit
+def _channel(x, ec, c: tl.constexpr):
+    """x where e's channel is c, else 0."""
+    return tl.where((ec == c)[None, :], x, 0.0)
+
+
+@triton.jit
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _channel_sums(x, ec):
+    """Per-row sums of x over each of the channels 0..3 at once, as one reduction (a channel past C sums zeros)."""
+    return tl.reduce((_channel(x, ec, 0), _channel(x, ec, 1), _channel(x, ec, 2), _channel(x, ec, 3)), 1, _add4)
+
+
+@triton.jit
+def _per_channel(v0, v1, v2, v3, ec):
+    """[ROWS, BLOCK_P] holding row statistic v<c> at every value of channel c (C <= 4)."""
+    out = tl.where((ec == 0)[None, :], v0[:, None], v1[:, None])
+    out = tl.where((ec == 2)[None, :], v2[:, None], out)
+    return tl.where((ec == 3)[None, :], v3[:, None], out)
+
+
+@triton.jit
 def pixel_loss_kernel(
     pred_ptr,  # [N, R, P] predicted rows, any strides
     grad_ptr,  # [N, R, P] gradient of the loss for pred, last dim contiguous (may alias pred_ptr)
@@ -131,6 +145,7 @@ def pixel_loss_kernel(
     BLOCK_P: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
     NORM: tl.constexpr, L1: tl.constexpr, UNNORM: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, LATE_PRED: tl.constexpr,
+    CHANNEL_SUMS: tl.constexpr,
 ):
     S: tl.constexpr = PT * PS * PS
     P: tl.constexpr = S * C
@@ -141,9 +156,7 @@ def pixel_loss_kernel(
     e = tl.arange(0, BLOCK_P)
     e_ok = e < P
     ec = e % C
-    es = e // C
-    # offsets inside a patch fit in int32 (the ops' backend reasons check): 32-bit per-element arithmetic
-    img_off = ec * s_c + (es // (PS * PS)) * s_t + ((es // PS) % PS) * s_h + (es % PS) * s_w
+    img_off = patch_offsets(e, s_c, s_t, s_h, s_w, C, PS)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rows_ok = rows < total_rows
     n = rows // R
@@ -162,7 +175,7 @@ def pixel_loss_kernel(
     pred_ptrs = pred_ptr + (n * s_pn + r * s_pr)[:, None] + (e * s_pe)[None, :]
     if not LATE_PRED:
         pred = tl.load(pred_ptrs, mask=ld, other=0.0).to(tl.float32)
-    base = _patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
+    base = patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
     x = tl.load(base[:, None] + img_off[None, :], mask=ld, other=0.0).to(tl.float32)
     if UNNORM:
         x = x * tl.load(stats_ptr + C + ec, mask=e_ok, other=0.0)[None, :] + tl.load(
@@ -186,16 +199,25 @@ def pixel_loss_kernel(
                 x0c = x0c * tl.load(stats_ptr + C + c) + tl.load(stats_ptr + c)
             x0 = tl.where((ec == c)[None, :], x0c[:, None], x0)
         x = tl.where(ld, x - x0, 0.0)
-        mean = tl.zeros([ROWS, BLOCK_P], tl.float32)
-        for c in tl.static_range(C):
-            sel = (ec == c)[None, :]
-            mean = tl.where(sel, (tl.sum(tl.where(sel, x, 0.0), axis=1) / S)[:, None], mean)
-        d = tl.where(ld, x - mean, 0.0)
-        std = tl.zeros([ROWS, BLOCK_P], tl.float32)
-        for c in tl.static_range(C):
-            sel = (ec == c)[None, :]
-            std = tl.where(sel, tl.sqrt(tl.sum(tl.where(sel, d * d, 0.0), axis=1) / (S - 1))[:, None], std)
-        x = d / (std + eps)
+        if CHANNEL_SUMS and C <= 4:
+            # the same two passes, each channel's sum in one reduction for all channels
+            m0, m1, m2, m3 = _channel_sums(x, ec)
+            d = tl.where(ld, x - _per_channel(m0 / S, m1 / S, m2 / S, m3 / S, ec), 0.0)
+            v0, v1, v2, v3 = _channel_sums(d * d, ec)
+            std = _per_channel(tl.sqrt(v0 / (S - 1)), tl.sqrt(v1 / (S - 1)), tl.sqrt(v2 / (S - 1)),
+                               tl.sqrt(v3 / (S - 1)), ec)
+            x = d / (std + eps)
+        else:
+            mean = tl.zeros([ROWS, BLOCK_P], tl.float32)
+            for c in tl.static_range(C):
+                sel = (ec == c)[None, :]
+                mean = tl.where(sel, (tl.sum(tl.where(sel, x, 0.0), axis=1) / S)[:, None], mean)
+            d = tl.where(ld, x - mean, 0.0)
+            std = tl.zeros([ROWS, BLOCK_P], tl.float32)
+            for c in tl.static_range(C):
+                sel = (ec == c)[None, :]
+                std = tl.where(sel, tl.sqrt(tl.sum(tl.where(sel, d * d, 0.0), axis=1) / (S - 1))[:, None], std)
+            x = d / (std + eps)
     if LATE_PRED:  # loaded once the target is ready: fewer live registers while its statistics are reduced
         pred = tl.load(pred_ptrs, mask=ld, other=0.0).to(tl.float32)
     err, g = _error_terms(pred, x, ld, L1)
@@ -331,9 +353,15 @@ LOSS_WARPS = 4
 # load pred after the target's statistics instead of with the image (fewer live registers, less overlap); not yet
 # timed on a GPU, so off
 LATE_PRED = False
+# per-channel statistics (VideoMAE, C <= 4) with every channel's sum in one reduction: two reductions of the tile
+# (means, then squared deviations) instead of 2 C; the same arithmetic. Not yet timed on a GPU, so off
+CHANNEL_SUMS = False
 MAX_WPARTS = 64
 _WEIGHT_BLOCK = 1024
-_FINAL_BLOCK = 2048
+# the final pass is one program whose loop waits on each step's loads: wide steps, few of them (VideoMAE-B's 90k
+# partials, one per row, took 22 us on the H100 in steps of 2048)
+_FINAL_BLOCK = 16384
+_FINAL_WARPS = 16
 
 
 def rows_per_program(P: int, norm: int = 0) -> int:
@@ -423,7 +451,7 @@ def launch_pixel_loss(
         C=C, PT=PT, PS=PS, BLOCK_P=block_p, ROWS=rows, BLOCK_G=MAX_WPARTS,
         NORM=norm, L1=l1, UNNORM=stats is not None,
         HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, LATE_PRED=LATE_PRED,
-        num_warps=loss_warps(rows * block_p),
+        CHANNEL_SUMS=CHANNEL_SUMS, num_warps=loss_warps(rows * block_p),
     )
 
 
@@ -438,7 +466,7 @@ def launch_loss_finalize(partials: torch.Tensor, wparts: Optional[torch.Tensor],
         partials.numel(), 0 if wparts is None else wparts.numel(), float(row_count),
         0 if bad is None else bad.numel(),
         P=P, HAS_MASK=wparts is not None, HAS_BAD=bad is not None, BLOCK=_FINAL_BLOCK, BLOCK_G=MAX_WPARTS,
-        num_warps=8,
+        num_warps=_FINAL_WARPS,
     )
     return loss
 

@@ -71,7 +71,7 @@ def restore_tokens_bwd_kernel(
     part_mt_ptr,  # [num_programs(0), D] fp32 mask-token gradient of each program's row tiles
     NR, L, K, D,
     s_idn,
-    HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # each program walks the row tiles pid, pid + num_programs, ... in order: a few programs per SM, and one
     # mask-token partial per program (a short second pass) instead of one per tile
@@ -79,13 +79,28 @@ def restore_tokens_bwd_kernel(
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     mt = tl.zeros([BLOCK_D], tl.float32)
-    for tile in range(tl.program_id(0), tl.cdiv(NR, BLOCK_R), tl.num_programs(0)):
-        r, row_ok, n, xrow, visible, masked = _flat_rows(tile, ids_ptr, s_idn, NR, R, L, K, HAS_CLS, BLOCK_R)
+    step = tl.num_programs(0)
+    if PREFETCH:
+        # the next tile's indices and gradient are loaded before this tile is written: two tiles in flight
+        r, row_ok, n, xrow, visible, masked = _flat_rows(tl.program_id(0), ids_ptr, s_idn, NR, R, L, K, HAS_CLS,
+                                                         BLOCK_R)
         g = tl.load(g_ptr + r[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        # ids_restore is a permutation, so each x_vis row is written by exactly one output row
-        tl.store(gx_ptr + (n * (K + R - L) + xrow)[:, None] * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
-                 mask=visible[:, None] & d_ok[None, :])
-        mt += tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
+        for tile in range(tl.program_id(0), tl.cdiv(NR, BLOCK_R), step):
+            r2, row_ok2, n2, xrow2, visible2, masked2 = _flat_rows(tile + step, ids_ptr, s_idn, NR, R, L, K,
+                                                                   HAS_CLS, BLOCK_R)
+            g2 = tl.load(g_ptr + r2[:, None] * D + d[None, :], mask=row_ok2[:, None] & d_ok[None, :], other=0.0)
+            tl.store(gx_ptr + (n * (K + R - L) + xrow)[:, None] * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
+                     mask=visible[:, None] & d_ok[None, :])
+            mt += tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
+            n, xrow, visible, masked, g = n2, xrow2, visible2, masked2, g2
+    else:
+        for tile in range(tl.program_id(0), tl.cdiv(NR, BLOCK_R), step):
+            r, row_ok, n, xrow, visible, masked = _flat_rows(tile, ids_ptr, s_idn, NR, R, L, K, HAS_CLS, BLOCK_R)
+            g = tl.load(g_ptr + r[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            # ids_restore is a permutation, so each x_vis row is written by exactly one output row
+            tl.store(gx_ptr + (n * (K + R - L) + xrow)[:, None] * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
+                     mask=visible[:, None] & d_ok[None, :])
+            mt += tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
     tl.store(part_mt_ptr + tl.program_id(0).to(tl.int64) * D + d, mt, mask=d_ok)
 
 
@@ -139,6 +154,9 @@ def restore_tokens_bwd_pos_kernel(
 
 # rows of a flat-row tile
 FLAT_BLOCK_R = 64
+# the common backward loads a tile ahead (on the H100 it read the gradient at 60% of the copy bandwidth, the forward
+# wrote at 74%); not yet timed on a GPU, so off
+BWD_PREFETCH = False
 
 
 def flat_config(D: int) -> dict[str, int]:

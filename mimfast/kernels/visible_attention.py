@@ -483,16 +483,25 @@ def short_config(head_dim: int, max_seqlen: int, fp32: bool, backward: bool = Fa
     return dict(BLOCK_D=block_d, LEVELS=levels, num_warps=warps, num_stages=1)
 
 
+# The forward's tiles past the short path: FWD_BLOCK_M query rows by FWD_BLOCK_N keys, FWD_STAGES pipeline stages.
+# Long sequences keep 128 x 64 tiles on one warpgroup: on an H100 (Triton 3.6, bf16, d 64, 1568 tokens) they ran
+# the forward at 330 TFLOP/s, 128 x 128 tiles on two warpgroups at 266 (benchmarks/results/bench_attention.md).
+# At 197 tokens a 128 x 64 tiling computes 256 x 256 scores (59% of them used); the other tilings are not yet timed
+# there (benchmarks/gpu_session.sh's sweep:attention).
+FWD_BLOCK_M = 128
+FWD_BLOCK_N = 64
+FWD_STAGES = 3
+
+
 def fwd_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int]:
     """Block sizes and launch options of the forward kernel (fp32 runs IEEE dots, so it gets smaller tiles)."""
     block_d = max(16, next_pow2(head_dim))
     if fp32:
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    # Long sequences keep 128 x 64 tiles on one warpgroup: on an H100 (Triton 3.6, bf16, d 64, 1568 tokens) they ran
-    # the forward at 330 TFLOP/s, 128 x 128 tiles on two warpgroups at 266 (benchmarks/results/bench_attention.md).
     # sequences just past the short path's limit would leave most of a 128-row tile idle
-    block_m = 64 if max_seqlen <= 128 else 128
-    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=64, num_warps=4 if block_d <= 64 else 8, num_stages=3)
+    block_m = min(64, FWD_BLOCK_M) if max_seqlen <= 128 else FWD_BLOCK_M
+    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=FWD_BLOCK_N, num_warps=4 if block_d <= 64 else 8,
+                num_stages=FWD_STAGES)
 
 
 def bwd_config(head_dim: int, fp32: bool) -> dict[str, int]:

@@ -117,10 +117,9 @@ def _launch(kernel, src: torch.Tensor, ids_keep: torch.Tensor, dst: torch.Tensor
 
     N, C, T, H, W = image.shape
     K = ids_keep.shape[1]
-    cfg = tile_config(C, tubelet, patch_size)
-    grid = (N * K, -(-tubelet * patch_size // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
-    kernel[grid](src, ids_keep, dst, K, H // patch_size, W // patch_size, *image.stride(),
-                 C=C, PT=tubelet, PS=patch_size, **cfg)
+    programs, cfg = tile_config(patch_dim(C, patch_size, tubelet), N * K)
+    kernel[(programs,)](src, ids_keep, dst, N * K, K, H // patch_size, W // patch_size, *image.stride(),
+                        C=C, PT=tubelet, PS=patch_size, **cfg)
 
 
 def gather_rows(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, tubelet_size: int,

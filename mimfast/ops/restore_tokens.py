@@ -139,7 +139,8 @@ def _backward_grads(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: 
         progs = max(1, min(-(-N * R // cfg["BLOCK_R"]), -(-BWD_PROGRAMS_PER_SM * sm_count(grad.device) // n_dt)))
         part_mt = torch.empty(progs, D, dtype=torch.float32, device=grad.device)
         kernels.restore_tokens_bwd_kernel[(progs, n_dt)](
-            g, ids, gx, part_mt, N * R, L, num_visible, D, ids.stride(0), HAS_CLS=has_cls, **cfg)
+            g, ids, gx, part_mt, N * R, L, num_visible, D, ids.stride(0), HAS_CLS=has_cls,
+            PREFETCH=kernels.BWD_PREFETCH, **cfg)
         return gx, part_mt.sum(0), grad.new_empty(0, D, dtype=torch.float32)
     cfg = kernels.pos_config(R, D)
     n_rb, n_db = -(-R // cfg["BLOCK_R"]), -(-D // cfg["BLOCK_D"])
