@@ -225,8 +225,8 @@ def main() -> None:
     if device.type == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32  # the Triton interpreter computes bf16 dots wrongly; the CPU run is a smoke test
         print("CPU run: float32 instead of bfloat16")
-    rows = run(all_cases(args.quick, device, dtype), device, args.providers, args.cases, profile=args.profile, graph=args.graph,
-               name="bench_attention" if not args.no_save else None)
+    rows = run(all_cases(args.quick, device, dtype), device, args.providers, args.cases, profile=args.profile,
+               graph=args.graph, name="bench_attention" if not args.no_save else None)
     if not args.no_save:
         write_results("bench_attention", rows, device, {"dtype": str(dtype).replace("torch.", "")})
 
