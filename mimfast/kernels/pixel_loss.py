@@ -452,7 +452,8 @@ def launch_pixel_loss(
         C=C, PT=PT, PS=PS, BLOCK_P=block_p, ROWS=rows, BLOCK_G=MAX_WPARTS,
         NORM=norm, L1=l1, UNNORM=stats is not None,
         HAS_IDS=ids is not None, HAS_MASK=mask is not None, HAS_WPARTS=wparts is not None,
-        COMPUTE_GRAD=grad is not None, LATE_PRED=LATE_PRED, CHANNEL_SUMS=CHANNEL_SUMS, num_warps=loss_warps(rows * block_p),
+        COMPUTE_GRAD=grad is not None, LATE_PRED=LATE_PRED, CHANNEL_SUMS=CHANNEL_SUMS,
+        num_warps=loss_warps(rows * block_p),
     )
 
 
