@@ -87,8 +87,8 @@ for stage in "${stages[@]}"; do
                                --set mimfast.kernels.gather_patches.GATHER_WARPS=4,8) ;;
                 attention) sweep=(bench_attention --cases mae_dec_197/H12/fwd,videomae_dec_1568/H12/fwd
                                   --set mimfast.kernels.visible_attention.FWD_BLOCK_M=64,128
-                                  --set mimfast.kernels.visible_attention.FWD_BLOCK_N=32,64,128
-                                  --set mimfast.kernels.visible_attention.FWD_STAGES=2,3) ;;
+                                  --set mimfast.kernels.visible_attention.FWD_BLOCK_N=32,64
+                                  --set mimfast.kernels.visible_attention.FWD_STAGES=2,3,4) ;;
                 *) echo "unknown sweep '$arg' (loss, restore, embed, gather, attention)"; status=2; continue ;;
             esac
             python3 -m benchmarks.sweep "${sweep[@]}" --out "$out/sweep_$arg.json" 2>&1 | tee "$log"
