@@ -85,7 +85,7 @@ for stage in "${stages[@]}"; do
                 gather) sweep=(bench_masking --cases "gather fwd"
                                --set mimfast.kernels.gather_patches.GATHER_TILE=2048,4096,8192
                                --set mimfast.kernels.gather_patches.GATHER_WARPS=4,8) ;;
-                attention) sweep=(bench_attention --cases mae_dec_197/H12/fwd,videomae_dec_1568/H12/fwd
+                attention) sweep=(bench_attention --cases 'mae_dec_197/H12/fwd$,videomae_dec_1568/H12/fwd$'
                                   --set mimfast.kernels.visible_attention.FWD_BLOCK_M=64,128
                                   --set mimfast.kernels.visible_attention.FWD_BLOCK_N=32,64
                                   --set mimfast.kernels.visible_attention.FWD_STAGES=2,3,4) ;;

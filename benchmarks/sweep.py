@@ -37,11 +37,18 @@ def parse_setting(text: str) -> tuple[Any, str, list[Any]]:
     return module, attr, [ast.literal_eval(v) for v in values.split(",")]
 
 
+def case_matches(name: str, wanted: str) -> bool:
+    """Whether case ``name`` contains ``wanted``; a ``wanted`` ending in ``$`` must end the name ("/fwd$" keeps
+    the forward rows, not "/fwd+bwd")."""
+    return name.endswith(wanted[:-1]) if wanted.endswith("$") else wanted in name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bench", help="benchmark module with an all_cases(quick, device, dtype) function, e.g. bench_loss")
     ap.add_argument("--set", action="append", default=[], dest="settings", metavar="MODULE.ATTR=V1,V2")
-    ap.add_argument("--cases", default=None, help="comma-separated substrings of the case names to keep")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated substrings of the case names to keep (ending in $: the name's end)")
     ap.add_argument("--provider", default="mimfast")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run on CPU")
@@ -53,7 +60,7 @@ def main() -> None:
     settings = [parse_setting(s) for s in args.settings]
     wanted = args.cases.split(",") if args.cases else None
     cases = [(case, fns[args.provider]) for case, fns in bench.all_cases(args.quick, device, dtype)
-             if args.provider in fns and (wanted is None or any(w in case.name for w in wanted))]
+             if args.provider in fns and (wanted is None or any(case_matches(case.name, w) for w in wanted))]
     if not cases:
         raise SystemExit("no case kept")
     defaults = [getattr(module, attr) for module, attr, _ in settings]

@@ -59,10 +59,14 @@ def test_matches_reference_exactly(case, poison):
 
 
 def test_chunk_size_pads_rows_least():
-    from mimfast.kernels.gather_patches import chunk_size
+    from mimfast.kernels.gather_patches import GATHER_TILE, chunk_size, tile_config
 
-    # P 768 and 1536 split exactly; P 588 (ViT-H/14) in 5 chunks of 128 (640 values) rather than 1024; small P whole
+    # P 768 and 1536 split exactly; P 588 (ViT-H/14) in 5 chunks of 128 (640 values) rather than 1024; small P whole;
+    # a big patch in chunks of at most GATHER_TILE values (a C 4, p 64 patch: 16384 values)
     assert [chunk_size(P) for P in (768, 1536, 588, 48, 27, 128, 4096)] == [256, 512, 128, 64, 32, 128, 4096]
+    assert chunk_size(6144) == 2048 and chunk_size(16384) == chunk_size(2**21) == GATHER_TILE
+    programs, cfg = tile_config(2**21, 3)
+    assert cfg["BLOCK_P"] * cfg["ROWS"] <= GATHER_TILE and programs == 3 * 2**21 // GATHER_TILE
 
 
 @pytest.mark.parametrize("tile", [128, 512, 4096])

@@ -225,6 +225,10 @@ def test_sweep_times_each_setting_and_restores_the_default(tmp_path, monkeypatch
 def test_sweep_refuses_a_malformed_setting():
     from benchmarks import sweep
 
+    # and a case filter ending in $ matches the end of the name only
+    assert sweep.case_matches("dec_197/H12/fwd", "/fwd$") and not sweep.case_matches("dec_197/H12/fwd+bwd", "/fwd$")
+    assert sweep.case_matches("dec_197/H12/fwd+bwd", "H12/fwd")
+
     with pytest.raises(SystemExit, match="module.ATTR"):
         sweep.parse_setting("LOSS_TILE=1,2")
     with pytest.raises(SystemExit, match="no attribute"):

@@ -433,7 +433,7 @@ elif which == "weight_sum":
 elif which == "finalize":
     sig = {"partial_ptr": "*fp32", "wpart_ptr": "*fp32", "bad_ptr": "*i32", "loss_ptr": "*fp32", "num_partials": "i32",
            "num_wparts": "i32", "row_count": "fp32", "num_bad": "i32"}
-    const = {"P": 768, "HAS_WPARTS": True, "HAS_BAD": True, "BLOCK": K._FINAL_BLOCK, "BLOCK_G": K.MAX_WPARTS}
+    const = {"P": 768, "HAS_MASK": True, "HAS_BAD": True, "BLOCK": K._FINAL_BLOCK, "BLOCK_G": K.MAX_WPARTS}
     fn, warps = K.loss_finalize_kernel, K._FINAL_WARPS
 elif which == "scale":
     sig = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "numel": "i64"}
@@ -458,7 +458,6 @@ else:
     const.update({"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_P": 2048 if video else 1024,
                   "ROWS": K.rows_per_program(P, 2 if video else 1), "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
                   "L1": which == "mae_l1", "UNNORM": video, "HAS_IDS": which != "mae_full", "HAS_MASK": not video,
-                  "HAS_WPARTS": not video,
                   "COMPUTE_GRAD": True, "LATE_PRED": K.LATE_PRED, "CHANNEL_SUMS": K.CHANNEL_SUMS})
     fn, warps = K.pixel_loss_kernel, K.LOSS_WARPS
 for k in const:
@@ -539,46 +538,3 @@ def test_loss_warps_keep_a_thread_within_32_values():
     assert K.loss_warps(2048) == 4  # VideoMAE-B: one row of 2048
     assert K.loss_warps(8192) == 8  # one row of a 2 x 32 x 32 x 3 cube: 32 values a thread, not 64
     assert K.loss_warps(64) == 1
-
-
-@pytest.mark.parametrize("ratio", [0.75, 0.0], ids=["ratio_075", "nothing_masked"])
-def test_mask_of_a_masking_op_needs_no_weight_pass(monkeypatch, ratio):
-    # random_masking's mask holds N * (L - K) ones: the loss takes that total instead of summing the mask on the
-    # device, with the same bits as the summed path; a copy of the mask, or the mask changed in place, is summed
-    import mimfast.kernels.pixel_loss as kernels
-    from mimfast.ops import fused_head_masked_pixel_loss, ragged_random_masking
-
-    calls = []
-    real = kernels.launch_weight_sums
-    monkeypatch.setattr(kernels, "launch_weight_sums", lambda *a: calls.append(1) or real(*a))
-    pred, imgs, info = mae_inputs(3, 3, 16, 16, 4, ratio=ratio)
-
-    def loss_and_grad(mask, fn=masked_pixel_loss):
-        x = pred.clone().requires_grad_()
-        loss = fn(x, imgs, mask, 4, norm_pix=True, backend="triton")
-        return loss.detach(), torch.autograd.grad(loss, x)[0]
-
-    known = loss_and_grad(info.mask)
-    assert calls == []
-    summed = loss_and_grad(info.mask.clone())
-    assert calls == [1]
-    assert torch.equal(known[0], summed[0]) and torch.equal(known[1], summed[1])
-    if ratio == 0.0:
-        assert known[0].item() == 0.0 and (known[1] == 0).all()
-    info.mask[0, 0] = 1.0 - info.mask[0, 0]
-    loss_and_grad(info.mask)
-    assert calls == [1, 1]
-
-    # per-sample ratios: the total is known from the drawn counts
-    ragged = ragged_random_masking(3, 16, [0.5, 0.75, 0.25])
-    calls.clear()
-    known = loss_and_grad(ragged.mask)
-    assert calls == []
-    assert torch.equal(known[0], loss_and_grad(ragged.mask.clone())[0])
-
-    # the fused head takes the same total
-    hidden, weight = torch.randn(3, 16, 8), torch.randn(48, 8)
-    calls.clear()
-    heads = [fused_head_masked_pixel_loss(hidden, weight, None, imgs, m, 4, norm_pix=True, backend="triton")
-             for m in (ragged.mask, ragged.mask.clone())]
-    assert calls == [1] and torch.equal(heads[0], heads[1])

@@ -92,9 +92,10 @@ GATHER_WARPS = 4
 
 
 def chunk_size(P: int) -> int:
-    """BLOCK_P for rows of P values: the power of 2 from 128 to next_pow2(P) that pads P the least (the larger at a
-    tie), so few lanes idle: 256 for P 768 (3 chunks, none padded), 128 for P 588 (5 chunks, 8% padding)."""
-    top = next_pow2(P)
+    """BLOCK_P for rows of P values: the power of 2 from 128 to next_pow2(P) (at most GATHER_TILE) that pads P the
+    least (the larger at a tie), so few lanes idle: 256 for P 768 (3 chunks, none padded), 128 for P 588 (5
+    chunks, 8% padding), GATHER_TILE for a big power of 2."""
+    top = min(next_pow2(P), max(128, GATHER_TILE))
     best = top
     b = top
     while b >= 128:

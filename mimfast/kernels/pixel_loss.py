@@ -63,10 +63,10 @@ def _error_terms(pred, x, valid, L1: tl.constexpr):
 
 
 @triton.jit
-def _inv_denom(wpart_ptr, num_wparts, row_count, P: tl.constexpr, HAS_WPARTS: tl.constexpr, BLOCK_G: tl.constexpr):
+def _inv_denom(wpart_ptr, num_wparts, row_count, P: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr):
     """1 / (P * sum of the row weights), or 1 / P when they sum to 0 (as the reference divides by 1 then: 0 for
     all-zero weights, whose rows are skipped); summed in a fixed order."""
-    if HAS_WPARTS:
+    if HAS_MASK:
         g = tl.arange(0, BLOCK_G)
         w_sum = tl.sum(tl.load(wpart_ptr + g, mask=g < num_wparts, other=0.0), axis=0)
     else:
@@ -131,10 +131,10 @@ def pixel_loss_kernel(
     ids_ptr,  # [N, R] int64 patch index of each pred row (HAS_IDS), else row r is patch r
     mask_ptr,  # [N, L] weight of each patch (HAS_MASK), float or uint8; without it every row weighs 1
     stats_ptr,  # [2, C] fp32 per-channel mean then std to un-normalise the images with (UNNORM)
-    wpart_ptr,  # [num_wparts] fp32 partial sums of every row's weight (HAS_WPARTS), from weight_sum_kernel
+    wpart_ptr,  # [num_wparts] fp32 partial sums of every row's weight (HAS_MASK), from weight_sum_kernel
     partial_ptr,  # [cdiv(N * R, ROWS)] fp32 weighted error sum of each program's rows
     total_rows, R, GH, GW,  # N * R, rows per sample, patch grid height and width
-    num_wparts, row_count,  # weight partials; without them the total weight of the whole loss's rows (fp32)
+    num_wparts, row_count,  # weight partials; without mask the number of rows of the whole loss (fp32)
     s_pn, s_pr, s_pe,  # pred strides
     s_gn, s_gr,  # grad strides (last dim contiguous)
     s_n, s_c, s_t, s_h, s_w,  # image strides
@@ -144,13 +144,12 @@ def pixel_loss_kernel(
     C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr,
     BLOCK_P: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
     NORM: tl.constexpr, L1: tl.constexpr, UNNORM: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WPARTS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    LATE_PRED: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, LATE_PRED: tl.constexpr,
     CHANNEL_SUMS: tl.constexpr,
 ):
     S: tl.constexpr = PT * PS * PS
     P: tl.constexpr = S * C
-    inv_denom = _inv_denom(wpart_ptr, num_wparts, row_count, P, HAS_WPARTS, BLOCK_G)
+    inv_denom = _inv_denom(wpart_ptr, num_wparts, row_count, P, HAS_MASK, BLOCK_G)
     # the tile is [ROWS, BLOCK_P]: ROWS whole rows at once, each in pred's own flat order e = s * C + c, so the
     # pred loads and gradient stores are contiguous vectors, and every reduction serves ROWS rows. The image value
     # of each e is read at its place in the image: one offset table for the program, plus each row's patch base.
@@ -200,7 +199,7 @@ def pixel_loss_kernel(
                 x0c = x0c * tl.load(stats_ptr + C + c) + tl.load(stats_ptr + c)
             x0 = tl.where((ec == c)[None, :], x0c[:, None], x0)
         x = tl.where(ld, x - x0, 0.0)
-        if CHANNEL_SUMS and C <= 4:
+        if CHANNEL_SUMS and C >= 2 and C <= 4:
             # the same two passes, each channel's sum in one reduction for all channels
             m0, m1, m2, m3 = _channel_sums(x, ec)
             d = tl.where(ld, x - _per_channel(m0 / S, m1 / S, m2 / S, m3 / S, ec), 0.0)
@@ -232,17 +231,17 @@ def pixel_loss_kernel(
 @triton.jit
 def loss_finalize_kernel(
     partial_ptr,  # [num_partials] fp32 weighted error sums
-    wpart_ptr,  # [num_wparts] fp32 partial sums of the row weights (HAS_WPARTS)
+    wpart_ptr,  # [num_wparts] fp32 partial sums of the row weights (HAS_MASK)
     bad_ptr,  # [num_bad] int32, nonzero: the loss is undefined (HAS_BAD)
     loss_ptr,  # [] the loss, in its own dtype
     num_partials, num_wparts, row_count, num_bad,
-    P: tl.constexpr, HAS_WPARTS: tl.constexpr, HAS_BAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
+    P: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, num_partials, BLOCK):
         i = start + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + i, mask=i < num_partials, other=0.0)
-    loss = tl.sum(acc, axis=0) * _inv_denom(wpart_ptr, num_wparts, row_count, P, HAS_WPARTS, BLOCK_G)
+    loss = tl.sum(acc, axis=0) * _inv_denom(wpart_ptr, num_wparts, row_count, P, HAS_MASK, BLOCK_G)
     if HAS_BAD:
         bad = tl.zeros([BLOCK], tl.int32)
         for start in range(0, num_bad, BLOCK):
@@ -354,8 +353,8 @@ LOSS_WARPS = 4
 # load pred after the target's statistics instead of with the image (fewer live registers, less overlap); not yet
 # timed on a GPU, so off
 LATE_PRED = False
-# per-channel statistics (VideoMAE, C <= 4) with every channel's sum in one reduction: two reductions of the tile
-# (means, then squared deviations) instead of 2 C; the same arithmetic. Not yet timed on a GPU, so off
+# per-channel statistics (VideoMAE, 2 <= C <= 4) with every channel's sum in one reduction: two reductions of the
+# tile (means, then squared deviations) instead of 2 C; the same arithmetic. Not yet timed on a GPU, so off
 CHANNEL_SUMS = False
 MAX_WPARTS = 64
 _WEIGHT_BLOCK = 1024
@@ -416,8 +415,8 @@ def launch_pixel_loss(
 ) -> None:
     """Fill ``partials`` [num_partials(N*R)] with the weighted error sums of each program's rows and ``grad``
     [N,R,P] (if given, may be ``pred`` itself) with d(loss)/d(pred), where loss = partials.sum() / (P * W): W is the
-    sum of ``wparts`` (from :func:`launch_weight_sums`, over every row of the loss) when given, else ``row_count``
-    (the number of rows without ``mask``; with it, the sum of its weights when that is known).
+    sum of ``wparts`` (from :func:`launch_weight_sums`, over every row of the loss) when ``mask`` is given, else
+    ``row_count``.
 
     pred [N,R,P], imgs [N,C,H,W] or [N,C,T,H,W], ids [N,R] int64 or None (row r is patch r), mask [N,L] weights
     or None (all 1), stats [2,C] fp32 mean/std to un-normalise the images with, or None.
@@ -433,7 +432,7 @@ def launch_pixel_loss(
         mask = mask.view(torch.uint8)
     if grad is not None:
         assert grad.stride(2) == 1 and grad.shape == pred.shape
-    assert mask is not None or wparts is None
+    assert (mask is None) == (wparts is None)
     programs = cdiv(N * R, rows)
     assert partials.numel() == programs, "partials sized for another tile"
     # the callers' backend reasons refused in-patch offsets past int32
@@ -451,9 +450,8 @@ def launch_pixel_loss(
         eps,
         C=C, PT=PT, PS=PS, BLOCK_P=block_p, ROWS=rows, BLOCK_G=MAX_WPARTS,
         NORM=norm, L1=l1, UNNORM=stats is not None,
-        HAS_IDS=ids is not None, HAS_MASK=mask is not None, HAS_WPARTS=wparts is not None,
-        COMPUTE_GRAD=grad is not None, LATE_PRED=LATE_PRED, CHANNEL_SUMS=CHANNEL_SUMS,
-        num_warps=loss_warps(rows * block_p),
+        HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, LATE_PRED=LATE_PRED,
+        CHANNEL_SUMS=CHANNEL_SUMS, num_warps=loss_warps(rows * block_p),
     )
 
 
@@ -467,7 +465,7 @@ def launch_loss_finalize(partials: torch.Tensor, wparts: Optional[torch.Tensor],
         partials, wparts if wparts is not None else dummy, bad if bad is not None else dummy, loss,
         partials.numel(), 0 if wparts is None else wparts.numel(), float(row_count),
         0 if bad is None else bad.numel(),
-        P=P, HAS_WPARTS=wparts is not None, HAS_BAD=bad is not None, BLOCK=_FINAL_BLOCK, BLOCK_G=MAX_WPARTS,
+        P=P, HAS_MASK=wparts is not None, HAS_BAD=bad is not None, BLOCK=_FINAL_BLOCK, BLOCK_G=MAX_WPARTS,
         num_warps=_FINAL_WARPS,
     )
     return loss

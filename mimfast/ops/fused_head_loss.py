@@ -29,7 +29,6 @@ from mimfast.ops.masked_pixel_loss import (
     check_pixel_loss_args,
     masked_pixel_loss_ref,
     pixel_loss_triton_reasons,
-    row_weights,
     scale_saved_grad,
 )
 from mimfast.ops.patchify import as_size, grid_size
@@ -120,12 +119,12 @@ def fused_head_forward(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(loss, grad_hidden [N,L,D], grad_weight [P,D], grad_bias [P]); the gradients are None without
     ``compute_grad`` (grad_bias also without bias)."""
-    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_pixel_loss, num_partials
+    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_pixel_loss, launch_weight_sums, num_partials
 
     N, L, D = hidden.shape
     P = weight.shape[0]
     R = L if ids is None else ids.shape[1]
-    wparts, total_weight = row_weights(mask, ids, R, N * R)
+    wparts = None if mask is None else launch_weight_sums(mask, ids, R)
     # as few chunks as chunk_rows allows, of equal numbers of whole samples
     chunks = 0 if N * R == 0 else -(-N // max(1, chunk_rows // max(R, 1)))
     # no chunk at all when there is no row: the loss is 0 and the gradients are zeros
@@ -158,7 +157,7 @@ def fused_head_forward(
         chunk_ids = part(ids, n0, n1)
         h = part(hidden, n0, n1).reshape(-1, D) if ids is None else src.index_select(0, part(src_rows, r0, r1))
         buf = F.linear(h, weight, bias).view(n1 - n0, R, P)
-        launch_pixel_loss(buf, part(imgs, n0, n1), chunk_ids, part(mask, n0, n1), wparts, total_weight,
+        launch_pixel_loss(buf, part(imgs, n0, n1), chunk_ids, part(mask, n0, n1), wparts, N * R,
                           part(partials, offsets[k], offsets[k + 1]), buf if compute_grad else None, patch_size,
                           tubelet_size, norm, l1, eps)
         if not compute_grad:
@@ -183,7 +182,7 @@ def fused_head_forward(
             # sample, so every gradient row is written once)
             torch.mm(grad_pred, weight, out=h)
             grad_flat.index_copy_(0, part(dst_rows, r0, r1), h)
-    loss = launch_loss_finalize(partials, wparts, total_weight, P, torch.promote_types(hidden.dtype, imgs.dtype))
+    loss = launch_loss_finalize(partials, wparts, N * R, P, torch.promote_types(hidden.dtype, imgs.dtype))
     if not compute_grad:
         return loss, None, None, None
     if grad_w is None:  # no row at all

@@ -5,34 +5,41 @@ Also holds the index checks shared by the ops that take ``ids_keep`` / ``ids_res
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
 
 from mimfast.backend import eager_autograd, get_op
-from mimfast.ops.facts import TensorFacts
 from mimfast.ops.patchify import as_size, check_images, grid_size, patch_dim, patchify, span_reasons
 
 __all__ = ["gather_patches", "gather_patches_ref", "check_index", "mark_valid_index"]
 
 
-# Index tensors known to hold values in [0, high) (the fact: high). The masking ops register their outputs, so
-# indices that come straight from them skip the value check (on CUDA four launches, about as long on the device as a
-# restore's whole backward pass at small sizes); any in-place change bumps the version and brings the check back.
+# Index tensors known to hold values in [0, high): id -> (weak reference, version counter, high). The masking ops
+# register their outputs, so indices that come straight from them skip the value check (on CUDA four launches,
+# about as long on the device as a restore's whole backward pass at small sizes); any in-place change bumps the
+# version and brings the check back.
+_VALID: dict[int, tuple[weakref.ref, int, int]] = {}
 _VALID_KEPT = 64
-_VALID = TensorFacts(_VALID_KEPT)
 
 
 def mark_valid_index(ids: torch.Tensor, high: int) -> None:
     """Record that ``ids`` (as it is now) holds only values in [0, high), and distinct ones within each row
     wherever its consumers require that (the masking ops' ids_keep and ids_restore)."""
-    _VALID.mark(ids, high)
+    if torch.compiler.is_compiling() or ids.is_inference():  # inference tensors have no version counter
+        return
+    _VALID[id(ids)] = (weakref.ref(ids), ids._version, high)
+    if len(_VALID) > _VALID_KEPT:
+        for key in [k for k, (ref, _, _) in _VALID.items() if ref() is None] or list(_VALID)[: len(_VALID) // 2]:
+            del _VALID[key]
 
 
 def _known_valid(ids: torch.Tensor, high: Optional[int] = None) -> bool:
     """Whether ``ids`` is registered and unchanged since (with ``high``: registered for a bound <= high)."""
-    bound = _VALID.get(ids)
-    return bound is not None and (high is None or bound <= high)
+    entry = _VALID.get(id(ids))
+    return (entry is not None and entry[0]() is ids and not ids.is_inference() and entry[1] == ids._version
+            and (high is None or entry[2] <= high))
 
 
 def check_index(ids: torch.Tensor, N: int, high: int, device: torch.device, name: str,

@@ -14,7 +14,6 @@ from typing import Any, Optional
 import torch
 
 from mimfast.backend import first_order_only, get_op
-from mimfast.ops.facts import known_mask_total
 from mimfast.ops.gather_patches import check_index
 from mimfast.ops.patchify import as_size, check_images, grid_size, patch_dim, patchify, span_reasons
 
@@ -161,32 +160,17 @@ def pixel_loss_forward(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(loss, d loss / d pred or None) with loss = sum_rows w * sum_P err / (P * sum_rows w): at most three launches
     (row-weight sums, the fused loss kernel, the final sum). ``bad``: int32 flags turning the loss to NaN."""
-    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_pixel_loss, num_partials
+    from mimfast.kernels.pixel_loss import launch_loss_finalize, launch_pixel_loss, launch_weight_sums, num_partials
 
     N, R, P = pred.shape
-    wparts, weight = row_weights(mask, ids, R, N * R)
+    wparts = None if mask is None else launch_weight_sums(mask, ids, R)
     partials = torch.empty(num_partials(N * R, P, norm), dtype=torch.float32, device=pred.device)
     grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if compute_grad else None
     if N * R > 0:
-        launch_pixel_loss(pred, imgs, ids, mask, wparts, weight, partials, grad, patch_size, tubelet_size, norm, l1,
+        launch_pixel_loss(pred, imgs, ids, mask, wparts, N * R, partials, grad, patch_size, tubelet_size, norm, l1,
                           eps, stats)
-    loss = launch_loss_finalize(partials, wparts, weight, P, torch.promote_types(pred.dtype, imgs.dtype), bad)
+    loss = launch_loss_finalize(partials, wparts, N * R, P, torch.promote_types(pred.dtype, imgs.dtype), bad)
     return loss, grad
-
-
-def row_weights(mask: Optional[torch.Tensor], ids: Optional[torch.Tensor], R: int,
-                rows: int) -> tuple[Optional[torch.Tensor], int]:
-    """(weight partials or None, total weight when there are none) of the loss's ``rows`` rows: without a mask each
-    row weighs 1; a mask whose number of ones is known (a masking op's output, unchanged since) scoring every patch
-    row (no ``ids``) needs no pass over it; any other mask is summed on the device."""
-    from mimfast.kernels.pixel_loss import launch_weight_sums
-
-    if mask is None:
-        return None, rows
-    total = known_mask_total(mask) if ids is None else None
-    if total is not None:
-        return None, total
-    return launch_weight_sums(mask, ids, R), rows
 
 
 def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from mimfast.backend import get_op
-from mimfast.ops.facts import mark_mask_total
 from mimfast.ops.gather_patches import mark_valid_index
 from mimfast.ops.random_masking import (
     _MASK32,
@@ -868,5 +867,4 @@ def ragged_random_masking(
     info = _ragged_op(N, L, counts, noise=noise, seed=_resolve_seed(seed, generator), sample_offset=sample_offset,
                       device=device, backend=backend)
     mark_valid_index(info.ids_restore, L)
-    mark_mask_total(info.mask, N * L - sum(counts))
     return info

@@ -22,7 +22,6 @@ import torch
 
 from mimfast import backend as _backend
 from mimfast.backend import get_op
-from mimfast.ops.facts import mark_mask_total
 from mimfast.ops.gather_patches import mark_valid_index
 
 __all__ = [
@@ -424,5 +423,4 @@ def random_masking(
                 sample_offset=sample_offset, backend=backend)
     mark_valid_index(info.ids_keep, L)
     mark_valid_index(info.ids_restore, L)
-    mark_mask_total(info.mask, N * (L - info.ids_keep.shape[1]))
     return info
