@@ -64,6 +64,21 @@ def restore_tokens_fwd_kernel(
 
 
 @triton.jit
+def _grad_tile(g_ptr, r, row_ok, d, d_ok, D):
+    """Rows r of the decoder-input gradient [NR, D], columns d."""
+    return tl.load(g_ptr + r[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _scatter_tile(g, gx_ptr, n, xrow, visible, masked, d, d_ok, R, L, K, D, mt):
+    """Write the visible rows of gradient tile g to their x_vis rows; return mt plus the masked rows' column sums."""
+    # ids_restore is a permutation, so each x_vis row is written by exactly one output row
+    tl.store(gx_ptr + (n * (K + R - L) + xrow)[:, None] * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
+             mask=visible[:, None] & d_ok[None, :])
+    return mt + tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
+
+
+@triton.jit
 def restore_tokens_bwd_kernel(
     g_ptr,  # [N * (OFF + L), D] gradient of the decoder input, contiguous
     ids_ptr,  # [N, L] int64 ids_restore
@@ -84,23 +99,18 @@ def restore_tokens_bwd_kernel(
         # the next tile's indices and gradient are loaded before this tile is written: two tiles in flight
         r, row_ok, n, xrow, visible, masked = _flat_rows(tl.program_id(0), ids_ptr, s_idn, NR, R, L, K, HAS_CLS,
                                                          BLOCK_R)
-        g = tl.load(g_ptr + r[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        g = _grad_tile(g_ptr, r, row_ok, d, d_ok, D)
         for tile in range(tl.program_id(0), tl.cdiv(NR, BLOCK_R), step):
             r2, row_ok2, n2, xrow2, visible2, masked2 = _flat_rows(tile + step, ids_ptr, s_idn, NR, R, L, K,
                                                                    HAS_CLS, BLOCK_R)
-            g2 = tl.load(g_ptr + r2[:, None] * D + d[None, :], mask=row_ok2[:, None] & d_ok[None, :], other=0.0)
-            tl.store(gx_ptr + (n * (K + R - L) + xrow)[:, None] * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
-                     mask=visible[:, None] & d_ok[None, :])
-            mt += tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
+            g2 = _grad_tile(g_ptr, r2, row_ok2, d, d_ok, D)
+            mt = _scatter_tile(g, gx_ptr, n, xrow, visible, masked, d, d_ok, R, L, K, D, mt)
             n, xrow, visible, masked, g = n2, xrow2, visible2, masked2, g2
     else:
         for tile in range(tl.program_id(0), tl.cdiv(NR, BLOCK_R), step):
             r, row_ok, n, xrow, visible, masked = _flat_rows(tile, ids_ptr, s_idn, NR, R, L, K, HAS_CLS, BLOCK_R)
-            g = tl.load(g_ptr + r[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            # ids_restore is a permutation, so each x_vis row is written by exactly one output row
-            tl.store(gx_ptr + (n * (K + R - L) + xrow)[:, None] * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
-                     mask=visible[:, None] & d_ok[None, :])
-            mt += tl.sum(tl.where(masked[:, None], g.to(tl.float32), 0.0), axis=0)
+            g = _grad_tile(g_ptr, r, row_ok, d, d_ok, D)
+            mt = _scatter_tile(g, gx_ptr, n, xrow, visible, masked, d, d_ok, R, L, K, D, mt)
     tl.store(part_mt_ptr + tl.program_id(0).to(tl.int64) * D + d, mt, mask=d_ok)
 
 
