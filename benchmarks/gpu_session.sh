@@ -11,12 +11,17 @@
 # settings, rows to sweep_<name>.json).
 # Each benchmark stage appends one run to benchmarks/results/<bench>.json and .md, and streams its rows to
 # <bench>.partial.jsonl while it runs (kept when a time limit stops the stage). When $OUT is set (a machine that
-# sends back only $OUT), the results, the partial files and every stage's full log (<stage>.log) are copied there
-# after each stage. Run from the repository root with torch and triton installed. Results name the commit from
+# sends back only $OUT, and few files of it), the results, the partial files and every stage's full log
+# (<stage>.log) are packed after each stage into the one archive $OUT/gpu_session.tar.gz (unpack it over
+# benchmarks/results/). Run from the repository root with torch and triton installed. Results name the commit from
 # $MIMFAST_COMMIT, else from git (with -dirty for edited tracked files): set it on a machine whose copy of the
 # tree has no git history.
 set -uo pipefail
-out="${OUT:-benchmarks/results}"
+out=benchmarks/results
+if [ -n "${OUT:-}" ]; then
+    out=$(mktemp -d /tmp/gpu_session.XXXXXX)  # packed into $OUT after each stage
+    mkdir -p "$OUT"
+fi
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
@@ -26,9 +31,10 @@ if [ -z "${MIMFAST_COMMIT:-}" ] && commit=$(git rev-parse --short HEAD 2>/dev/nu
     export MIMFAST_COMMIT="$commit"
 fi
 echo "commit ${MIMFAST_COMMIT:-unknown}"
-save() {  # results so far, to $OUT when the machine sends back only that
+save() {  # results so far, as one archive in $OUT when the machine sends back only that
     if [ "$out" != "benchmarks/results" ]; then
         cp benchmarks/results/*.json benchmarks/results/*.md benchmarks/results/*.partial.jsonl "$out"/ 2>/dev/null
+        tar -czf "$out.tar.gz" -C "$out" . && cp "$out.tar.gz" "$OUT/gpu_session.tar.gz"
     fi
     return 0
 }

@@ -170,6 +170,9 @@ def test_gpu_session_stages_expand_to_benchmark_commands(tmp_path):
                          text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     commands = [line for line in out.stdout.splitlines() if line.startswith("python3 ")]
+    # the sweep's rows go to the staging folder that is packed into $OUT
+    assert commands[-1].endswith("/sweep_restore.json")
+    commands[-1] = commands[-1].rsplit(" ", 1)[0]
     assert commands == [
         "python3 -m benchmarks.bench_masking --cases mae_vit_b16,videomae --graph --profile",
         "python3 -m benchmarks.bench_loss --graph --profile",
@@ -177,14 +180,18 @@ def test_gpu_session_stages_expand_to_benchmark_commands(tmp_path):
         "python3 -m pytest -q -m gpu tests/test_visible_attention.py -p no:cacheprovider",
         "python3 -m benchmarks.sweep bench_masking --cases /restore --set mimfast.kernels.restore_tokens.FLAT_BLOCK_R="
         "32,64 --set mimfast.ops.restore_tokens.BWD_PROGRAMS_PER_SM=3,6 "
-        "--set mimfast.kernels.restore_tokens.BWD_PREFETCH=False,True "
-        f"--out {tmp_path / 'out'}/sweep_restore.json",
+        "--set mimfast.kernels.restore_tokens.BWD_PREFETCH=False,True --out",
     ]
-    # every stage's whole log and the commit the results will name, where $OUT comes back from
-    logs = sorted(p.name for p in (tmp_path / "out").glob("*.log"))
+    # every stage's whole log, in the one archive that comes back from $OUT, and the commit the results will name
+    import tarfile
+
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["gpu_session.tar.gz"]
+    with tarfile.open(tmp_path / "out" / "gpu_session.tar.gz") as tar:
+        tar.extractall(tmp_path / "unpacked")
+    logs = sorted(p.name for p in (tmp_path / "unpacked").glob("*.log"))
     assert logs == ["e2e_mae_vit_l16.log", "loss.log", "masking_mae_vit_b16_videomae.log", "sweep_restore.log",
                     "tests_test_visible_attention.py.log"]
-    assert "python3 -m benchmarks.bench_loss" in (tmp_path / "out" / "loss.log").read_text()
+    assert "python3 -m benchmarks.bench_loss" in (tmp_path / "unpacked" / "loss.log").read_text()
     assert out.stdout.splitlines()[0].startswith("commit ") and "unknown" not in out.stdout.splitlines()[0]
     bad = subprocess.run(["bash", "benchmarks/gpu_session.sh", "nonsense"], cwd=repo, env=env, capture_output=True,
                          text=True)
