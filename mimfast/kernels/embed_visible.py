@@ -11,6 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mimfast.kernels.gather_patches import pixel_offsets
 from mimfast.kernels.sizes import next_pow2
 
 
@@ -28,7 +29,7 @@ def _patch_base(m, m_ok, ids_ptr, K, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexp
 @triton.jit
 def _pixel_offsets(q, s_c, s_t, s_h, s_w, PT: tl.constexpr, PS: tl.constexpr):
     """Offset inside a patch of reduction index q in the conv weight order (channel, t, row, col)."""
-    return (q // (PT * PS * PS)) * s_c + ((q // (PS * PS)) % PT) * s_t + ((q // PS) % PS) * s_h + (q % PS) * s_w
+    return (q // (PT * PS * PS)) * s_c + pixel_offsets(q % (PT * PS * PS), s_t, s_h, s_w, PS)
 
 
 @triton.jit

@@ -31,12 +31,16 @@ def patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT: tl.constexpr, PS: 
 
 
 @triton.jit
+def pixel_offsets(s, s_t, s_h, s_w, PS: tl.constexpr):
+    """Offset from its patch base of pixel s = (t * PS + row) * PS + col of channel 0. Offsets inside a patch fit in
+    int32 (the ops' backend reasons check): 32-bit per-value arithmetic."""
+    return (s // (PS * PS)) * s_t + ((s // PS) % PS) * s_h + (s % PS) * s_w
+
+
+@triton.jit
 def patch_offsets(e, s_c, s_t, s_h, s_w, C: tl.constexpr, PS: tl.constexpr):
-    """Offset from its patch base of the value at ``patchify`` position e = ((t * PS + row) * PS + col) * C + c.
-    Offsets inside a patch fit in int32 (the ops' backend reasons check): 32-bit per-value arithmetic."""
-    c = e % C
-    s = e // C
-    return c * s_c + (s // (PS * PS)) * s_t + ((s // PS) % PS) * s_h + (s % PS) * s_w
+    """Offset from its patch base of the value at ``patchify`` position e = ((t * PS + row) * PS + col) * C + c."""
+    return (e % C) * s_c + pixel_offsets(e // C, s_t, s_h, s_w, PS)
 
 
 @triton.jit

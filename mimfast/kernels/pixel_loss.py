@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels.gather_patches import patch_base, patch_offsets
+from mimfast.kernels.gather_patches import patch_base, patch_offsets, pixel_offsets
 from mimfast.kernels.sizes import cdiv, next_pow2, sm_count
 
 
@@ -41,8 +41,7 @@ def _image_tile(img_ptr, n, l, ok, GH, GW, s_n, s_c, s_t, s_h, s_w,
     c = tl.arange(0, BLOCK_C)
     # offsets inside a patch fit in int32 (the ops' backend reasons check): 32-bit per-element arithmetic and registers,
     # the int64 part is the patch's base pointer only
-    inner = (s // (PS * PS)) * s_t + ((s // PS) % PS) * s_h + (s % PS) * s_w
-    off = c[:, None] * s_c + inner[None, :]
+    off = c[:, None] * s_c + pixel_offsets(s, s_t, s_h, s_w, PS)[None, :]
     valid = tl.where(ok, (c < C)[:, None] & (s < PT * PS * PS)[None, :], False)
     base = patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
     x = tl.load(base + off, mask=valid, other=0.0).to(tl.float32)
