@@ -12,7 +12,8 @@ per thread, and the compiled kernel its shared memory; its PTX shows which matri
 (``wgmma``: Hopper's warpgroup MMA; ``mma``: the older warp-level ``mma.sync``, which a dot gets when its tile is
 too small for a warpgroup or its operands' layout does not allow ``wgmma``). From those, resident blocks and warps
 per SM follow from the sm_90 limits: 65536 registers (allocated per warp in units of 256), 64 warps, 32 blocks and
-228 KB of shared memory (1 KB of it reserved per block).
+228 KB of shared memory (1 KB of it reserved per block). The SASS gives the widths of the global loads and stores:
+16-byte vectors, or one value at a time.
 
 Spills and occupancy are what can be checked without a GPU; they are not timings. Run it with the Triton version
 the GPU machine uses, since register allocation changes between versions.
@@ -66,6 +67,8 @@ class KernelRow:
     blocks_per_sm: int
     warps_per_sm: int
     mma: str  # matrix instructions in the PTX: "wgmma", "mma", "wgmma+mma" or "-" (no dot)
+    global_ld: str = ""  # global load instructions in the SASS by width, e.g. "16Bx3+4Bx1" (see global_accesses)
+    global_st: str = ""  # global store instructions likewise
 
 
 def mma_kinds(ptx: str) -> str:
@@ -73,6 +76,29 @@ def mma_kinds(ptx: str) -> str:
     kinds = [name for name, pattern in (("wgmma", r"\bwgmma\.mma_async"), ("mma", r"\bmma\.sync"))
              if re.search(pattern, ptx)]
     return "+".join(kinds) or "-"
+
+
+_WIDTH_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def global_accesses(sass: str) -> tuple[str, str]:
+    """(loads, stores): the global-memory instructions of ``sass`` by access width a thread, widest first, as
+    "16Bx3+4Bx1" ("-" for none). Loads are LDG and LDGSTS (cp.async into shared memory), stores STG; each
+    instruction is counted once where it stands in the code, not per loop iteration. A value-by-value access
+    (2- or 4-byte) moves the same bytes in 4 to 8 times the instructions of a 16-byte vector one."""
+    counts: dict[str, dict[int, int]] = {"ld": {}, "st": {}}
+    for m in re.finditer(r"\b(LDGSTS|LDG|STG)((?:\.[A-Z0-9_]+)*)", sass):
+        suffixes = m.group(2).split(".")
+        width = next((_WIDTH_BYTES[x] for x in suffixes if x in _WIDTH_BYTES), 4)
+        kind = counts["st" if m.group(1) == "STG" else "ld"]
+        kind[width] = kind.get(width, 0) + 1
+    return tuple("+".join(f"{w}Bx{n}" for w, n in sorted(c.items(), reverse=True)) or "-"
+                 for c in (counts["ld"], counts["st"]))  # type: ignore[return-value]
+
+
+def cubin_sass(cubin: bytes) -> str:
+    """The SASS of ``cubin``, disassembled with the cuobjdump shipped with Triton."""
+    return _cuobjdump(cubin, "-sass")
 
 
 def occupancy(regs: int, warps: int, smem: int) -> int:
@@ -87,6 +113,14 @@ def occupancy(regs: int, warps: int, smem: int) -> int:
 def cubin_usage(cubin: bytes) -> tuple[int, int]:
     """(registers per thread, local memory bytes per thread: spills) of the kernel in ``cubin``, read with the
     cuobjdump shipped with Triton."""
+    out = _cuobjdump(cubin, "--dump-resource-usage")
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    if usage is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-2000:]}")
+    return int(usage.group(1)), int(usage.group(3))
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -94,11 +128,10 @@ def cubin_usage(cubin: bytes) -> tuple[int, int]:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
-    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out.stdout)
-    if out.returncode != 0 or usage is None:
-        raise RuntimeError(f"cuobjdump failed: {(out.stdout + out.stderr)[-2000:]}")
-    return int(usage.group(1)), int(usage.group(3))
+        out = subprocess.run([tool, flag, path], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"cuobjdump {flag} failed: {(out.stdout + out.stderr)[-2000:]}")
+    return out.stdout
 
 
 @contextlib.contextmanager
@@ -305,8 +338,9 @@ def report(shapes: list[Shape], arch_capability: int = 90) -> list[KernelRow]:
                     seen.add(key)
                     regs, spills = cubin_usage(kernel.asm["cubin"])
                     blocks = occupancy(regs, meta.num_warps, meta.shared)
+                    ld, st = global_accesses(cubin_sass(kernel.asm["cubin"]))
                     row = KernelRow(f"{s.name}/{label}", name, meta.num_warps, meta.num_stages, regs, spills,
-                                    meta.shared, blocks, blocks * meta.num_warps, mma_kinds(kernel.asm["ptx"]))
+                                    meta.shared, blocks, blocks * meta.num_warps, mma_kinds(kernel.asm["ptx"]), ld, st)
                     rows.append(row)
                     print(format_row(row), flush=True)
     return rows
@@ -402,7 +436,7 @@ def _cpu_name() -> str:
 def format_row(r: KernelRow) -> str:
     return (f"{r.case:<52} {r.kernel:<32} warps {r.num_warps:>2} stages {r.num_stages} regs {r.regs:>3} "
             f"spill {r.spill_bytes:>4} B smem {r.smem_bytes / 1024:6.1f} KB  {r.blocks_per_sm:>2} blocks "
-            f"{r.warps_per_sm:>2} warps/SM  {r.mma}")
+            f"{r.warps_per_sm:>2} warps/SM  ld {r.global_ld:<14} st {r.global_st:<10} {r.mma}")
 
 
 def _save(name: str, env: dict[str, Any], rows: list[Any], md: list[str]) -> str:
@@ -423,10 +457,14 @@ def write(rows: list[KernelRow]) -> str:
     env.update(device="sm_90 (compiled, not run)", triton=triton.__version__)
     md = ["# kernel_report", "",
           f"sm_90 · triton {env['triton']} · commit {env['commit']} · {env['date']} (compiled for the target, not run)",
-          "", "| case | kernel | warps | stages | regs | spill B | smem KB | blocks/SM | warps/SM | MMA |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "", "Global loads and stores: instructions in the code by bytes a thread moves (16B is a vector access, "
+          "2B or 4B one value at a time), each counted once where it stands, not per loop iteration.", "",
+          "| case | kernel | warps | stages | regs | spill B | smem KB | blocks/SM | warps/SM | global ld "
+          "| global st | MMA |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.regs} | {r.spill_bytes} | "
-           f"{r.smem_bytes / 1024:.1f} | {r.blocks_per_sm} | {r.warps_per_sm} | {r.mma} |" for r in rows]
+           f"{r.smem_bytes / 1024:.1f} | {r.blocks_per_sm} | {r.warps_per_sm} | {r.global_ld} | {r.global_st} | "
+           f"{r.mma} |" for r in rows]
     return _save("kernel_report", env, rows, md)
 
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from benchmarks.kernel_report import mma_kinds, occupancy
+from benchmarks.kernel_report import global_accesses, mma_kinds, occupancy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +27,21 @@ def test_mma_kinds_reads_the_matrix_instructions_of_ptx():
     assert mma_kinds(mma) == "mma"
     assert mma_kinds(wgmma + "\n" + mma) == "wgmma+mma"
     assert mma_kinds("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];") == "-"
+
+
+def test_global_accesses_read_the_widths_of_sass_loads_and_stores():
+    sass = """
+        /*0090*/  LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*00a0*/  LDG.E.128 R8, desc[UR4][R2.64+0x200] ;
+        /*00b0*/  LDG.E R12, desc[UR4][R6.64] ;
+        /*00c0*/  LDG.E.U16 R13, desc[UR4][R6.64+0x2] ;
+        /*00d0*/  LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;
+        /*00e0*/  LDS.128 R16, [R1] ;
+        /*00f0*/  STG.E.64 desc[UR4][R20.64], R4 ;
+        /*0100*/  STS [R1], R4 ;
+    """
+    assert global_accesses(sass) == ("16Bx3+4Bx1+2Bx1", "8Bx1")
+    assert global_accesses("LDS.128 R4, [R1] ;") == ("-", "-")
 
 
 def test_quick_report_compiles_every_kernel_for_sm90():
