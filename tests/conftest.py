@@ -32,3 +32,22 @@ def channel_sums(request, monkeypatch):
 
     monkeypatch.setattr(kernels, "CHANNEL_SUMS", request.param)
     return request.param
+
+
+@pytest.fixture(params=[False, True], ids=["value_order", "transposed"])
+def gather_transpose(request, monkeypatch):
+    """Both ways the gather kernels may read an image (kernels.gather_patches.TRANSPOSE: value by value in patchify
+    order, or whole patches in the image's order transposed in registers, where Triton has tl.gather)."""
+    import mimfast.kernels.gather_patches as kernels
+
+    monkeypatch.setattr(kernels, "TRANSPOSE", request.param)
+    return request.param
+
+
+@pytest.fixture(params=[False, True], ids=["value_order", "transposed"])
+def loss_transpose(request, monkeypatch):
+    """Both ways the pixel-loss kernel may read its targets (kernels.pixel_loss.TRANSPOSE)."""
+    import mimfast.kernels.pixel_loss as kernels
+
+    monkeypatch.setattr(kernels, "TRANSPOSE", request.param)
+    return request.param

@@ -48,7 +48,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_matches_reference_exactly(case, poison):
+def test_matches_reference_exactly(case, poison, gather_transpose):
     shape, p, t, ratio = case
     imgs = torch.randn(shape)
     ids_keep = kept(shape, p, ratio, t)
@@ -65,14 +65,29 @@ def test_chunk_size_pads_rows_least():
     # a big patch in chunks of at most GATHER_TILE values (a C 4, p 64 patch: 16384 values)
     assert [chunk_size(P) for P in (768, 1536, 588, 48, 27, 128, 4096)] == [256, 512, 128, 64, 32, 128, 4096]
     assert chunk_size(6144) == 2048 and chunk_size(16384) == chunk_size(2**21) == GATHER_TILE
-    programs, cfg = tile_config(2**21, 3)
-    assert cfg["BLOCK_P"] * cfg["ROWS"] <= GATHER_TILE and programs == 3 * 2**21 // GATHER_TILE
+    for contiguous in (False, True):  # too big a patch to take whole: chunks either way
+        programs, cfg = tile_config(1, 2**21, 3, contiguous)
+        assert cfg["BLOCK_P"] * cfg["ROWS"] <= GATHER_TILE and programs == 3 * 2**21 // GATHER_TILE
+        assert not cfg["TRANSPOSE"]
+
+
+def test_whole_patches_transposed_where_the_image_allows():
+    from mimfast.kernels.gather_patches import HAS_TL_GATHER, tile_config
+
+    for C, S in ((3, 256), (3, 196), (3, 512), (5, 9)):  # ViT-B, ViT-H/14, VideoMAE-B cubes, an odd patch
+        programs, cfg = tile_config(C, S, 1000, pixels_contiguous=True)
+        assert cfg["TRANSPOSE"] == HAS_TL_GATHER
+        if HAS_TL_GATHER:  # whole rows, and a tile of whole padded patches in the image's order
+            assert cfg["BLOCK_P"] >= C * S and programs == -(-1000 // cfg["ROWS"])
+            assert cfg["ROWS"] * cfg["BLOCK_C"] * cfg["BLOCK_S"] <= 4096
+    assert not tile_config(3, 256, 1000, pixels_contiguous=False)[1]["TRANSPOSE"]  # channels last
+    assert not tile_config(1, 256, 1000, pixels_contiguous=True)[1]["TRANSPOSE"]  # one channel: already in order
 
 
 @pytest.mark.parametrize("tile", [128, 512, 4096])
 @pytest.mark.parametrize("shape,p,t", [((3, 3, 48, 64), 16, None), ((2, 3, 42, 56), 14, None),
                                        ((1, 3, 4, 32, 48), 16, 2)], ids=["P768", "P588", "P1536"])
-def test_tiles_of_several_rows_and_chunks(monkeypatch, poison, tile, shape, p, t):
+def test_tiles_of_several_rows_and_chunks(monkeypatch, poison, tile, shape, p, t, gather_transpose):
     # a tile smaller than a row (several chunks a row), of a few rows with a part-filled last tile, and of more
     # rows than there are: forward and backward equal the reference exactly
     import mimfast.kernels.gather_patches as kernels
@@ -91,7 +106,7 @@ def test_tiles_of_several_rows_and_chunks(monkeypatch, poison, tile, shape, p, t
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision_copy(dtype):
+def test_half_precision_copy(dtype, gather_transpose):
     imgs = torch.randn(2, 3, 32, 32).to(dtype)
     ids_keep = kept(imgs.shape, 8, 0.5)
     out = gather_patches(imgs, ids_keep, 8, backend="triton")
@@ -121,7 +136,7 @@ def noncontiguous():
 
 
 @pytest.mark.parametrize("name", noncontiguous().keys())
-def test_noncontiguous_images(name):
+def test_noncontiguous_images(name, gather_transpose):
     imgs, p, t = noncontiguous()[name]
     assert not imgs.is_contiguous()
     ids_keep = kept(imgs.shape, p, 0.5, t)
@@ -130,7 +145,7 @@ def test_noncontiguous_images(name):
 
 @pytest.mark.parametrize("case", ["vit_224px_p16_L196", "odd_p3_C5", "video_t2_p8", "keep_none", "vith_p14_P588",
                                   "videomae_P1536_ratio09"])
-def test_backward_scatters_into_zero_image(case):
+def test_backward_scatters_into_zero_image(case, gather_transpose):
     shape, p, t, ratio = CASES[case]
     imgs = torch.randn(shape, requires_grad=True)
     ids_keep = kept(shape, p, ratio, t)
@@ -206,7 +221,7 @@ def test_triton_refuses_float64_with_reason():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,p,t", [((64, 3, 224, 224), 16, None), ((8, 3, 16, 224, 224), 16, 2),
                                        ((16, 3, 224, 224), 14, None)], ids=["vitb", "videomae", "vith_p14"])
-def test_gpu_real_shapes(shape, p, t, dtype):
+def test_gpu_real_shapes(shape, p, t, dtype, gather_transpose):
     imgs = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
     ids_keep = random_masking(shape[0], num_patches(shape, p, t), 0.75, device="cuda").ids_keep
     out = gather_patches(imgs, ids_keep, p, t, backend="triton")
@@ -221,7 +236,7 @@ def test_gpu_real_shapes(shape, p, t, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,p,t", [((64, 3, 224, 224), 16, None), ((8, 3, 16, 224, 224), 16, 2),
                                        ((16, 3, 224, 224), 14, None)], ids=["vitb", "videomae", "vith_p14"])
-def test_gpu_runs_twice_bit_identical(shape, p, t, dtype, layout):
+def test_gpu_runs_twice_bit_identical(shape, p, t, dtype, layout, gather_transpose):
     # compiled kernels: the same call twice gives the same bits, forward and backward (each output element is one
     # copy, each image-gradient element at most one write, so nothing may depend on scheduling)
     imgs = torch.randn(shape, device="cuda").to(dtype)

@@ -117,7 +117,7 @@ def _launch(kernel, src: torch.Tensor, ids_keep: torch.Tensor, dst: torch.Tensor
 
     N, C, T, H, W = image.shape
     K = ids_keep.shape[1]
-    programs, cfg = tile_config(patch_dim(C, patch_size, tubelet), N * K)
+    programs, cfg = tile_config(C, patch_dim(1, patch_size, tubelet), N * K, image.stride(-1) == 1)
     kernel[(programs,)](src, ids_keep, dst, N * K, K, H // patch_size, W // patch_size, *image.stride(),
                         C=C, PT=tubelet, PS=patch_size, **cfg)
 
