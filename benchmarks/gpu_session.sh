@@ -79,9 +79,10 @@ for stage in "${stages[@]}"; do
         sweep)
             case "$arg" in
                 loss) sweep=(bench_loss --cases mae_vit_b16/,mae_vit_h14/,videomae_b/
+                             --set mimfast.kernels.pixel_loss.TRANSPOSE=False,True
+                             --set mimfast.kernels.pixel_loss.LOSS_WARPS=4,8
                              --set mimfast.kernels.pixel_loss.LATE_PRED=False,True
-                             --set mimfast.kernels.pixel_loss.CHANNEL_SUMS=False,True
-                             --set mimfast.kernels.pixel_loss.LOSS_TILE=2048,4096) ;;
+                             --set mimfast.kernels.pixel_loss.CHANNEL_SUMS=False,True) ;;
                 restore) sweep=(bench_masking --cases /restore
                                 --set mimfast.kernels.restore_tokens.FLAT_BLOCK_R=32,64
                                 --set mimfast.ops.restore_tokens.BWD_PROGRAMS_PER_SM=3,6
@@ -89,6 +90,7 @@ for stage in "${stages[@]}"; do
                 embed) sweep=(bench_masking --cases mask+embed
                               --set mimfast.ops.embed_visible.WEIGHT_GRAD_VIA_GEMM=False,True) ;;
                 gather) sweep=(bench_masking --cases "gather fwd"
+                               --set mimfast.kernels.gather_patches.TRANSPOSE=False,True
                                --set mimfast.kernels.gather_patches.GATHER_TILE=2048,4096,8192
                                --set mimfast.kernels.gather_patches.GATHER_WARPS=4,8) ;;
                 attention) sweep=(bench_attention --cases 'mae_dec_197/H12/fwd$,videomae_dec_1568/H12/fwd$'

@@ -70,7 +70,7 @@ SHAPES = {
 @pytest.mark.parametrize("kind", ["mse", "l1"])
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_full_pred_matches_float64(shape, norm_pix, kind):
+def test_full_pred_matches_float64(shape, norm_pix, kind, loss_transpose):
     pred, imgs, info = mae_inputs(*SHAPES[shape])
     run_case(pred, imgs, info.mask, SHAPES[shape][-1], norm_pix=norm_pix, kind=kind)
 
@@ -78,7 +78,7 @@ def test_full_pred_matches_float64(shape, norm_pix, kind):
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
 @pytest.mark.parametrize("kind", ["mse", "l1"])
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
-def test_masked_rows_only(norm_pix, kind, with_mask):
+def test_masked_rows_only(norm_pix, kind, with_mask, loss_transpose):
     N, C, H, W, p = 3, 3, 16, 20, 4
     _, imgs, info = mae_inputs(N, C, H, W, p)
     L, K = info.mask.shape[1], info.ids_keep.shape[1]
@@ -96,14 +96,14 @@ def test_masked_rows_only(norm_pix, kind, with_mask):
 
 @pytest.mark.parametrize("dtype,device", HALF)
 @pytest.mark.parametrize("img_dtype", [torch.float32, "same"], ids=["imgs_fp32", "imgs_same"])
-def test_half_precision(dtype, device, img_dtype):
+def test_half_precision(dtype, device, img_dtype, loss_transpose):
     pred, imgs, info = mae_inputs(2, 3, 16, 24, 4, dtype=dtype)
     imgs = imgs.to(dtype if img_dtype == "same" else img_dtype)
     for norm_pix in (False, True):
         run_case(pred.to(device), imgs.to(device), info.mask.to(device), 4, norm_pix=norm_pix)
 
 
-def test_video_cubes_with_tubelet():
+def test_video_cubes_with_tubelet(loss_transpose):
     N, C, T, H, W, p, pt = 2, 3, 4, 8, 8, 4, 2
     videos = torch.randn(N, C, T, H, W)
     L = (T // pt) * (H // p) * (W // p)
@@ -179,7 +179,7 @@ def test_final_sums_past_one_block_of_partials():
     torch.testing.assert_close(loss.double(), partials.double().sum() / (8 * mask.double().sum()), rtol=1e-6, atol=0)
 
 
-def test_unscored_rows_are_not_read_on_triton():
+def test_unscored_rows_are_not_read_on_triton(loss_transpose):
     """The documented difference: a NaN in a row of weight 0 (prediction or image patch) leaves the kernel's loss
     finite, where the reference's loss * mask gives NaN; a NaN in a scored row gives NaN on both backends."""
     pred, imgs, info = mae_inputs(2, 3, 8, 8, 4)
@@ -195,7 +195,34 @@ def test_unscored_rows_are_not_read_on_triton():
         assert torch.isfinite(loss) == finite_on_triton, (where, row)
 
 
-def test_constant_patches_and_huge_values():
+def test_transposed_reads_where_the_image_allows(monkeypatch):
+    # with the setting on, contiguous multi-channel images are read in their own order; channels-last ones and
+    # single-channel ones value by value (where patchify order is already close to the image's)
+    import mimfast.kernels.pixel_loss as K
+    from mimfast.kernels.gather_patches import HAS_TL_GATHER
+
+    monkeypatch.setattr(K, "TRANSPOSE", True)
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["TRANSPOSE"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    real = K.pixel_loss_kernel
+    monkeypatch.setattr(K, "pixel_loss_kernel", Spy())
+    for C, channels_last in ((3, False), (3, True), (1, False)):
+        pred, imgs, info = mae_inputs(2, C, 8, 8, 4)
+        if channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        loss = masked_pixel_loss(pred, imgs, info.mask, 4, norm_pix=True, backend="triton")
+        assert torch.allclose(loss, masked_pixel_loss_ref(pred, imgs, info.mask, 4, norm_pix=True), rtol=1e-5)
+    assert seen == [HAS_TL_GATHER, False, False]
+
+
+def test_constant_patches_and_huge_values(loss_transpose):
     pred, imgs, info = mae_inputs(2, 3, 16, 16, 4)
     imgs[:, :, :8, :8] = 0.25  # four patches per sample with zero variance
     imgs[:, :, 8:, 8:] *= 1e4
@@ -205,7 +232,7 @@ def test_constant_patches_and_huge_values():
         run_case(pred, imgs, info.mask, 4, norm_pix=False, kind=kind)
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(loss_transpose):
     N, C, H, W, p = 2, 3, 12, 16, 4
     L, P = (H // p) * (W // p), p * p * C
     pred = torch.randn(N, P, L).transpose(1, 2)  # element stride L
@@ -338,7 +365,7 @@ def test_scale_kernel_in_place_and_skipped_at_one():
     assert torch.equal(h, (x.half().float() * 3.0).half())
 
 
-def test_run_to_run_bit_equality():
+def test_run_to_run_bit_equality(loss_transpose):
     pred, imgs, info = mae_inputs(3, 3, 16, 16, 4)
     outs = []
     for _ in range(2):
@@ -445,7 +472,7 @@ elif which == "masked_ids":
     const = {"s_ml": 1, "BLOCK_L": 2048}
     fn, warps = K.masked_ids_kernel, 4
 else:
-    video = which == "video"
+    video = which.startswith("video")
     sig = {"pred_ptr": "*bf16", "grad_ptr": "*bf16", "img_ptr": "*fp32", "ids_ptr": "*i64", "mask_ptr": "*fp32",
            "stats_ptr": "*fp32", "wpart_ptr": "*fp32", "partial_ptr": "*fp32", "total_rows": "i32", "R": "i32",
            "GH": "i32", "GW": "i32", "num_wparts": "i32", "row_count": "fp32"}
@@ -458,7 +485,9 @@ else:
     const.update({"C": 3, "PT": 2 if video else 1, "PS": 16 if video else 14, "BLOCK_P": 2048 if video else 1024,
                   "ROWS": K.rows_per_program(P, 2 if video else 1), "BLOCK_G": K.MAX_WPARTS, "NORM": 2 if video else 1,
                   "L1": which == "mae_l1", "UNNORM": video, "HAS_IDS": which != "mae_full", "HAS_MASK": not video,
-                  "COMPUTE_GRAD": True, "LATE_PRED": K.LATE_PRED, "CHANNEL_SUMS": K.CHANNEL_SUMS})
+                  "COMPUTE_GRAD": True, "LATE_PRED": K.LATE_PRED, "CHANNEL_SUMS": K.CHANNEL_SUMS,
+                  "TRANSPOSE": which.endswith("transposed"), "BLOCK_C": 4, "BLOCK_S": 512 if video else 256,
+                  "ROW_ALIGN": 4})
     fn, warps = K.pixel_loss_kernel, K.LOSS_WARPS
 for k in const:
     sig[k] = "constexpr"
@@ -470,8 +499,8 @@ print("compiled")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["mae_full", "mae_l1", "video", "simmim", "weight_sum", "finalize", "scale",
-                                    "masked_ids"])
+@pytest.mark.parametrize("config", ["mae_full", "mae_l1", "mae_transposed", "video", "video_transposed", "simmim",
+                                    "weight_sum", "finalize", "scale", "masked_ids"])
 def test_kernels_compile_for_h100(config):
     # a real compilation to an sm_90 cubin without a GPU (no interpreter, in a subprocess): catches what the
     # interpreter accepts but the compiler rejects
@@ -487,7 +516,7 @@ def test_real_mae_shape_interpreter():
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
 @pytest.mark.parametrize("patch", [16, 14])
-def test_gpu_bf16_real_shapes(norm_pix, patch):
+def test_gpu_bf16_real_shapes(norm_pix, patch, loss_transpose):
     torch.manual_seed(1)
     imgs = torch.randn(8, 3, 224, 224, device="cuda")
     L = (224 // patch) ** 2
@@ -529,6 +558,15 @@ def test_weights_summing_to_zero_or_below_match_the_reference(weights):
     ref = masked_pixel_loss_ref(pred, imgs, mask, 2)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(torch.autograd.grad(got, pred)[0], torch.autograd.grad(ref, pred)[0])
+
+
+def test_row_align_divides_every_row_stride():
+    from mimfast.kernels.pixel_loss import row_align
+
+    assert row_align(196 * 768, 768) == 16  # ViT-B rows: 16-byte vectors of bf16 either way
+    assert row_align(256 * 588, 588, 256 * 588, 588) == 4  # ViT-H/14: 8-byte vectors of bf16
+    assert row_align(49 * 588, 588, 196 * 588, 588) == 4
+    assert row_align(48, 6) == 2 and row_align(27, 27) == 1
 
 
 def test_loss_warps_keep_a_thread_within_32_values():

@@ -52,7 +52,7 @@ def run_case(pred, videos, mask, p, pt, view=lambda t: t, **kw):
 @pytest.mark.parametrize("shape", [(2, 3, 4, 8, 12, 4, 2), (1, 3, 2, 16, 16, 8, 2), (3, 1, 3, 4, 8, 4, 3),
                                    (1, 3, 4, 32, 32, 16, 2)],
                          ids=["N2_T4_p4", "P768_pt2_p8", "C1_pt3_prime", "P1536_pt2_p16"])
-def test_matches_float64(shape, norm_target, channel_sums):
+def test_matches_float64(shape, norm_target, channel_sums, loss_transpose):
     N, C, T, H, W, p, pt = shape
     videos = torch.randn(N, C, T, H, W)
     t, hw = T // pt, (H // p) * (W // p)
@@ -72,7 +72,7 @@ def test_half_precision_pred(dtype, device):
         run_case(pred, videos, mask, 4, 2, norm_target=norm_target)
 
 
-def test_random_non_tube_mask_constant_cubes_and_all_masked(channel_sums):
+def test_random_non_tube_mask_constant_cubes_and_all_masked(channel_sums, loss_transpose):
     N, C, T, H, W, p, pt = 2, 3, 4, 8, 8, 4, 2
     videos = torch.randn(N, C, T, H, W)
     videos[:, :, :2, :4, :4] = 0.3  # the first cube of each sample is constant: std 0

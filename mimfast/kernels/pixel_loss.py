@@ -28,7 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels.gather_patches import patch_base, patch_offsets, pixel_offsets
+from mimfast.kernels.gather_patches import (
+    image_order_offsets,
+    patch_base,
+    patch_offsets,
+    pixel_offsets,
+    to_patch_order,
+    transposes,
+)
 from mimfast.kernels.sizes import cdiv, next_pow2, sm_count
 
 
@@ -98,6 +105,15 @@ def weight_sum_kernel(
 
 
 @triton.jit
+def _by_channel(table_ptr, ec, ok, C: tl.constexpr):
+    """table[ec] (fp32) where ``ok``, else 0: C uniform scalar loads and selects, instead of a load per value."""
+    v = tl.where(ec == 0, tl.load(table_ptr), 0.0)
+    for c in tl.static_range(1, C):
+        v = tl.where(ec == c, tl.load(table_ptr + c), v)
+    return tl.where(ok, v, 0.0)
+
+
+@triton.jit
 def _channel(x, ec, c: tl.constexpr):
     """x where e's channel is c, else 0."""
     return tl.where((ec == c)[None, :], x, 0.0)
@@ -144,18 +160,20 @@ def pixel_loss_kernel(
     BLOCK_P: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
     NORM: tl.constexpr, L1: tl.constexpr, UNNORM: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, LATE_PRED: tl.constexpr,
-    CHANNEL_SUMS: tl.constexpr,
+    CHANNEL_SUMS: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     S: tl.constexpr = PT * PS * PS
     P: tl.constexpr = S * C
     inv_denom = _inv_denom(wpart_ptr, num_wparts, row_count, P, HAS_MASK, BLOCK_G)
     # the tile is [ROWS, BLOCK_P]: ROWS whole rows at once, each in pred's own flat order e = s * C + c, so the
     # pred loads and gradient stores are contiguous vectors, and every reduction serves ROWS rows. The image value
-    # of each e is read at its place in the image: one offset table for the program, plus each row's patch base.
+    # of each e is read at its place in the image: one offset table for the program, plus each row's patch base;
+    # with TRANSPOSE the patches are read in the image's order and moved into pred's in registers
+    # (kernels.gather_patches).
     e = tl.arange(0, BLOCK_P)
     e_ok = e < P
     ec = e % C
-    img_off = patch_offsets(e, s_c, s_t, s_h, s_w, C, PS)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rows_ok = rows < total_rows
     n = rows // R
@@ -171,14 +189,21 @@ def pixel_loss_kernel(
     # a row past the end or of weight 0 reads nothing; its error is 0 and its gradient is written as exact zeros
     ok = rows_ok & (w != 0.0)
     ld = ok[:, None] & e_ok[None, :]
-    pred_ptrs = pred_ptr + (n * s_pn + r * s_pr)[:, None] + (e * s_pe)[None, :]
+    # row offsets are multiples of ROW_ALIGN (the launcher's finding from the strides): pred rows of P 588 (ViT-H)
+    # then move as 8-byte vectors, where Triton's own hint (a stride divisible by 16) would leave single values
+    pred_ptrs = pred_ptr + tl.multiple_of(n * s_pn + r * s_pr, ROW_ALIGN)[:, None] + (e * s_pe)[None, :]
     if not LATE_PRED:
         pred = tl.load(pred_ptrs, mask=ld, other=0.0).to(tl.float32)
     base = patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
-    x = tl.load(base[:, None] + img_off[None, :], mask=ld, other=0.0).to(tl.float32)
+    if TRANSPOSE:
+        off, inside = image_order_offsets(s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_C, BLOCK_S)
+        x = tl.load(base[:, None, None] + off[None, :, :], mask=ok[:, None, None] & inside[None, :, :], other=0.0)
+        x = tl.where(ld, to_patch_order(x, C, S, ROWS, BLOCK_C, BLOCK_S, BLOCK_P).to(tl.float32), 0.0)
+    else:
+        img_off = patch_offsets(e, s_c, s_t, s_h, s_w, C, PS)
+        x = tl.load(base[:, None] + img_off[None, :], mask=ld, other=0.0).to(tl.float32)
     if UNNORM:
-        x = x * tl.load(stats_ptr + C + ec, mask=e_ok, other=0.0)[None, :] + tl.load(
-            stats_ptr + ec, mask=e_ok, other=0.0)[None, :]
+        x = x * _by_channel(stats_ptr + C, ec, e_ok, C)[None, :] + _by_channel(stats_ptr, ec, e_ok, C)[None, :]
     # statistics of x - (the patch's first value, of channel 0 or of each channel): a constant patch gives exactly
     # 0 deviation instead of rounding noise that 1 / (std + eps) would amplify up to 1e6-fold, and large offsets
     # lose no precision; the first values are loads of their own, not reductions
@@ -223,7 +248,8 @@ def pixel_loss_kernel(
     tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(ok, w * tl.sum(err, axis=1), 0.0), axis=0))
     if COMPUTE_GRAD:
         g = tl.where(ok[:, None], g * (w * inv_denom)[:, None], 0.0)
-        tl.store(grad_ptr + (n * s_gn + r * s_gr)[:, None] + e[None, :], g.to(grad_ptr.dtype.element_ty),
+        tl.store(grad_ptr + tl.multiple_of(n * s_gn + r * s_gr, ROW_ALIGN)[:, None] + e[None, :],
+                 g.to(grad_ptr.dtype.element_ty),
                  mask=rows_ok[:, None] & e_ok[None, :])
 
 
@@ -355,6 +381,10 @@ LATE_PRED = False
 # per-channel statistics (VideoMAE, 2 <= C <= 4) with every channel's sum in one reduction: two reductions of the
 # tile (means, then squared deviations) instead of 2 C; the same arithmetic. Not yet timed on a GPU, so off
 CHANNEL_SUMS = False
+# the image read in its own order and transposed in registers (kernels.gather_patches.TRANSPOSE): at ViT-B (fp32
+# images) 8 16-byte global loads a thread instead of 32 4-byte ones, in the static count on sm_90; not yet timed on
+# a GPU, so off
+TRANSPOSE = False
 MAX_WPARTS = 64
 _WEIGHT_BLOCK = 1024
 # the final pass is one program whose loop waits on each step's loads: wide steps, few of them (VideoMAE-B's 90k
@@ -367,6 +397,15 @@ def rows_per_program(P: int, norm: int = 0) -> int:
     """Rows of P values each that one loss program takes (a power of 2), for normalisation ``norm``."""
     fit = max(1, min(16, (LOSS_TILE // 2 if norm == 2 else LOSS_TILE) // next_pow2(P)))
     return 1 << (fit.bit_length() - 1)
+
+
+def row_align(*strides: int) -> int:
+    """The largest power of 2 up to 16 that divides every one of ``strides`` (elements)."""
+    align = 16
+    for s in strides:
+        while s % align:
+            align //= 2
+    return align
 
 
 def loss_warps(tile: int) -> int:
@@ -427,6 +466,9 @@ def launch_pixel_loss(
     assert P == C * PT * PS * PS
     rows = rows_per_program(P, norm)
     block_p = next_pow2(P)
+    S = PT * PS * PS
+    # patches transposed only where that pads them no more than the row tile does (C 3: 4 x 2^k against 3 x 2^k)
+    transpose = transposes(C, S, imgs.stride(-1) == 1, TRANSPOSE, block_p)
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     if grad is not None:
@@ -450,7 +492,9 @@ def launch_pixel_loss(
         C=C, PT=PT, PS=PS, BLOCK_P=block_p, ROWS=rows, BLOCK_G=MAX_WPARTS,
         NORM=norm, L1=l1, UNNORM=stats is not None,
         HAS_IDS=ids is not None, HAS_MASK=mask is not None, COMPUTE_GRAD=grad is not None, LATE_PRED=LATE_PRED,
-        CHANNEL_SUMS=CHANNEL_SUMS, num_warps=loss_warps(rows * block_p),
+        CHANNEL_SUMS=CHANNEL_SUMS, TRANSPOSE=transpose, BLOCK_C=next_pow2(C), BLOCK_S=next_pow2(S),
+        ROW_ALIGN=row_align(*pred.stride()[:2], *(grad.stride()[:2] if grad is not None else ())),
+        num_warps=loss_warps(rows * block_p),
     )
 
 
