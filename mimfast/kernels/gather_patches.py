@@ -62,30 +62,51 @@ def image_order_offsets(s_c, s_t, s_h, s_w, C: tl.constexpr, PT: tl.constexpr, P
     return off, (c < C)[:, None] & (s < PT * PS * PS)[None, :]
 
 
-@triton.jit
-def to_patch_order(x, C: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
-    """[ROWS, BLOCK_C, BLOCK_S] patches in the image's order (channel, pixel) -> [ROWS, BLOCK_P] in patchify order
-    e = s * C + c; positions past C * S hold the value (0, 0). One gather over the whole tile: its axis spans every
-    warp, so it goes through shared memory, not warp shuffles."""
-    e = tl.arange(0, BLOCK_P)
-    within = tl.where(e < C * S, (e % C) * BLOCK_S + e // C, 0)
-    idx = tl.arange(0, ROWS)[:, None] * (BLOCK_C * BLOCK_S) + within[None, :]
-    flat = tl.reshape(x, [ROWS * BLOCK_C * BLOCK_S])
-    return tl.reshape(tl.gather(flat, tl.reshape(idx, [ROWS * BLOCK_P]), 0), [ROWS, BLOCK_P])
+# tl.gather came after Triton 3.0, whose compiler resolves every attribute a kernel's helpers name (taken branch or
+# not) when it hashes them: without it the helpers are stand-ins that the TRANSPOSE branch never reaches
+HAS_TL_GATHER = hasattr(tl, "gather")
 
+if HAS_TL_GATHER:
 
-@triton.jit
-def to_image_order(y, C: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The inverse of :func:`to_patch_order`: [ROWS, BLOCK_P] in patchify order -> [ROWS, BLOCK_C, BLOCK_S] in the
-    image's order (positions outside the patch hold the value e = 0)."""
-    c = tl.arange(0, BLOCK_C)
-    s = tl.arange(0, BLOCK_S)
-    within = tl.where((c < C)[:, None] & (s < S)[None, :], s[None, :] * C + c[:, None], 0)
-    idx = tl.arange(0, ROWS)[:, None, None] * BLOCK_P + within[None, :, :]
-    flat = tl.reshape(y, [ROWS * BLOCK_P])
-    return tl.reshape(tl.gather(flat, tl.reshape(idx, [ROWS * BLOCK_C * BLOCK_S]), 0), [ROWS, BLOCK_C, BLOCK_S])
+    @triton.jit
+    def to_patch_order(x, C: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+        """[ROWS, BLOCK_C, BLOCK_S] patches in the image's order (channel, pixel) -> [ROWS, BLOCK_P] in patchify
+        order e = s * C + c; positions past C * S hold the value (0, 0). One gather over the whole tile: its axis
+        spans every warp, so it goes through shared memory, not warp shuffles (a [ROWS, ...] gather along its last
+        axis became 1024 shuffles a thread)."""
+        e = tl.arange(0, BLOCK_P)
+        within = tl.where(e < C * S, (e % C) * BLOCK_S + e // C, 0)
+        idx = tl.arange(0, ROWS)[:, None] * (BLOCK_C * BLOCK_S) + within[None, :]
+        flat = tl.reshape(x, [ROWS * BLOCK_C * BLOCK_S])
+        return tl.reshape(tl.gather(flat, tl.reshape(idx, [ROWS * BLOCK_P]), 0), [ROWS, BLOCK_P])
+
+    @triton.jit
+    def to_image_order(y, C: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+        """The inverse of :func:`to_patch_order`: [ROWS, BLOCK_P] in patchify order -> [ROWS, BLOCK_C, BLOCK_S] in
+        the image's order (positions outside the patch hold the value e = 0)."""
+        c = tl.arange(0, BLOCK_C)
+        s = tl.arange(0, BLOCK_S)
+        within = tl.where((c < C)[:, None] & (s < S)[None, :], s[None, :] * C + c[:, None], 0)
+        idx = tl.arange(0, ROWS)[:, None, None] * BLOCK_P + within[None, :, :]
+        flat = tl.reshape(y, [ROWS * BLOCK_P])
+        return tl.reshape(tl.gather(flat, tl.reshape(idx, [ROWS * BLOCK_C * BLOCK_S]), 0),
+                          [ROWS, BLOCK_C, BLOCK_S])
+
+else:
+
+    @triton.jit
+    def to_patch_order(x, C: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+        tl.static_assert(False, "to_patch_order needs tl.gather (Triton >= 3.2)")
+        return x
+
+    @triton.jit
+    def to_image_order(y, C: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+        tl.static_assert(False, "to_image_order needs tl.gather (Triton >= 3.2)")
+        return y
 
 
 @triton.jit
@@ -179,7 +200,6 @@ GATHER_WARPS = 4
 # ones, plus 4 16-byte shared stores and 32 2-byte shared loads; 32 registers. Not yet timed on a GPU
 # (sweep:gather times both).
 TRANSPOSE = True
-HAS_TL_GATHER = hasattr(tl, "gather")
 
 
 def chunk_size(P: int) -> int:
