@@ -223,7 +223,7 @@ def pixel_loss_kernel(
                 x0c = x0c * tl.load(stats_ptr + C + c) + tl.load(stats_ptr + c)
             x0 = tl.where((ec == c)[None, :], x0c[:, None], x0)
         x = tl.where(ld, x - x0, 0.0)
-        if CHANNEL_SUMS and C >= 2 and C <= 4:
+        if (CHANNEL_SUMS and C >= 2) and C <= 4:  # no chained boolean operators in Triton 3.0
             # the same two passes, each channel's sum in one reduction for all channels
             m0, m1, m2, m3 = _channel_sums(x, ec)
             d = tl.where(ld, x - _per_channel(m0 / S, m1 / S, m2 / S, m3 / S, ec), 0.0)
