@@ -318,7 +318,12 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
     return calls
 
 
-def report(shapes: list[Shape], arch_capability: int = 90) -> list[KernelRow]:
+def report(shapes: list[Shape], arch_capability: int = 90,
+           failures: Optional[list[str]] = None) -> list[KernelRow]:
+    """Compile every op call at every shape; an op's refusal of a shape (BackendUnavailableError) is reported and
+    skipped, any other error (a kernel the compiler rejects) also appended to ``failures``."""
+    from mimfast.backend import BackendUnavailableError
+
     rows: list[KernelRow] = []
     with compile_only(arch_capability) as compiled:
         for s in shapes:
@@ -326,8 +331,10 @@ def report(shapes: list[Shape], arch_capability: int = 90) -> list[KernelRow]:
                 compiled.clear()
                 try:
                     call()
-                except Exception as e:  # a call the op refuses at these shapes is reported, not fatal
+                except Exception as e:
                     print(f"{s.name:<14} {label:<36} error: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    if failures is not None and not isinstance(e, BackendUnavailableError):
+                        failures.append(f"{s.name}/{label}: {type(e).__name__}")
                     continue
                 seen = set()
                 for name, kernel in compiled:
@@ -489,11 +496,14 @@ def main() -> None:
         if not args.no_save:
             print("wrote", write_host(host_rows))
         return
-    rows = report(shapes)
+    failures: list[str] = []
+    rows = report(shapes, failures=failures)
     if not rows:
         raise SystemExit("no kernel was compiled (see the errors above)")
     spilled = [r for r in rows if r.spill_bytes]
     print(f"{len(rows)} kernel configurations, {len(spilled)} with register spills")
+    if failures:  # before saving: a report missing kernels is not one to keep
+        raise SystemExit(f"{len(failures)} op calls failed to compile: {', '.join(failures)}")
     if not args.no_save:
         print("wrote", write(rows))
 
