@@ -139,6 +139,99 @@ def _per_channel(v0, v1, v2, v3, ec):
 
 
 @triton.jit
+def _target_in_patch_order(base, ok, ld, e, ec, e_ok, stats_ptr, eps, s_c, s_t, s_h, s_w,
+                           C: tl.constexpr, PT: tl.constexpr, PS: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_P: tl.constexpr, NORM: tl.constexpr, UNNORM: tl.constexpr,
+                           CHANNEL_SUMS: tl.constexpr):
+    """The normalised targets of ROWS patches [ROWS, BLOCK_P] in patchify order e = s * C + c, each value read at
+    its place in the image (values outside ``ld`` are for the caller to mask)."""
+    S: tl.constexpr = PT * PS * PS
+    P: tl.constexpr = S * C
+    img_off = patch_offsets(e, s_c, s_t, s_h, s_w, C, PS)
+    x = tl.load(base[:, None] + img_off[None, :], mask=ld, other=0.0).to(tl.float32)
+    if UNNORM:
+        x = x * _by_channel(stats_ptr + C, ec, e_ok, C)[None, :] + _by_channel(stats_ptr, ec, e_ok, C)[None, :]
+    # statistics of x - (the patch's first value, of channel 0 or of each channel): a constant patch gives exactly
+    # 0 deviation instead of rounding noise that 1 / (std + eps) would amplify up to 1e6-fold, and large offsets
+    # lose no precision; the first values are loads of their own, not reductions
+    if NORM == 1:
+        x0 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
+        if UNNORM:
+            x0 = x0 * tl.load(stats_ptr + C) + tl.load(stats_ptr)
+        x = tl.where(ld, x - x0[:, None], 0.0)
+        d = tl.where(ld, x - (tl.sum(x, axis=1) / P)[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / (P - 1)
+        x = d / tl.sqrt(var + eps)[:, None]
+    elif NORM == 2:
+        x0 = tl.zeros([ROWS, BLOCK_P], tl.float32)
+        for c in tl.static_range(C):
+            x0c = tl.load(base + c * s_c, mask=ok, other=0.0).to(tl.float32)
+            if UNNORM:
+                x0c = x0c * tl.load(stats_ptr + C + c) + tl.load(stats_ptr + c)
+            x0 = tl.where((ec == c)[None, :], x0c[:, None], x0)
+        x = tl.where(ld, x - x0, 0.0)
+        if (CHANNEL_SUMS and C >= 2) and C <= 4:  # no chained boolean operators in Triton 3.0
+            # the same two passes, each channel's sum in one reduction for all channels
+            m0, m1, m2, m3 = _channel_sums(x, ec)
+            d = tl.where(ld, x - _per_channel(m0 / S, m1 / S, m2 / S, m3 / S, ec), 0.0)
+            v0, v1, v2, v3 = _channel_sums(d * d, ec)
+            std = _per_channel(tl.sqrt(v0 / (S - 1)), tl.sqrt(v1 / (S - 1)), tl.sqrt(v2 / (S - 1)),
+                               tl.sqrt(v3 / (S - 1)), ec)
+            x = d / (std + eps)
+        else:
+            mean = tl.zeros([ROWS, BLOCK_P], tl.float32)
+            for c in tl.static_range(C):
+                sel = (ec == c)[None, :]
+                mean = tl.where(sel, (tl.sum(tl.where(sel, x, 0.0), axis=1) / S)[:, None], mean)
+            d = tl.where(ld, x - mean, 0.0)
+            std = tl.zeros([ROWS, BLOCK_P], tl.float32)
+            for c in tl.static_range(C):
+                sel = (ec == c)[None, :]
+                std = tl.where(sel, tl.sqrt(tl.sum(tl.where(sel, d * d, 0.0), axis=1) / (S - 1))[:, None], std)
+            x = d / (std + eps)
+    return x
+
+
+@triton.jit
+def _target_in_image_order(base, ok, stats_ptr, eps, s_c, s_t, s_h, s_w, C: tl.constexpr, PT: tl.constexpr,
+                           PS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                           BLOCK_P: tl.constexpr, NORM: tl.constexpr, UNNORM: tl.constexpr):
+    """The targets of ROWS patches read and normalised in the image's order [ROWS, BLOCK_C, BLOCK_S] (runs of PS
+    pixels as 16-byte vectors; a channel's statistics are one reduction along its pixels, all channels at once),
+    then moved into patchify order [ROWS, BLOCK_P] (kernels.gather_patches.to_patch_order). Positions past P hold
+    a copy of another value: the caller masks them. The same statistics as :func:`_target_in_patch_order`, first
+    values and all; only the order of the terms in each sum differs."""
+    S: tl.constexpr = PT * PS * PS
+    P: tl.constexpr = S * C
+    off, inside = image_order_offsets(s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_C, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    ld = ok[:, None, None] & inside[None, :, :]
+    x = tl.load(base[:, None, None] + off[None, :, :], mask=ld, other=0.0).to(tl.float32)
+    if UNNORM:
+        scale = tl.load(stats_ptr + C + c, mask=c_ok, other=0.0)
+        shift = tl.load(stats_ptr + c, mask=c_ok, other=0.0)
+        x = x * scale[None, :, None] + shift[None, :, None]
+    if NORM == 1:
+        x0 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
+        if UNNORM:
+            x0 = x0 * tl.load(stats_ptr + C) + tl.load(stats_ptr)
+        x = tl.where(ld, x - x0[:, None, None], 0.0)
+        d = tl.where(ld, x - (tl.sum(tl.sum(x, axis=2), axis=1) / P)[:, None, None], 0.0)
+        var = tl.sum(tl.sum(d * d, axis=2), axis=1) / (P - 1)
+        x = d / tl.sqrt(var + eps)[:, None, None]
+    elif NORM == 2:
+        x0 = tl.load(base[:, None] + c[None, :] * s_c, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        if UNNORM:
+            x0 = x0 * scale[None, :] + shift[None, :]
+        x = tl.where(ld, x - x0[:, :, None], 0.0)
+        d = tl.where(ld, x - (tl.sum(x, axis=2) / S)[:, :, None], 0.0)
+        std = tl.sqrt(tl.sum(d * d, axis=2) / (S - 1))
+        x = d / (std + eps)[:, :, None]
+    return to_patch_order(x, C, S, ROWS, BLOCK_C, BLOCK_S, BLOCK_P)
+
+
+@triton.jit
 def pixel_loss_kernel(
     pred_ptr,  # [N, R, P] predicted rows, any strides
     grad_ptr,  # [N, R, P] gradient of the loss for pred, last dim contiguous (may alias pred_ptr)
@@ -196,52 +289,11 @@ def pixel_loss_kernel(
         pred = tl.load(pred_ptrs, mask=ld, other=0.0).to(tl.float32)
     base = patch_base(img_ptr, n, l, GH, GW, s_n, s_t, s_h, s_w, PT, PS)
     if TRANSPOSE:
-        off, inside = image_order_offsets(s_c, s_t, s_h, s_w, C, PT, PS, BLOCK_C, BLOCK_S)
-        x = tl.load(base[:, None, None] + off[None, :, :], mask=ok[:, None, None] & inside[None, :, :], other=0.0)
-        x = tl.where(ld, to_patch_order(x, C, S, ROWS, BLOCK_C, BLOCK_S, BLOCK_P).to(tl.float32), 0.0)
+        x = tl.where(ld, _target_in_image_order(base, ok, stats_ptr, eps, s_c, s_t, s_h, s_w, C, PT, PS, ROWS,
+                                                BLOCK_C, BLOCK_S, BLOCK_P, NORM, UNNORM), 0.0)
     else:
-        img_off = patch_offsets(e, s_c, s_t, s_h, s_w, C, PS)
-        x = tl.load(base[:, None] + img_off[None, :], mask=ld, other=0.0).to(tl.float32)
-    if UNNORM:
-        x = x * _by_channel(stats_ptr + C, ec, e_ok, C)[None, :] + _by_channel(stats_ptr, ec, e_ok, C)[None, :]
-    # statistics of x - (the patch's first value, of channel 0 or of each channel): a constant patch gives exactly
-    # 0 deviation instead of rounding noise that 1 / (std + eps) would amplify up to 1e6-fold, and large offsets
-    # lose no precision; the first values are loads of their own, not reductions
-    if NORM == 1:
-        x0 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
-        if UNNORM:
-            x0 = x0 * tl.load(stats_ptr + C) + tl.load(stats_ptr)
-        x = tl.where(ld, x - x0[:, None], 0.0)
-        d = tl.where(ld, x - (tl.sum(x, axis=1) / P)[:, None], 0.0)
-        var = tl.sum(d * d, axis=1) / (P - 1)
-        x = d / tl.sqrt(var + eps)[:, None]
-    elif NORM == 2:
-        x0 = tl.zeros([ROWS, BLOCK_P], tl.float32)
-        for c in tl.static_range(C):
-            x0c = tl.load(base + c * s_c, mask=ok, other=0.0).to(tl.float32)
-            if UNNORM:
-                x0c = x0c * tl.load(stats_ptr + C + c) + tl.load(stats_ptr + c)
-            x0 = tl.where((ec == c)[None, :], x0c[:, None], x0)
-        x = tl.where(ld, x - x0, 0.0)
-        if (CHANNEL_SUMS and C >= 2) and C <= 4:  # no chained boolean operators in Triton 3.0
-            # the same two passes, each channel's sum in one reduction for all channels
-            m0, m1, m2, m3 = _channel_sums(x, ec)
-            d = tl.where(ld, x - _per_channel(m0 / S, m1 / S, m2 / S, m3 / S, ec), 0.0)
-            v0, v1, v2, v3 = _channel_sums(d * d, ec)
-            std = _per_channel(tl.sqrt(v0 / (S - 1)), tl.sqrt(v1 / (S - 1)), tl.sqrt(v2 / (S - 1)),
-                               tl.sqrt(v3 / (S - 1)), ec)
-            x = d / (std + eps)
-        else:
-            mean = tl.zeros([ROWS, BLOCK_P], tl.float32)
-            for c in tl.static_range(C):
-                sel = (ec == c)[None, :]
-                mean = tl.where(sel, (tl.sum(tl.where(sel, x, 0.0), axis=1) / S)[:, None], mean)
-            d = tl.where(ld, x - mean, 0.0)
-            std = tl.zeros([ROWS, BLOCK_P], tl.float32)
-            for c in tl.static_range(C):
-                sel = (ec == c)[None, :]
-                std = tl.where(sel, tl.sqrt(tl.sum(tl.where(sel, d * d, 0.0), axis=1) / (S - 1))[:, None], std)
-            x = d / (std + eps)
+        x = _target_in_patch_order(base, ok, ld, e, ec, e_ok, stats_ptr, eps, s_c, s_t, s_h, s_w, C, PT, PS, ROWS,
+                                   BLOCK_P, NORM, UNNORM, CHANNEL_SUMS)
     if LATE_PRED:  # loaded once the target is ready: fewer live registers while its statistics are reduced
         pred = tl.load(pred_ptrs, mask=ld, other=0.0).to(tl.float32)
     err, g = _error_terms(pred, x, ld, L1)
@@ -381,9 +433,11 @@ LATE_PRED = False
 # per-channel statistics (VideoMAE, 2 <= C <= 4) with every channel's sum in one reduction: two reductions of the
 # tile (means, then squared deviations) instead of 2 C; the same arithmetic. Not yet timed on a GPU, so off
 CHANNEL_SUMS = False
-# the image read in its own order and transposed in registers (kernels.gather_patches.TRANSPOSE): at ViT-B (fp32
-# images) 8 16-byte global loads a thread instead of 32 4-byte ones, in the static count on sm_90; not yet timed on
-# a GPU, so off
+# the targets read and normalised in the image's own order, then transposed in registers (kernels.gather_patches,
+# _target_in_image_order). Static sm_90 count (Triton 3.6, fp32 images, bf16 pred): ViT-B 10 16-byte global loads
+# a thread instead of 4 and 31 4-byte ones, 96 registers instead of 64 (72 with LATE_PRED); VideoMAE-B 40 registers
+# instead of 80 (12 blocks an SM instead of 6) and 10 barriers instead of 24, a channel's statistics being one
+# reduction along its pixels. Not yet timed on a GPU, so off (sweep:loss times it)
 TRANSPOSE = False
 MAX_WPARTS = 64
 _WEIGHT_BLOCK = 1024
