@@ -309,7 +309,7 @@ def test_empty_batch(backend, rows):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "norm_pix"])
-def test_gpu_bf16_mae_b_decoder_shape(norm_pix):
+def test_gpu_bf16_mae_b_decoder_shape(norm_pix, loss_transpose):
     torch.manual_seed(1)
     imgs, info, hidden, weight, bias, ids = make(16, 3, 224, 224, 16, 512, dtype=torch.bfloat16, device="cuda")
     run_case(hidden, weight, bias, imgs, info.mask, 16, ids_masked=ids, norm_pix=norm_pix, chunk_size=1024)

@@ -252,7 +252,7 @@ def test_bit_equality_and_input_errors():
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_videomae_b_shape():
+def test_gpu_bf16_videomae_b_shape(loss_transpose):
     torch.manual_seed(1)
     N, T, p, pt = 2, 16, 16, 2
     videos = torch.randn(N, 3, T, 224, 224, device="cuda")
@@ -286,7 +286,7 @@ def two_runs(pred, videos, mask, p, pt, **kw):
 @pytest.mark.gpu
 @pytest.mark.parametrize("videos_dtype", [torch.float32, torch.bfloat16], ids=["videos_fp32", "videos_bf16"])
 @pytest.mark.parametrize("norm_target", [True, False], ids=["norm_target", "raw_target"])
-def test_gpu_bf16_run_to_run_bit_equality(norm_target, videos_dtype):
+def test_gpu_bf16_run_to_run_bit_equality(norm_target, videos_dtype, loss_transpose):
     torch.manual_seed(2)
     N, T, p, pt = 4, 16, 16, 2
     videos = torch.randn(N, 3, T, 224, 224, device="cuda").to(videos_dtype)
