@@ -17,9 +17,10 @@ the bandwidth the loss target is stated against, measured at the case's own size
 Fused head (MAE ViT-B decoder: hidden [256, 196, 512], decoder_pred 512 -> 768): loss and the gradients of hidden,
 weight and bias. Providers: ``mimfast`` (``fused_head_masked_pixel_loss`` as the fused MAE calls it: the masked
 rows only, given by ``ids_masked``, so no mask is read; default chunks: one at this size), ``mimfast/two_chunks``
-(the same in two chunks: more launches, a lower peak), ``decoder_pred+loss`` (nn.Linear over all rows, then the
-fused loss kernel), ``reference`` (nn.Linear + the torch reference loss) and ``reference+compile``. Flops count
-the three GEMMs on the masked rows (the useful work).
+(the same in two chunks: more launches, a lower peak), ``mimfast/all_rows`` (every row projected and scored,
+weighted by the mask: a third more GEMM work, but no row copy, no zero fill and no scatter),
+``decoder_pred+loss`` (nn.Linear over all rows, then the fused loss kernel), ``reference`` (nn.Linear + the torch
+reference loss) and ``reference+compile``. Flops count the three GEMMs on the masked rows (the useful work).
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ def head_cases(s: HeadShape, device: torch.device, dtype: torch.dtype) -> list[t
         "mimfast/two_chunks": grad_step(lambda: fused_head_masked_pixel_loss(
             hidden, weight, bias, imgs, None, p, ids_masked=ids, norm_pix=True, chunk_size=-(-N // 2) * R,
             backend="triton"), leaves),
+        "mimfast/all_rows": grad_step(lambda: fused_head_masked_pixel_loss(
+            hidden, weight, bias, imgs, info.mask, p, norm_pix=True, backend="triton"), leaves),
         "decoder_pred+loss": grad_step(lambda: masked_pixel_loss(
             F.linear(hidden, weight, bias), imgs, info.mask, p, norm_pix=True, backend="triton"), leaves),
         "reference": grad_step(lambda: fused_head_masked_pixel_loss_ref(
