@@ -102,8 +102,11 @@ def _check(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bia
 # the weight gradient by gather_rows + torch.mm (the GEMM library's kernel, its output rounded to the compute dtype as
 # the conv's own weight gradient is: fp16 can overflow where the fp32 partials would not; in fp32 it follows the
 # matmul TF32 setting, not cuDNN's; under torch.use_deterministic_algorithms it needs CUBLAS_WORKSPACE_CONFIG like
-# any cuBLAS call) instead of the gather-GEMM kernel with fp32 partials; not yet timed on a GPU
-WEIGHT_GRAD_VIA_GEMM = False
+# any cuBLAS call; cuBLAS adds its split-K partials without atomics unless told to) instead of the gather-GEMM
+# kernel with fp32 partials. On an H100 (bf16, ViT-B/16, batch 256: benchmarks/results/h100_2026-11-23.md) that
+# kernel took 0.47 ms for the 14.8 GFLOP, 31 TFLOP/s; the library path, a gather of the kept patches and one GEMM
+# of that size, is not yet timed there (sweep:embed)
+WEIGHT_GRAD_VIA_GEMM = True
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -152,8 +155,9 @@ def _backward_grads(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tens
     """(grad weight then grad bias, [D * P + D] fp32 ([D], the bias only, without ``weight_grad``), grad pos_embed
     [pos_rows, D] fp32 or empty). One tensor for the weight and the bias: the second pass is one sum.
 
-    The weight gradient A^T @ grad is split over chunks of rows: each chunk writes an fp32 partial (weight and
-    bias side by side) and one second pass adds the chunks in order, so it is deterministic. pos_embed rows gather
+    The weight gradient A^T @ grad is one library GEMM on the kept patches gathered again (WEIGHT_GRAD_VIA_GEMM),
+    or the gather-GEMM kernel split over chunks of rows: each chunk writes an fp32 partial (weight and bias side by
+    side) and one second pass adds the chunks in order. Either way it is deterministic. pos_embed rows gather
     their gradient from each sample that kept them, summed over the batch in sample order.
     """
     import triton.language as tl
