@@ -15,6 +15,10 @@ per SM follow from the sm_90 limits: 65536 registers (allocated per warp in unit
 228 KB of shared memory (1 KB of it reserved per block). The SASS gives the widths of the global loads and stores:
 16-byte vectors, or one value at a time.
 
+Each op call is compiled at the defaults and again under the non-default value of every setting in
+:data:`VARIANTS` that changes its kernels' code (the boolean paths the GPU sweeps time); the kernels a variant
+changes get their own rows, labelled ``[ATTR=value]``.
+
 Spills and occupancy are what can be checked without a GPU; they are not timings. Run it with the Triton version
 the GPU machine uses, since register allocation changes between versions.
 
@@ -318,38 +322,72 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
     return calls
 
 
+# Settings the GPU sweeps try (benchmarks/gpu_session.sh) that change a kernel's code, not only its tile: each call
+# is compiled once more with the value that is not the default, and the kernels that differ are listed as their own
+# rows (label "[ATTR=value]"), so the compiler has seen every path a sweep may time.
+VARIANTS: list[tuple[str, str, Any]] = [
+    ("embed_visible fwd+bwd", "mimfast.ops.embed_visible.WEIGHT_GRAD_VIA_GEMM", False),
+    ("gather_patches", "mimfast.kernels.gather_patches.TRANSPOSE", False),
+    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.TRANSPOSE", True),
+    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.LATE_PRED", True),
+    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.CHANNEL_SUMS", True),
+    ("restore_tokens fwd+bwd", "mimfast.kernels.restore_tokens.BWD_PREFETCH", True),
+]
+
+
+@contextlib.contextmanager
+def setting(path: str, value: Any) -> Iterator[None]:
+    """Module attribute ``path`` ("package.module.ATTR") set to ``value`` inside the block."""
+    module_name, attr = path.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    old = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, old)
+
+
 def report(shapes: list[Shape], arch_capability: int = 90,
            failures: Optional[list[str]] = None) -> list[KernelRow]:
-    """Compile every op call at every shape; an op's refusal of a shape (BackendUnavailableError) is reported and
-    skipped, any other error (a kernel the compiler rejects) also appended to ``failures``."""
+    """Compile every op call at every shape, at the defaults and then under each of its :data:`VARIANTS`; an op's
+    refusal of a shape (BackendUnavailableError) is reported and skipped, any other error (a kernel the compiler
+    rejects) also appended to ``failures``."""
     from mimfast.backend import BackendUnavailableError
 
     rows: list[KernelRow] = []
     with compile_only(arch_capability) as compiled:
         for s in shapes:
             for label, call in op_calls(s):
-                compiled.clear()
-                try:
-                    call()
-                except Exception as e:
-                    print(f"{s.name:<14} {label:<36} error: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-                    if failures is not None and not isinstance(e, BackendUnavailableError):
-                        failures.append(f"{s.name}/{label}: {type(e).__name__}")
-                    continue
-                seen = set()
-                for name, kernel in compiled:
-                    meta = kernel.metadata
-                    key = (name, meta.num_warps, meta.num_stages, kernel.asm["ptx"].__hash__())
-                    if key in seen:
+                seen: set[tuple] = set()  # kernels listed for this call: a variant lists only those it changes
+                runs = [(label, contextlib.nullcontext())] + [
+                    (f"{label} [{path.rsplit('.', 1)[1]}={value}]", setting(path, value))
+                    for target, path, value in VARIANTS if target == label]
+                for run_label, context in runs:
+                    compiled.clear()
+                    try:
+                        with context:
+                            call()
+                    except Exception as e:
+                        print(f"{s.name:<14} {run_label:<36} error: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]}")
+                        if failures is not None and not isinstance(e, BackendUnavailableError):
+                            failures.append(f"{s.name}/{run_label}: {type(e).__name__}")
                         continue
-                    seen.add(key)
-                    regs, spills = cubin_usage(kernel.asm["cubin"])
-                    blocks = occupancy(regs, meta.num_warps, meta.shared)
-                    ld, st = global_accesses(cubin_sass(kernel.asm["cubin"]))
-                    row = KernelRow(f"{s.name}/{label}", name, meta.num_warps, meta.num_stages, regs, spills,
-                                    meta.shared, blocks, blocks * meta.num_warps, mma_kinds(kernel.asm["ptx"]), ld, st)
-                    rows.append(row)
-                    print(format_row(row), flush=True)
+                    for name, kernel in compiled:
+                        meta = kernel.metadata
+                        key = (name, meta.num_warps, meta.num_stages, kernel.asm["ptx"].__hash__())
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        regs, spills = cubin_usage(kernel.asm["cubin"])
+                        blocks = occupancy(regs, meta.num_warps, meta.shared)
+                        ld, st = global_accesses(cubin_sass(kernel.asm["cubin"]))
+                        row = KernelRow(f"{s.name}/{run_label}", name, meta.num_warps, meta.num_stages, regs, spills,
+                                        meta.shared, blocks, blocks * meta.num_warps, mma_kinds(kernel.asm["ptx"]),
+                                        ld, st)
+                        rows.append(row)
+                        print(format_row(row), flush=True)
     return rows
 
 

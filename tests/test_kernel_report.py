@@ -1,10 +1,12 @@
+import importlib
 import os
 import subprocess
 import sys
 
 import pytest
 
-from benchmarks.kernel_report import global_accesses, mma_kinds, occupancy
+from benchmarks.bench_masking import QUICK
+from benchmarks.kernel_report import VARIANTS, global_accesses, mma_kinds, occupancy, op_calls, setting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,3 +86,18 @@ def test_quick_host_report_counts_every_op():
     assert all(us > 0 and launches >= 1 and aten >= 1 for us, launches, aten in rows.values()), rows
     # the pixel loss: weight sums, loss, final sum forward; the gradient's scale backward
     assert rows["quick_img/pixel loss fwd+bwd"][1] == 4
+
+
+def test_variants_name_real_settings_and_calls():
+    # a renamed setting or op label would silently drop a variant from the report: each names an existing module
+    # attribute, a value that is not its default, and a call of the report
+    labels = {label for shape in QUICK for label, _ in op_calls(shape)}
+    for label, path, value in VARIANTS:
+        module_name, attr = path.rsplit(".", 1)
+        module = importlib.import_module(module_name)
+        default = getattr(module, attr)
+        assert type(default) is type(value) and default != value, path
+        assert label in labels, label
+        with setting(path, value):
+            assert getattr(module, attr) == value
+        assert getattr(module, attr) == default
