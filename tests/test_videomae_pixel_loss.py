@@ -112,6 +112,17 @@ def test_one_masked_token_per_sample(norm_target):
     run_case(torch.randn(N, 1, pt * p * p * C), torch.randn(N, C, T, H, W), mask, p, pt, norm_target=norm_target)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_masked_token_gives_zero(backend):
+    # pred [N, 0, P]: both backends 0 with a zero gradient (an empty mean would be NaN), as masked_pixel_loss
+    N, C, T, H, W, p, pt = 2, 3, 2, 8, 8, 4, 2
+    pred = torch.randn(N, 0, pt * p * p * C, requires_grad=True)
+    mask = torch.zeros(N, (T // pt) * (H // p) * (W // p), dtype=torch.bool)
+    loss = videomae_pixel_loss(pred, torch.randn(N, C, T, H, W), mask, p, pt, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and pred.grad.shape == pred.shape
+
+
 @pytest.mark.parametrize("layout", ["pred_transposed", "pred_element_stride_2", "pred_sample_minor",
                                     "videos_channels_last_strided_frames"])
 def test_non_contiguous_inputs(layout):

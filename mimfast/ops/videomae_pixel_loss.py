@@ -74,7 +74,7 @@ def videomae_pixel_loss_ref(
         if norm_target:
             cubes = (cubes - cubes.mean(-2, keepdim=True)) / (cubes.var(-2, keepdim=True).sqrt() + 1e-6)
         labels = cubes.reshape(N, L, P)[mask].reshape(N, -1, P)
-        loss = F.mse_loss(pred, labels)
+        loss = F.mse_loss(pred, labels)                 # except 0 when no token is masked (mse_loss: NaN)
     """
     if upcast:
         pred, videos = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (pred, videos))
@@ -93,12 +93,17 @@ def videomae_pixel_loss_ref(
         # masks another count (where the selection's reshape fails)
         R = pred.shape[1]
         labels = torch.gather(cubes, 1, masked_ids(mask, R)[..., None].expand(-1, -1, P))
-        dtype = torch.promote_types(pred.dtype, labels.dtype)
-        loss = F.mse_loss(pred.to(dtype), labels.to(dtype))
+        loss = _mse(pred, labels)
         return torch.where((mask.sum(1) == R).all(), loss, torch.full_like(loss, float("nan")))
-    labels = cubes[mask].reshape(N, -1, P)
+    return _mse(pred, cubes[mask].reshape(N, -1, P))
+
+
+def _mse(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # one dtype for both sides: mixed-dtype mse_loss has no CUDA backward (autocast runs it in fp32 anyway)
     dtype = torch.promote_types(pred.dtype, labels.dtype)
+    if pred.numel() == 0:
+        # no masked token: 0 with a zero gradient, as masked_pixel_loss (mse_loss's mean of no value is NaN)
+        return pred.to(dtype).sum()
     return F.mse_loss(pred.to(dtype), labels.to(dtype))
 
 
@@ -156,7 +161,8 @@ def videomae_pixel_loss(
 
     The videos are un-normalised (x * std + mean), cut into cubes with values (t, row, col, channel); with
     ``norm_target`` each cube is normalised per channel over its p_t*p*p values, (x - mean) / (std_unbiased +
-    1e-6); loss = MSE over every value of the masked cubes. Equivalent PyTorch: see
+    1e-6); loss = MSE over every value of the masked cubes, 0 when no token is masked (as
+    :func:`~mimfast.ops.masked_pixel_loss`; the published ``F.mse_loss`` gives NaN there). Equivalent PyTorch: see
     :func:`videomae_pixel_loss_ref`. The triton backend treats ``videos`` as a constant.
     """
     patch_size, tubelet_size = as_size(patch_size), as_size(tubelet_size)
