@@ -233,6 +233,7 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
     video = bool(s.frames)
     imgs = torch.randn(s.image_shape())
     imgs_bf16 = imgs.to(bf16)
+    imgs_grad = imgs_bf16.clone().requires_grad_()  # images that take a gradient: the scatter back
     tub = s.tubelet
     ids_keep, ids_restore, mask = shuffles(N, L, K)
     # as the masking ops' outputs are in training: known to be in range, so the ops skip their index checks
@@ -308,6 +309,8 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
                                                                      backend="triton"))]),
         ("embed_visible fwd+bwd", step(embed, [weight, bias])),
         ("gather_patches", lambda: gather_patches(imgs_bf16, ids_keep, s.patch, tub, backend="triton")),
+        ("gather_patches fwd+bwd", step(lambda: gather_patches(imgs_grad, ids_keep, s.patch, tub, backend="triton"),
+                                        [imgs_grad])),
         ("restore_tokens fwd+bwd", step(lambda: restore_tokens(x_vis, ids_restore, mask_token, dec_pos,
                                                                backend="triton"), [x_vis, mask_token])),
         ("restore_tokens fwd+bwd, pos grad", step(lambda: restore_tokens(x_vis, ids_restore, mask_token, learned_pos,
@@ -328,6 +331,7 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
 VARIANTS: list[tuple[str, str, Any]] = [
     ("embed_visible fwd+bwd", "mimfast.ops.embed_visible.WEIGHT_GRAD_VIA_GEMM", False),
     ("gather_patches", "mimfast.kernels.gather_patches.TRANSPOSE", False),
+    ("gather_patches fwd+bwd", "mimfast.kernels.gather_patches.TRANSPOSE", False),
     ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.TRANSPOSE", True),
     ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.LATE_PRED", True),
     ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.CHANNEL_SUMS", True),

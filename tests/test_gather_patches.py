@@ -299,3 +299,20 @@ def test_numpy_integer_sizes_reach_the_kernels():
     video, tubes, vpred = torch.randn(2, 3, 2, 4, 4), torch.tensor([[1, 1, 0, 0]] * 2).bool(), torch.randn(2, 2, 24)
     torch.testing.assert_close(videomae_pixel_loss(vpred, video, tubes, p, np.int32(2), backend="triton"),
                                videomae_pixel_loss(vpred, video, tubes, 2, 2, backend="torch"))
+
+
+def test_tl_gather_only_from_the_triton_that_compiles_it(monkeypatch):
+    # Triton 3.3 has tl.gather but lowers it with warp shuffles over the whole tile (or fails to compile it): the
+    # TRANSPOSE path needs 3.4
+    import triton
+    import triton.language as tl
+
+    from mimfast.kernels import gather_patches as kernels
+
+    for version, parsed in (("3.3.1", (3, 3)), ("3.4.0", (3, 4)), ("3.10.0+git1a2b3c", (3, 10)), ("dev", (0, 0))):
+        monkeypatch.setattr(triton, "__version__", version)
+        assert kernels._triton_version() == parsed
+    monkeypatch.undo()
+    assert kernels.HAS_TL_GATHER == (hasattr(tl, "gather") and kernels._triton_version() >= (3, 4))
+    if not kernels.HAS_TL_GATHER:
+        assert not kernels.transposes(3, 256, True, True, 1024)

@@ -10,13 +10,14 @@ together, so a program has ROWS * BLOCK_P values in flight behind a single index
 
 In the image a patch is C * PT * PS runs of PS neighbouring pixels, one channel each, while patchify order
 interleaves the channels: read value by value, one warp instruction touches a few bytes of each of some twenty
-runs. With ``TRANSPOSE`` (C > 1 and pixels contiguous in the image, Triton with ``tl.gather``) a program reads
+runs. With ``TRANSPOSE`` (C > 1 and pixels contiguous in the image, Triton >= 3.4 for ``tl.gather``) a program reads
 whole patches in the image's own order, a tile [ROWS, BLOCK_C, BLOCK_S] of 16-byte vectors along each run, and
 moves it into patchify order through shared memory (``to_patch_order``; ``to_image_order`` backward).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import triton
@@ -62,9 +63,17 @@ def image_order_offsets(s_c, s_t, s_h, s_w, C: tl.constexpr, PT: tl.constexpr, P
     return off, (c < C)[:, None] & (s < PT * PS * PS)[None, :]
 
 
-# tl.gather came after Triton 3.0, whose compiler resolves every attribute a kernel's helpers name (taken branch or
-# not) when it hashes them: without it the helpers are stand-ins that the TRANSPOSE branch never reaches
-HAS_TL_GATHER = hasattr(tl, "gather")
+def _triton_version() -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+# tl.gather came with Triton 3.3, but 3.3 lowers a 1-D gather with warp shuffles over the whole tile (16384 a thread
+# at ViT-B: minutes of ptxas and a slow kernel) and fails to compile one whose index is longer than its source (the
+# backward at C 3, PS 6); from 3.4 on it goes through shared memory. Triton 3.0 resolves every attribute a kernel's
+# helpers name (taken branch or not) when it hashes them, so below 3.4 the helpers are stand-ins that the TRANSPOSE
+# branch never reaches.
+HAS_TL_GATHER = hasattr(tl, "gather") and _triton_version() >= (3, 4)
 
 if HAS_TL_GATHER:
 
@@ -99,13 +108,13 @@ else:
     @triton.jit
     def to_patch_order(x, C: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
-        tl.static_assert(False, "to_patch_order needs tl.gather (Triton >= 3.2)")
+        tl.static_assert(False, "to_patch_order needs tl.gather as Triton >= 3.4 compiles it")
         return x
 
     @triton.jit
     def to_image_order(y, C: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
-        tl.static_assert(False, "to_image_order needs tl.gather (Triton >= 3.2)")
+        tl.static_assert(False, "to_image_order needs tl.gather as Triton >= 3.4 compiles it")
         return y
 
 
