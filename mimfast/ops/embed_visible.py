@@ -189,8 +189,11 @@ def _backward_grads(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tens
         # deterministic): [D, M] @ [M, P] in the patches' (t, row, col, channel) order, then the conv's order
         rows = gather_rows(imgs, ids, patch_size, tubelet_size, w_dtype).view(M, P)
         g_w = torch.mm(g.view(M, D).to(w_dtype).t(), rows)
-        g_w = g_w.view(D, tubelet_size, patch_size, patch_size, C).movedim(-1, 1).reshape(D * P)
-        g_wb = torch.cat([g_w.float(), g.view(M, D).float().sum(0)])
+        g_wb = torch.empty(D * P + D, dtype=torch.float32, device=grad.device)
+        # one copy puts it in the conv's (channel, t, row, col) order and in fp32; the bias sum upcasts as it reads
+        g_wb[:D * P].view(D, C, tubelet_size, patch_size, patch_size).copy_(
+            g_w.view(D, tubelet_size, patch_size, patch_size, C).permute(0, 4, 1, 2, 3))
+        torch.sum(g.view(M, D), 0, dtype=torch.float32, out=g_wb[D * P:])
     elif weight_grad:
         cfg = wgrad_config(D, P)
         tiles = -(-D // cfg["BLOCK_D"]) * -(-P // cfg["BLOCK_P"])
@@ -207,7 +210,7 @@ def _backward_grads(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tens
             DOT_DTYPE=dot_dtype, DOT_PRECISION=_dot_precision(w_dtype), **cfg)
         g_wb = part.sum(0)
     else:
-        g_wb = g.view(M, D).float().sum(0)
+        g_wb = g.view(M, D).sum(0, dtype=torch.float32)
     g_pos = grad.new_empty(pos_rows, D, dtype=torch.float32)
     if pos_rows:
         g_pos[:pos_rows - L].zero_()  # the cls row: no patch token reaches it
