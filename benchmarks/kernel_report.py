@@ -333,6 +333,7 @@ VARIANTS: list[tuple[str, str, Any]] = [
     ("gather_patches", "mimfast.kernels.gather_patches.TRANSPOSE", False),
     ("gather_patches fwd+bwd", "mimfast.kernels.gather_patches.TRANSPOSE", False),
     ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.TRANSPOSE", True),
+    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.TRANSPOSE", False),
     ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.LATE_PRED", True),
     ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.CHANNEL_SUMS", True),
     ("restore_tokens fwd+bwd", "mimfast.kernels.restore_tokens.BWD_PREFETCH", True),

@@ -4,7 +4,7 @@ import torch
 from compile_check import assert_compiles_for_h100
 
 from mimfast.backend import BackendUnavailableError
-from mimfast.ops import masked_pixel_loss, masked_pixel_loss_ref, random_masking
+from mimfast.ops import masked_pixel_loss, masked_pixel_loss_ref, random_masking, videomae_pixel_loss
 from mimfast.ops.masked_pixel_loss import NORM_NONE, NORM_PATCH, pixel_loss_op
 
 
@@ -220,6 +220,15 @@ def test_transposed_reads_where_the_image_allows(monkeypatch):
         loss = masked_pixel_loss(pred, imgs, info.mask, 4, norm_pix=True, backend="triton")
         assert torch.allclose(loss, masked_pixel_loss_ref(pred, imgs, info.mask, 4, norm_pix=True), rtol=1e-5)
     assert seen == [HAS_TL_GATHER, False, False]
+    # the default (None): transposed only with per-channel statistics, VideoMAE's
+    monkeypatch.setattr(K, "TRANSPOSE", None)
+    seen.clear()
+    pred, imgs, info = mae_inputs(2, 3, 8, 8, 4)
+    masked_pixel_loss(pred, imgs, info.mask, 4, norm_pix=True, backend="triton")
+    videos, mask = torch.randn(2, 3, 2, 8, 8), torch.zeros(2, 4, dtype=torch.bool)
+    mask[:, ::2] = True
+    videomae_pixel_loss(torch.randn(2, 2, 96), videos, mask, 4, 2, backend="triton")
+    assert seen == [False, HAS_TL_GATHER]
 
 
 def test_constant_patches_and_huge_values(loss_transpose):

@@ -437,8 +437,10 @@ CHANNEL_SUMS = False
 # _target_in_image_order). Static sm_90 count (Triton 3.6, fp32 images, bf16 pred): ViT-B 10 16-byte global loads
 # a thread instead of 4 and 31 4-byte ones, 96 registers instead of 64 (72 with LATE_PRED); VideoMAE-B 40 registers
 # instead of 80 (12 blocks an SM instead of 6) and 10 barriers instead of 24, a channel's statistics being one
-# reduction along its pixels. Not yet timed on a GPU, so off (sweep:loss times it)
-TRANSPOSE = False
+# reduction along its pixels. None (the default): only with per-channel statistics (VideoMAE), where the static
+# count is better on every line (ViT-B's trades registers for vector loads); True / False force it. Neither is
+# timed on a GPU yet (sweep:loss times both)
+TRANSPOSE: Optional[bool] = None
 MAX_WPARTS = 64
 _WEIGHT_BLOCK = 1024
 # the final pass is one program whose loop waits on each step's loads: wide steps, few of them (VideoMAE-B's 90k
@@ -522,7 +524,8 @@ def launch_pixel_loss(
     block_p = next_pow2(P)
     S = PT * PS * PS
     # patches transposed only where that pads them no more than the row tile does (C 3: 4 x 2^k against 3 x 2^k)
-    transpose = transposes(C, S, imgs.stride(-1) == 1, TRANSPOSE, block_p)
+    # norm 2: per-channel statistics (NORM_CHANNEL)
+    transpose = transposes(C, S, imgs.stride(-1) == 1, norm == 2 if TRANSPOSE is None else TRANSPOSE, block_p)
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     if grad is not None:
