@@ -381,12 +381,15 @@ def _attn_fwd_short(
 
 
 @triton.jit
-def _bwd_tile(q_base, k_base, v_base, do_base, o_base, dq_base, dk_base, dv_base, lse_base, tok0, seqlen,
+def _bwd_tile(q_base, k_base, v_base, do_base, dq_base, dk_base, dv_base, lse_base, tok0, seqlen,
               stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_gt, stride_gd,
-              stride_ot, stride_od, stride_dqt, stride_dqd, stride_dkt, stride_dkd, stride_dvt, stride_dvd,
+              stride_dqt, stride_dqd, stride_dkt, stride_dkd, stride_dvt, stride_dvd,
               scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ, dK, dV of one whole sequence (at most BLOCK tokens) for one head, delta = rowsum(dO * O) included."""
+    """dQ, dK, dV of one whole sequence (at most BLOCK tokens) for one head. delta = rowsum(P * dP), which equals
+    rowsum(dO * O) but comes from the fp32 P and dP the gradient subtracts it from, not from O rounded to the
+    inputs' dtype: at fp16 / bf16 that rounding left dq and dk of short, peaked sequences several times less
+    accurate than the same attention computed in the inputs' dtype (and the output is not read at all)."""
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     mask_s = offs < seqlen
@@ -396,16 +399,14 @@ def _bwd_tile(q_base, k_base, v_base, do_base, o_base, dq_base, dk_base, dv_base
     k = tl.load(k_base + rows * stride_kt + offs_d * stride_kd, mask=mask, other=0.0)
     v = tl.load(v_base + rows * stride_vt + offs_d * stride_vd, mask=mask, other=0.0)
     do = tl.load(do_base + rows * stride_gt + offs_d * stride_gd, mask=mask, other=0.0)
-    o = tl.load(o_base + rows * stride_ot + offs_d * stride_od, mask=mask, other=0.0)
     lse = tl.load(lse_base + offs, mask=mask_s, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     # padded keys (k = 0, score 0) would overflow exp2 when a query's real scores are all very negative: mask them.
     # Padded query rows need no mask: q = 0 and lse = 0 give p = 1, and dO = O = 0 there zeroes their terms.
     p = tl.exp2(tl.where(mask_s[None, :], s * (scale * LOG2E) - lse[:, None], float("-inf")))
     dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
     dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * scale
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * scale
     tl.store(dq_base + rows * stride_dqt + offs_d * stride_dqd, dq.to(dq_base.dtype.element_ty), mask=mask)
@@ -415,7 +416,7 @@ def _bwd_tile(q_base, k_base, v_base, do_base, o_base, dq_base, dk_base, dv_base
 
 @triton.jit
 def _attn_bwd_short(
-    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr,  # [T, H, d] packed or [N, S, H, d] dense: inputs, dO, forward output
+    q_ptr, k_ptr, v_ptr, do_ptr,  # [T, H, d] packed or [N, S, H, d] dense: inputs and dO
     lse_ptr,  # [H, R] fp32 from the forward
     dq_ptr, dk_ptr, dv_ptr, cu_ptr,
     n_seq, S, T,
@@ -423,7 +424,6 @@ def _attn_bwd_short(
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_gb, stride_gt, stride_gh, stride_gd,
-    stride_ob, stride_ot, stride_oh, stride_od,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     stride_dkb, stride_dkt, stride_dkh, stride_dkd,
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
@@ -451,7 +451,6 @@ def _attn_bwd_short(
             k_base = k_ptr + bb * stride_kb + h * stride_kh
             v_base = v_ptr + bb * stride_vb + h * stride_vh
             do_base = do_ptr + bb * stride_gb + h * stride_gh
-            o_base = o_ptr + bb * stride_ob + h * stride_oh
             dq_base = dq_ptr + bb * stride_dqb + h * stride_dqh
             dk_base = dk_ptr + bb * stride_dkb + h * stride_dkh
             dv_base = dv_ptr + bb * stride_dvb + h * stride_dvh
@@ -459,10 +458,10 @@ def _attn_bwd_short(
             level = _tile_level(seqlen, LEVELS)
             for i in tl.static_range(LEVELS):
                 if level == i:
-                    _bwd_tile(q_base, k_base, v_base, do_base, o_base, dq_base, dk_base, dv_base, lse_base,
+                    _bwd_tile(q_base, k_base, v_base, do_base, dq_base, dk_base, dv_base, lse_base,
                               tok0, seqlen,
                               stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_gt, stride_gd,
-                              stride_ot, stride_od, stride_dqt, stride_dqd, stride_dkt, stride_dkd,
+                              stride_dqt, stride_dqd, stride_dkt, stride_dkd,
                               stride_dvt, stride_dvd, scale, HEAD_DIM, BLOCK_D, MIN_TILE << i, DOT_PRECISION)
 
 

@@ -259,12 +259,13 @@ def launch_backward(
     cu = cu_seqlens if packed else q
     short = short_config(d, max_seqlen, fp32, backward=True)
     if short is not None:
-        # delta = rowsum(dO * O) is computed inside: one launch, no [H, R] buffer
+        # delta = rowsum(P * dP) is computed inside, from the fp32 tiles: one launch, no [H, R] buffer, no read of
+        # the output
         _attn_bwd_short[(cols, H)](
-            q, k, v, grad_out, out, lse, dq, dk, dv, cu,
+            q, k, v, grad_out, lse, dq, dk, dv, cu,
             N, S, q.shape[0] if packed else R,
             *_layout(q, packed), *_layout(k, packed), *_layout(v, packed), *_layout(grad_out, packed),
-            *_layout(out, packed), *_layout(dq, packed), *_layout(dk, packed), *_layout(dv, packed),
+            *_layout(dq, packed), *_layout(dk, packed), *_layout(dv, packed),
             lse.stride(0), scale,
             HEAD_DIM=d, PACKED=packed, DOT_PRECISION=_dot_precision(q.dtype), **short,
         )
