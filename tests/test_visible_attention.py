@@ -237,6 +237,14 @@ def test_scale_is_honoured(interpret):
     ref = visible_attention_ref(q.double(), k.double(), v.double(), cu_seqlens=cu, scale=0.3)
     assert (got.double() - ref).abs().max() < 1e-5
     assert (visible_attention_ref(q.double(), k.double(), v.double(), cu_seqlens=cu) - ref).abs().max() > 1e-2
+    # any real number: NumPy scalars too; a bool or a non-finite value is refused
+    assert torch.equal(visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=21, scale=np.float32(0.3),
+                                         backend="triton"),
+                       visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=21, scale=float(np.float32(0.3)),
+                                         backend="triton"))
+    for bad in (True, np.bool_(True), float("inf"), "0.3"):
+        with pytest.raises(ValueError, match="finite number"):
+            visible_attention(q, k, v, cu_seqlens=cu, scale=bad)
 
 
 @pytest.mark.parametrize("scale", [0.3, -0.45, -4.0, 0.0], ids=["positive", "negative", "negative-large", "zero"])

@@ -8,9 +8,11 @@ never crosses a sequence boundary.
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -105,7 +107,8 @@ def check_attention_inputs(
             raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
         if cu_seqlens is None and max_seqlen < q.shape[1]:
             raise ValueError(f"max_seqlen = {max_seqlen} is below the dense sequence length {q.shape[1]}")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    # any real number (NumPy's float32 too), not a bool
+    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, (bool, np.bool_))
                                   and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if cu_seqlens is not None:
