@@ -43,9 +43,9 @@ if [ ${#stages[@]} -eq 0 ]; then
     # Most telling first, for a session whose device time may run out: the gpu tests of the kernels that changed
     # since the last GPU run, the sweeps of their open settings, then the ViT-B and VideoMAE-B shapes the issues'
     # targets were measured at, the whole gpu tier, end to end, and last the larger shapes.
-    stages=(info tests:test_masked_pixel_loss.py tests:test_restore_tokens.py tests:test_embed_visible.py
-            tests:test_gather_patches.py
-            sweep:loss sweep:restore sweep:embed sweep:gather sweep:attention
+    stages=(info tests:test_masked_pixel_loss.py tests:test_videomae_pixel_loss.py tests:test_restore_tokens.py
+            tests:test_embed_visible.py tests:test_gather_patches.py tests:test_visible_attention.py
+            sweep:embed sweep:loss sweep:restore sweep:gather sweep:attention
             loss:mae_vit_b16 loss:videomae masking:mae_vit_b16
             attention:mae_vit_b16_enc,mae_vit_l16_enc attention:mae_enc_50,mae_dec_197 attention:videomae_dec_1568
             tests e2e:mae_vit_b16 masking:videomae_b16
