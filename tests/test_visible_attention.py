@@ -32,7 +32,7 @@ def assert_error_ratio(got, same_dtype, ref64, names=("out", "dq", "dk", "dv"), 
 
     atol is the fp32 rounding floor of a d-long accumulation of O(1) terms, 4 * sqrt(d) * eps(fp32): the kernels
     accumulate in fp32 whatever the storage dtype, and where the reference's error vanishes (a one-token
-    sequence has dq = 0 exactly in autograd's softmax backward, but dp - rowsum(dO * O) in the fused backward
+    sequence has dq = 0 exactly in autograd's softmax backward, but dp - rowsum(dO * O) in the tiled backward
     cancels only to rounding) the ratio alone would demand exactness. ``score_scale``: the largest |score| when
     it is far above 1, since a score of magnitude S is itself rounded to S * eps, the floor of every exp of it.
     """

@@ -6,15 +6,15 @@ their outputs and gradients are written as zeros by one extra program column (b 
 every sequence S long. Both reach the kernels as (batch stride, token stride, head stride, dim stride), with a
 batch stride of 0 for packed input, so one kernel serves both.
 
-The log-sum-exp and delta = rowsum(dO * O) live in fp32 [H, R] buffers whose row index is the flattened token
-index: cu_seqlens[b] + i packed, b * S + i dense. The log-sum-exp is kept in base 2 of the log2(e)-scaled scores
-(lse2 = log2(sum(exp2(s * scale * log2(e))))), the units the kernels compute in, so the backward recomputes
-exactly the forward's probabilities (a one-key row gets p = 1 exactly, as in the reference).
+The log-sum-exp and, for longer sequences, delta = rowsum(dO * O) live in fp32 [H, R] buffers whose row index is
+the flattened token index: cu_seqlens[b] + i packed, b * S + i dense. The log-sum-exp is kept in base 2 of the
+log2(e)-scaled scores (lse2 = log2(sum(exp2(s * scale * log2(e))))), the units the kernels compute in, so the
+backward recomputes exactly the forward's probabilities (a one-key row gets p = 1 exactly, as in the reference).
 
 Short sequences (max_seqlen up to SHORT_MAX_SEQLEN): one program per (sequence, head) holds the whole sequence
 in one tile whose size is picked per sequence at run time, the smallest power of two >= max(16, its length), so a
 ragged batch pays for its own lengths, not the longest's. The forward needs no online rescaling; the backward
-computes delta, dQ, dK and dV in one pass over tiles loaded once.
+computes delta (as rowsum(P * dP) from its fp32 tiles), dQ, dK and dV in one pass over tiles loaded once.
 
 Longer sequences. Forward: one program per (query block, sequence, head), online softmax with fp32 running max /
 sum / output. Backward: a preprocess kernel for delta, then one program per (block, sequence, head) that first
