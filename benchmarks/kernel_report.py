@@ -55,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.bench_masking import FULL, QUICK, Shape
 from benchmarks.harness import RESULTS_DIR, environment
+from benchmarks.sweep import parse_setting
 
 SM90 = {"regs": 65536, "warps": 64, "blocks": 32, "smem": 228 * 1024, "smem_reserved": 1024}
 
@@ -325,26 +326,27 @@ def op_calls(s: Shape, head_dtype: torch.dtype = torch.bfloat16) -> list[tuple[s
     return calls
 
 
-# Settings the GPU sweeps try (benchmarks/gpu_session.sh) that change a kernel's code, not only its tile: each call
-# is compiled once more with the value that is not the default, and the kernels that differ are listed as their own
-# rows (label "[ATTR=value]"), so the compiler has seen every path a sweep may time.
-VARIANTS: list[tuple[str, str, Any]] = [
-    ("embed_visible fwd+bwd", "mimfast.ops.embed_visible.WEIGHT_GRAD_VIA_GEMM", False),
-    ("gather_patches", "mimfast.kernels.gather_patches.TRANSPOSE", False),
-    ("gather_patches fwd+bwd", "mimfast.kernels.gather_patches.TRANSPOSE", False),
-    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.TRANSPOSE", True),
-    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.TRANSPOSE", False),
-    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.LATE_PRED", True),
-    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.CHANNEL_SUMS", True),
-    ("restore_tokens fwd+bwd", "mimfast.kernels.restore_tokens.BWD_PREFETCH", True),
+# Settings the GPU sweeps try (benchmarks/gpu_session.sh) that change a kernel's code, not only its tile, written as
+# the sweeps' --set takes them: each call is compiled once more with the value that is not the default, and the
+# kernels that differ are listed as their own rows (label "[ATTR=value]"), so the compiler has seen every path a
+# sweep may time.
+VARIANTS: list[tuple[str, str]] = [
+    ("embed_visible fwd+bwd", "mimfast.ops.embed_visible.WEIGHT_GRAD_VIA_GEMM=False"),
+    ("gather_patches", "mimfast.kernels.gather_patches.TRANSPOSE=False"),
+    ("gather_patches fwd+bwd", "mimfast.kernels.gather_patches.TRANSPOSE=False"),
+    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.TRANSPOSE=True"),
+    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.TRANSPOSE=False"),
+    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.LATE_PRED=True"),
+    ("pixel loss fwd+bwd", "mimfast.kernels.pixel_loss.CHANNEL_SUMS=True"),
+    ("restore_tokens fwd+bwd", "mimfast.kernels.restore_tokens.BWD_PREFETCH=True"),
 ]
 
 
 @contextlib.contextmanager
-def setting(path: str, value: Any) -> Iterator[None]:
-    """Module attribute ``path`` ("package.module.ATTR") set to ``value`` inside the block."""
-    module_name, attr = path.rsplit(".", 1)
-    module = importlib.import_module(module_name)
+def setting(text: str) -> Iterator[None]:
+    """The single-valued setting ``text`` ("package.module.ATTR=value", parsed as benchmarks.sweep's --set) in force
+    inside the block."""
+    module, attr, (value,) = parse_setting(text)
     old = getattr(module, attr)
     setattr(module, attr, value)
     try:
@@ -366,8 +368,8 @@ def report(shapes: list[Shape], arch_capability: int = 90,
             for label, call in op_calls(s):
                 seen: set[tuple] = set()  # kernels listed for this call: a variant lists only those it changes
                 runs = [(label, contextlib.nullcontext())] + [
-                    (f"{label} [{path.rsplit('.', 1)[1]}={value}]", setting(path, value))
-                    for target, path, value in VARIANTS if target == label]
+                    (f"{label} [{text.rpartition('.')[2]}]", setting(text))
+                    for target, text in VARIANTS if target == label]
                 for run_label, context in runs:
                     compiled.clear()
                     try:

@@ -1,4 +1,3 @@
-import importlib
 import os
 import subprocess
 import sys
@@ -7,6 +6,7 @@ import pytest
 
 from benchmarks.bench_masking import QUICK
 from benchmarks.kernel_report import VARIANTS, global_accesses, mma_kinds, occupancy, op_calls, setting
+from benchmarks.sweep import parse_setting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,14 +90,17 @@ def test_quick_host_report_counts_every_op():
 
 def test_variants_name_real_settings_and_calls():
     # a renamed setting or op label would silently drop a variant from the report: each names an existing module
-    # attribute, a value that is not its default (None: chosen per call), and a call of the report
+    # attribute, a value that is not its default (None: chosen per call), a call of the report, and a setting that
+    # gpu_session.sh's sweeps try
     labels = {label for shape in QUICK for label, _ in op_calls(shape)}
-    for label, path, value in VARIANTS:
-        module_name, attr = path.rsplit(".", 1)
-        module = importlib.import_module(module_name)
+    with open(os.path.join(REPO, "benchmarks", "gpu_session.sh")) as f:
+        session = f.read()
+    for label, text in VARIANTS:
+        module, attr, (value,) = parse_setting(text)
         default = getattr(module, attr)
-        assert default != value and (default is None or type(default) is type(value)), path
+        assert default != value and (default is None or type(default) is type(value)), text
         assert label in labels, label
-        with setting(path, value):
+        assert f"--set {text.partition('=')[0]}=" in session, text
+        with setting(text):
             assert getattr(module, attr) == value
         assert getattr(module, attr) == default

@@ -402,7 +402,7 @@ def _bwd_tile(q_base, k_base, v_base, do_base, dq_base, dk_base, dv_base, lse_ba
     lse = tl.load(lse_base + offs, mask=mask_s, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     # padded keys (k = 0, score 0) would overflow exp2 when a query's real scores are all very negative: mask them.
-    # Padded query rows need no mask: q = 0 and lse = 0 give p = 1, and dO = O = 0 there zeroes their terms.
+    # Padded query rows need no mask: q = 0 and lse = 0 give p = 1, and dO = 0 there gives dP = 0, zeroing their terms.
     p = tl.exp2(tl.where(mask_s[None, :], s * (scale * LOG2E) - lse[:, None], float("-inf")))
     dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
