@@ -13,7 +13,7 @@
 # <bench>.partial.jsonl while it runs (kept when a time limit stops the stage). When $OUT is set (a machine that
 # sends back only $OUT, and few files of it), the results, the partial files and every stage's full log
 # (<stage>.log) are packed after each stage into the one archive $OUT/gpu_session.tar.gz (unpack it over
-# benchmarks/results/). Run from the repository root with torch and triton installed. Results name the commit from
+# benchmarks/results/, then draw the pictures with `python -m benchmarks.plot`). Run from the repository root with torch and triton installed. Results name the commit from
 # $MIMFAST_COMMIT, else from git (with -dirty for edited tracked files): set it on a machine whose copy of the
 # tree has no git history.
 set -uo pipefail
