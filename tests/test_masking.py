@@ -264,6 +264,8 @@ def test_block_sample_ids_errors():
         block_masking(2, (4, 4), 5, seed=1, sample_ids=ids)
     with pytest.raises(TypeError, match="integers"):
         block_masking(3, (4, 4), 5, seed=1, sample_ids=ids.float())
+    with pytest.raises(TypeError, match="integers"):  # no unsigned 64-bit kernels in torch to check it with
+        block_masking(3, (4, 4), 5, seed=1, sample_ids=ids.to(torch.uint64))
     with pytest.raises(ValueError, match=">= 0"):
         block_masking(3, (4, 4), 5, seed=1, sample_ids=torch.tensor([0, -1, 2]))
 
@@ -338,6 +340,12 @@ def test_block_errors():
         block_masking(2, (4, 4), 5, max_aspect=float("inf"))
     with pytest.raises(RuntimeError, match="2\\^30"):
         block_masking(2, (4, 4), 5, min_num_patches=2**30, backend="triton")
+    # a bool is not a count or an aspect ratio (True would pass as 1)
+    with pytest.raises(ValueError, match="num_masking_patches"):
+        block_masking(2, (4, 4), True)
+    for name in ("min_num_patches", "max_num_patches", "min_aspect"):
+        with pytest.raises(ValueError, match=name):
+            block_masking(2, (4, 4), 5, **{name: True})
 
 
 # ------------------------------------------------------------------------------------------------ importance
@@ -395,6 +403,28 @@ def test_importance_errors():
         importance_masking(torch.rand(2, 4), 0.5, temperature=0.0)
     with pytest.raises(TypeError, match="floating"):
         importance_masking(torch.ones(2, 4, dtype=torch.int64), 0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        importance_masking(torch.rand(2, 4), 0.5, temperature=True)
+    with pytest.raises(TypeError, match="torch.Generator"):
+        importance_masking(torch.rand(2, 4), 0.5, generator=3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_importance_depends_on_relative_scores_only(backend):
+    # float64 scores outside float32's range are keep weights like any others: scaled by 1e-50 or 1e50 they give
+    # the draw of the unscaled ones (cast to float32 before the log, every key was -inf or inf: ties by index)
+    scores = torch.rand(4, 16, dtype=torch.float64) + 0.05
+    info = importance_masking(scores, 0.75, seed=5, backend=backend)
+    assert len({tuple(row) for row in info.ids_keep.tolist()}) > 1
+    for scale in (1e-50, 1e50):
+        assert_same(importance_masking(scores * scale, 0.75, seed=5, backend=backend), info)
+    # temperature -> 0 keeps the top score even where log(score) / temperature leaves float32
+    greedy = importance_masking(torch.tensor([[0.25, 0.5, 0.1, 0.05]]), 0.75, temperature=1e-40, seed=0,
+                                backend=backend)
+    assert greedy.ids_keep.tolist() == [[1]]
+    # a row of zeros has no largest weight to shift by: its patches still tie, in index order
+    zeros = importance_masking(torch.zeros(2, 6), 0.5, seed=0, backend=backend)
+    assert zeros.ids_keep.tolist() == [[0, 1, 2], [0, 1, 2]]
 
 
 # -------------------------------------------------------------------------------------------------- schedule
@@ -417,6 +447,21 @@ def test_ratio_schedule():
         ratio_schedule(0, 10, 0.5, 0.6, "step")
     with pytest.raises(ValueError, match="total_steps"):
         ratio_schedule(0, 0, 0.5, 0.6)
+    with pytest.raises(ValueError, match="total_steps"):
+        ratio_schedule(0, True, 0.5, 0.6)
+    with pytest.raises(ValueError, match="step"):
+        ratio_schedule(True, 10, 0.5, 0.6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_ratio_schedule_ends_exactly_at_its_ratios(kind):
+    # 0.3 + (0.85 - 0.3) * 1 is 0.8500000000000001: K = int(100 * (1 - r)) would be 14, not the 15 of 0.85
+    for start, end in ((0.3, 0.85), (0.85, 0.3), (0.2, 0.9), (0.9, 0.2), (0.75, 0.75)):
+        assert ratio_schedule(0, 100, start, end, kind) == start
+        assert ratio_schedule(100, 100, start, end, kind) == end
+        assert ratio_schedule(101, 100, start, end, kind) == end
+        r = ratio_schedule(100, 100, start, end, kind)
+        assert random_masking(1, 100, r, seed=0).ids_keep.shape[1] == int(100 * (1 - end))
 
 
 def test_philox_uniform_extreme_words_stay_inside_the_unit_interval(monkeypatch):
@@ -524,6 +569,16 @@ def test_ragged_errors():
         with pytest.raises(TypeError, match="real"):
             ragged_random_masking(2, 10, bad)
     assert ragged_random_masking(2, 10, np.array([0.5, 0.25], dtype=">f4"), seed=0).num_kept.tolist() == [5, 7]
+
+
+def test_ragged_counts_do_not_depend_on_the_container():
+    # float32 ratios are read as their shortest decimal (0.3, not 0.30000001192...) whether they come as a tensor,
+    # an array or a list of NumPy scalars: int(10 * (1 - 0.3)) = 7 each time
+    ratios = [0.3, 0.7, 0.9]
+    expected = [int(10 * (1 - r)) for r in ratios]
+    for given in (ratios, torch.tensor(ratios), np.array(ratios, dtype=np.float32),
+                  [np.float32(r) for r in ratios], [np.float16(r) for r in ratios], [np.float64(r) for r in ratios]):
+        assert ragged_random_masking(3, 10, given, seed=0).num_kept.tolist() == expected, given
 
 
 def test_ragged_masking_compiles_for_new_ratio_sets():

@@ -107,6 +107,9 @@ def test_bad_seed_arguments():
         random_masking(2, 10, 0.5, seed=1, sample_offset=-1)
     with pytest.raises(ValueError, match="N >= 0"):
         random_masking(2, 0, 0.5)
+    for backend in ("torch", "triton"):
+        with pytest.raises(TypeError, match="torch.Generator"):
+            random_masking(2, 10, 0.5, generator=3, backend=backend)
 
 
 def test_generator_reproducible():

@@ -378,21 +378,29 @@ def _block_mask_one(seed: int, sample: int, height: int, width: int, target: int
     return masked
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _block_args(grid, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect):
     height, width = _check_grid(grid, 2, "grid")
     L = height * width
-    if not isinstance(num_masking_patches, int) or not 0 <= num_masking_patches <= L:
+    if not _is_int(num_masking_patches) or not 0 <= num_masking_patches <= L:
         raise ValueError(f"num_masking_patches must be an int in [0, {L}], got {num_masking_patches!r}")
-    if not isinstance(min_num_patches, int) or min_num_patches < 1:
+    if not _is_int(min_num_patches) or min_num_patches < 1:
         raise ValueError(f"min_num_patches must be a positive int, got {min_num_patches!r}")
     if max_num_patches is None:
         max_num_patches = num_masking_patches
-    elif not isinstance(max_num_patches, int) or max_num_patches < 1:
+    elif not _is_int(max_num_patches) or max_num_patches < 1:
         raise ValueError(f"max_num_patches must be a positive int, got {max_num_patches!r}")
-    if not (isinstance(min_aspect, (int, float)) and 0 < min_aspect < math.inf):
+    if not (_is_number(min_aspect) and 0 < min_aspect < math.inf):
         raise ValueError(f"min_aspect must be a positive finite number, got {min_aspect!r}")
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
-    if not (isinstance(max_aspect, (int, float)) and min_aspect <= max_aspect < math.inf):
+    if not (_is_number(max_aspect) and min_aspect <= max_aspect < math.inf):
         raise ValueError(f"need 0 < min_aspect <= max_aspect < inf, got {min_aspect}, {max_aspect}")
     return height, width, max_num_patches, (math.log(min_aspect), math.log(max_aspect))
 
@@ -555,8 +563,8 @@ def _check_sample_ids(sample_ids: Optional[torch.Tensor], N: int, seed: Optional
         return
     if not isinstance(sample_ids, torch.Tensor):
         raise TypeError(f"sample_ids must be a tensor, got {type(sample_ids).__name__}")
-    if sample_ids.dtype.is_floating_point or sample_ids.dtype.is_complex or sample_ids.dtype == torch.bool:
-        raise TypeError(f"sample_ids must hold integers, got {sample_ids.dtype}")
+    if sample_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"sample_ids must hold integers (int64, int32, int16, int8 or uint8), got {sample_ids.dtype}")
     if tuple(sample_ids.shape) != (N,):
         raise ValueError(f"sample_ids must be [N] = [{N}], got shape {tuple(sample_ids.shape)}")
     if seed is None:
@@ -616,7 +624,12 @@ def gumbel_top_k_noise(scores: torch.Tensor, temperature: float, u: torch.Tensor
     """[N, L] float32 noise whose ascending argsort is a Gumbel-top-k draw with weights scores**(1/temperature),
     from uniforms ``u`` [N, L] strictly inside (0, 1)."""
     gumbel = -torch.log(-torch.log(u))
-    return -(torch.log(scores.to(torch.float32)) / temperature + gumbel)
+    # the log in the scores' own range (float64 scores may lie far outside float32's) and shifted so each row's
+    # largest is 0: only relative weights matter, and the keys then neither overflow nor lose digits to the scale
+    logs = torch.log(scores.to(torch.promote_types(scores.dtype, torch.float32)))
+    top = logs.amax(dim=1, keepdim=True)
+    logs = logs - torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row of zeros stays -inf
+    return -((logs / temperature).to(torch.float32) + gumbel)
 
 
 def importance_noise(scores: torch.Tensor, temperature: float, seed: int, sample_offset: int = 0) -> torch.Tensor:
@@ -674,7 +687,7 @@ def importance_masking(
     """
     _check_scores(scores)
     check_mask_ratio(mask_ratio)
-    if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+    if not _is_number(temperature) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     check_seed(seed, sample_offset, scores.shape[0])
     return _importance_op(scores, mask_ratio, temperature=float(temperature), seed=_resolve_seed(seed, generator),
@@ -692,16 +705,21 @@ def ratio_schedule(step: int, total_steps: int, start: float, end: float, kind: 
     """
     check_mask_ratio(start)
     check_mask_ratio(end)
-    if not isinstance(total_steps, int) or total_steps <= 0:
+    if not _is_int(total_steps) or total_steps <= 0:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-    if not isinstance(step, int) or step < 0:
+    if not _is_int(step) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
-    t = min(step / total_steps, 1.0)
+    if kind not in ("linear", "cosine"):
+        raise ValueError(f"kind must be 'linear' or 'cosine', got {kind!r}")
+    # the endpoints exactly: start + (end - start) * 1 can miss end by an ulp, and so change K = int(L * (1 - r))
+    if step == 0:
+        return float(start)
+    if step >= total_steps:
+        return float(end)
+    t = step / total_steps
     if kind == "linear":
         return start + (end - start) * t
-    if kind == "cosine":
-        return end + (start - end) * (1.0 + math.cos(math.pi * t)) / 2.0
-    raise ValueError(f"kind must be 'linear' or 'cosine', got {kind!r}")
+    return end + (start - end) * (1.0 + math.cos(math.pi * t)) / 2.0
 
 
 # --------------------------------------------------------------------------------------------------------- ragged
@@ -739,7 +757,9 @@ def _ragged_counts(N: int, L: int, mask_ratios: Union[torch.Tensor, Sequence[flo
         if not isinstance(mask_ratios, (list, tuple)) or not all(
                 isinstance(r, numbers.Real) and not isinstance(r, bool) for r in mask_ratios):
             raise TypeError(f"{_RATIOS_TYPE}, got {type(mask_ratios).__name__} {mask_ratios!r:.80}")
-        ratios = [float(r) for r in mask_ratios]
+        # NumPy float32 / float16 scalars as their shortest decimal, as the tensor path above reads them
+        ratios = [float(str(r)) if isinstance(r, np.floating) and r.dtype.itemsize < 8 else float(r)
+                  for r in mask_ratios]
     if len(ratios) != N:
         raise ValueError(f"mask_ratios must have N = {N} entries, got {len(ratios)}")
     for r in ratios:

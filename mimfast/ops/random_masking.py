@@ -30,6 +30,7 @@ __all__ = [
     "random_masking_ref",
     "random_masking_triton",
     "num_kept",
+    "check_generator",
     "check_mask_ratio",
     "host_checks",
     "mask_from_keep",
@@ -144,12 +145,18 @@ def fold_seed(seed: int, *values: int) -> int:
     return h >> 1
 
 
+def check_generator(generator: Optional[torch.Generator]) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:
     """A fresh 63-bit seed from ``generator`` (torch's default CPU generator when None), without a device sync.
 
     A CPU generator draws one int64 on the host. A device generator is not read back: the seed is folded from its
     ``initial_seed()`` and its Philox offset, and the offset is advanced so the next call gets another seed.
     """
+    check_generator(generator)
     gen = generator if generator is not None else torch.default_generator
     if gen.device.type == "cpu":
         return int(torch.randint(0, SEED_LIMIT - 1, (1,), generator=gen))
@@ -413,6 +420,7 @@ def random_masking(
     check_mask_ratio(mask_ratio)
     _check_noise(noise, N, L)
     check_seed(seed, sample_offset, N)
+    check_generator(generator)
     if noise is not None and seed is not None:
         raise ValueError("pass either noise or seed, not both")
     if noise is not None and device is not None and noise.device.type != torch.device(device).type:
