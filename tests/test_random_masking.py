@@ -182,7 +182,10 @@ def test_triton_noise_equals_reference(N, L, ratio):
 def test_triton_noise_ties_signs_and_zeros(dtype):
     # few distinct values: many ties, which the stable argsort breaks by patch index; -0.0 and +0.0 compare equal
     N, L = 3, 40
-    values = torch.tensor([-0.0, 0.0, -1.5, 2.0, float("-inf"), float("inf"), -1e-3, 3.0], dtype=dtype)
+    tiny = torch.finfo(dtype).tiny  # the smallest normal number: a quarter of it is subnormal in every dtype
+    values = torch.tensor([-0.0, 0.0, -1.5, 2.0, float("-inf"), float("inf"), -1e-3, 3.0, tiny / 4, tiny / 2,
+                           -tiny / 4, -tiny / 2, tiny, -tiny], dtype=dtype)
+    assert (values[8:12] != 0).all()
     noise = values[torch.randint(0, len(values), (N, L))]
     got = random_masking(N, L, 0.6, noise=noise, backend="triton")
     assert_same(got, random_masking(N, L, 0.6, noise=noise, backend="torch"))
@@ -326,12 +329,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mimfast.kernels.random_masking import random_masking_kernel
 
-has_noise, ragged, block, num_warps = (int(v) for v in sys.argv[1:])
-signature = {"noise_ptr": "*bf16", "ids_keep_ptr": "*i64", "ids_restore_ptr": "*i64", "mask_ptr": "*fp32",
+has_noise, ragged, block, num_warps = (int(v) for v in sys.argv[1:5])
+signature = {"noise_ptr": "*" + sys.argv[5], "ids_keep_ptr": "*i64", "ids_restore_ptr": "*i64", "mask_ptr": "*fp32",
              "num_keep_ptr": "*i64", "cu_seqlens_ptr": "*i32", "seed": "i64", "sample_offset": "i64",
              "L": "i32", "K": "i32", "stride_noise_n": "i32", "stride_noise_l": "i32", "HAS_NOISE": "constexpr",
-             "RAGGED": "constexpr", "IDX_BITS": "constexpr", "BLOCK": "constexpr"}
-constexprs = {"HAS_NOISE": bool(has_noise), "RAGGED": bool(ragged), "IDX_BITS": 32 if has_noise else 11,
+             "HALF_NOISE": "constexpr", "RAGGED": "constexpr", "IDX_BITS": "constexpr", "BLOCK": "constexpr"}
+constexprs = {"HAS_NOISE": bool(has_noise), "HALF_NOISE": bool(has_noise) and sys.argv[5] != "fp32",
+              "RAGGED": bool(ragged), "IDX_BITS": 32 if has_noise else 11,
               "BLOCK": block}
 src = ASTSource(fn=random_masking_kernel, signature=signature, constexprs=constexprs)
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -341,7 +345,8 @@ print("compiled")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["0 0 2048 8", "1 1 256 4"], ids=["philox-2048", "noise-ragged-256"])
+@pytest.mark.parametrize("config", ["0 0 2048 8 bf16", "1 1 256 4 bf16", "1 0 2048 8 fp16", "1 0 256 4 fp32"],
+                         ids=["philox-2048", "noise-bf16-ragged-256", "noise-fp16-2048", "noise-fp32-256"])
 def test_kernel_compiles_for_h100(config):
     # full compilation to an sm_90 cubin without a GPU (and without the interpreter, in a subprocess): catches what
     # the interpreter accepts but the compiler rejects

@@ -5,7 +5,8 @@ Keys are int64 with the patch index in the low ``IDX_BITS`` bits, so every key i
 ascending order of the keys is a permutation that breaks ties by patch index (the order of a stable argsort).
 
 - With noise: the high 32 bits are the noise value mapped to an int32 whose signed order is the float order
-  (-0.0 folded onto +0.0, as ``torch.argsort`` compares them equal) and ``IDX_BITS`` is 32.
+  (-0.0 folded onto +0.0, as ``torch.argsort`` compares them equal; 16-bit noise straight from its bits) and
+  ``IDX_BITS`` is 32.
 - Without noise: the high bits are Philox4x32-10 random bits; counters (patch index, global sample index low
   32 bits, global sample index high 32 bits, 0), key = the 64-bit seed. ``mimfast.ops.random_masking.philox4x32``
   computes the same bits with torch integer ops.
@@ -41,6 +42,7 @@ def random_masking_kernel(
     stride_noise_n,
     stride_noise_l,
     HAS_NOISE: tl.constexpr,
+    HALF_NOISE: tl.constexpr,  # the noise is 16-bit (fp16 or bf16)
     RAGGED: tl.constexpr,
     IDX_BITS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -50,11 +52,20 @@ def random_masking_kernel(
     valid = offs < L
     idx = offs.to(tl.int64)
     if HAS_NOISE:
-        x = tl.load(noise_ptr + n * stride_noise_n + idx * stride_noise_l, mask=valid, other=0.0).to(tl.float32)
-        bits = x.to(tl.int32, bitcast=True)
-        # negative floats grow in magnitude as their bit pattern grows: flip the 31 value bits to reverse them
-        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        bits = tl.where(x == 0.0, 0, bits)
+        x = tl.load(noise_ptr + n * stride_noise_n + idx * stride_noise_l, mask=valid, other=0.0)
+        if HALF_NOISE:
+            # fp16 / bf16 ordered by their bit patterns, with no conversion to fp32 (Triton's interpreter flushes
+            # bf16 subnormals to zero when it converts): a value is its sign and 15 magnitude bits
+            bits = x.to(tl.int16, bitcast=True).to(tl.int32)
+            magnitude = bits & 0x7FFF
+            bits = tl.where(bits < 0, -1 - magnitude, magnitude)
+            bits = tl.where(magnitude == 0, 0, bits)
+        else:
+            x = x.to(tl.float32)
+            bits = x.to(tl.int32, bitcast=True)
+            # negative floats grow in magnitude as their bit pattern grows: flip the 31 value bits to reverse them
+            bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+            bits = tl.where(x == 0.0, 0, bits)
         key = (bits.to(tl.int64) << 32) | idx
     else:
         sample = sample_offset + n
@@ -124,6 +135,7 @@ def launch_random_masking(
             noise.stride(0) if has_noise else 0,
             noise.stride(1) if has_noise else 0,
             HAS_NOISE=has_noise,
+            HALF_NOISE=has_noise and noise.element_size() == 2,
             RAGGED=ragged,
             IDX_BITS=idx_bits,
             BLOCK=block,
