@@ -96,6 +96,49 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, masking):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_resume_in_the_middle_of_a_logging_window_repeats_its_records(tmp_path):
+    # the checkpoint of step 7 carries the open window (steps 6 and 7): the resumed run's record of step 10 is the
+    # mean over steps 6 to 10, as the uninterrupted run's, and no record of step 7 appears
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--log-every", "5",
+             "--no-eval"]
+    run(tmp_path / "straight", *flags, "--max-steps", "10")
+    run(tmp_path / "split", *flags, "--max-steps", "7")
+    assert ckpt.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["window"]["steps"] == 2
+    run(tmp_path / "split", *flags, "--max-steps", "10", "--resume", "auto")
+    a = read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))
+    b = read_metrics(str(tmp_path / "split" / "metrics.jsonl"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [5, 10]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_weights_gone_nan_never_replace_the_last_good_checkpoint(tmp_path):
+    # an absurd learning rate: the weights blow up between two logging steps, where only a save would see them
+    out = tmp_path / "run"
+    flags = ["--model", "mae_vit_nano_patch4", "--epochs", "1", "--batch-size", "8", "--max-steps", "8",
+             "--no-eval", "--lr", "1e6", "--warmup-epochs", "0", "--save-every", "1", "--log-every", "4"]
+    with pytest.raises(FloatingPointError, match="checkpoint of step (\\d+) is kept|no checkpoint was written"):
+        run(out, *flags)
+    if (out / "checkpoint.pt").exists():
+        state = ckpt.load_checkpoint(str(out / "checkpoint.pt"))
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+        assert state["step"] < 4 and np.isfinite(state["window"]["loss_sum"])
+
+
+def test_exit_status_says_a_signal_stopped_the_run(tmp_path, monkeypatch):
+    from mimfast import pretrain
+    from mimfast.train.engine import RunResult
+
+    assert [pretrain.exit_status(s) for s in (None, "SIGINT", "SIGTERM", "signal on another rank")] == \
+        [0, 130, 143, 1]
+    monkeypatch.setattr("mimfast.train.engine.train",
+                        lambda config: RunResult(str(tmp_path), 3, "SIGTERM", None))
+    with pytest.raises(SystemExit) as stopped:
+        main(["--output-dir", str(tmp_path / "run")])
+    assert stopped.value.code == 143
+    monkeypatch.setattr("mimfast.train.engine.train", lambda config: RunResult(str(tmp_path), 3, None, None))
+    main(["--output-dir", str(tmp_path / "run")])  # a finished run returns normally: status 0
+
+
 def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
     flags = ["--model", "mae_vit_nano_patch4", "--batch-size", "4", "--log-every", "1", "--no-eval",
              "--warmup-epochs", "0"]

@@ -263,6 +263,11 @@ class Trainer:
             raise SetupError(f"cannot write the run folder {self.out_dir} ({e.strerror or type(e).__name__}: "
                              f"{e.filename or self.out_dir})") from e
         self.skipped_before = 0  # unreadable files skipped by all ranks before the resumed checkpoint
+        # the logging window a checkpoint was saved in the middle of: (loss sum, readable micro-batches) of every
+        # rank (on rank 0; zeros elsewhere) and its steps, continued by a resumed run so its records repeat those
+        # of an uninterrupted one
+        self.resumed_window: tuple[float, float, int] = (0.0, 0.0, 0)
+        self.saved_step: Optional[int] = None  # step of the checkpoint in the run folder, if any
         self.skipped_here = 0  # by this rank since this process started
         self.stop = _StopFlag()
 
@@ -345,8 +350,14 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.saved_step = self.step
         self.skipped_before = int(state.get("skipped_total", 0))
-        self.metrics.truncate_after(self.step)
+        window = state.get("window") or {}
+        if window.get("steps"):
+            total = (float(window["loss_sum"]), float(window["readable"])) if self.info.rank == 0 else (0.0, 0.0)
+            self.resumed_window = (*total, int(window["steps"]))
+        # a partial window logged as the last record of a shortened run is logged again, whole, by this one
+        self.metrics.truncate_after(self.step - 1 if window.get("steps") and window.get("logged") else self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
         if self.step >= self.last_step:
             limit = f"--max-steps {self.config.max_steps}" if self.last_step < self.total_steps else \
@@ -373,9 +384,32 @@ class Trainer:
             self._log(f"warning: the checkpoint's optimizer used other {' and '.join(changed)} for some parameters; "
                       "the run continues with this version's")
 
-    def save(self) -> None:
+    def _nonfinite_weights(self) -> int:
+        """Parameters holding a NaN or an infinity, on every rank (a collective call under torchrun)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        bad = torch.stack([~torch.isfinite(p.detach()).all() for p in local]).sum().float() if local else \
+            torch.zeros((), device=self.device)
+        return int(all_reduce_sum(bad.to(self.device), self.info))
+
+    def save(self, window: tuple[Optional[torch.Tensor], float, int] = (None, 0.0, 0), logged: bool = False) -> None:
+        """Write the checkpoint (atomically) with the open logging ``window`` (loss sum on the device, readable
+        micro-batches of this rank, steps; ``logged``: its record is already written, as the last of a shortened
+        run). Weights or a window loss that are not finite raise a FloatingPointError instead, and the checkpoint
+        already in the run folder stays as it was."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        loss, readable, steps = window
+        loss = loss if loss is not None else torch.zeros((), device=self.device)
+        window_total = all_reduce_sum(torch.stack([loss.detach().float().reshape(()),
+                                                   torch.tensor(float(readable), device=self.device)]), self.info)
+        loss_sum, window_readable = window_total.tolist()
+        bad = self._nonfinite_weights()
+        if bad or not math.isfinite(loss_sum):
+            kept = f"the checkpoint of step {self.saved_step} is kept" if self.saved_step is not None else \
+                "no checkpoint was written"
+            what = f"{bad} parameter tensors hold NaN or infinite values" if bad else f"the loss is {loss_sum}"
+            raise FloatingPointError(f"{what} at step {self.step}; {kept}. Lower the learning rate (--blr) or clip "
+                                     "gradients (--clip-grad)")
         skipped = self._skipped_total()
         model_state = _model_state(self.model)
         optim_state = get_optimizer_state_dict(self.model, self.optimizer,
@@ -392,8 +426,10 @@ class Trainer:
                 "config": self.config.to_dict(),
                 "world_size": self.info.world_size,
                 "skipped_total": skipped,
+                "window": {"loss_sum": loss_sum, "readable": window_readable, "steps": steps, "logged": logged},
             }
             ckpt.atomic_save(state, os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME))
+        self.saved_step = self.step
         barrier(self.info)
 
     # -- the step
@@ -491,9 +527,12 @@ class Trainer:
 
         bar = tqdm(total=self.last_step, initial=self.step, disable=not self.main, dynamic_ncols=True,
                    unit="step", desc="train")
-        window_loss = torch.zeros((), device=self.device)
-        window_steps, window_start = 0, time.perf_counter()
-        window_readable = epoch_readable = 0.0  # micro-batches with a readable image, this rank
+        # a window a resumed checkpoint left open goes on, so the records repeat an uninterrupted run's; img/s
+        # counts only this process's steps
+        loss_before, window_readable, window_steps = self.resumed_window
+        window_loss = torch.full((), loss_before, device=self.device)
+        timed_steps, window_start = 0, time.perf_counter()
+        epoch_readable = 0.0  # micro-batches with a readable image, this rank (window_readable: the same per window)
         saved_at = self.step
         stopped_by = None
         with self.stop.installed():
@@ -511,20 +550,29 @@ class Trainer:
                     epoch_readable += readable
                     self.step += 1
                     window_steps += 1
+                    timed_steps += 1
                     bar.update(1)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
-                    if self.step % c.log_every == 0 or self.step == self.last_step or end_of_epoch:
-                        record = self._log_window(window_loss, window_readable, window_steps,
+                    regular = self.step % c.log_every == 0 or end_of_epoch
+                    logged_early = False
+                    if regular or self.step == self.last_step:
+                        record = self._log_window(window_loss, window_readable, timed_steps,
                                                   time.perf_counter() - window_start,
                                                   epoch_readable if end_of_epoch and in_epoch == 0 else None)
                         if record["loss"] is not None:
                             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                             img_s=f"{record['img_per_s']:.0f}")
-                        window_loss.zero_()
-                        window_readable = 0.0
-                        window_steps, window_start = 0, time.perf_counter()
+                        if regular:
+                            window_loss.zero_()
+                            window_readable = 0.0
+                            window_steps = timed_steps = 0
+                            window_start = time.perf_counter()
+                        else:
+                            # the last step of a shortened run (--max-steps) logs its partial window; the checkpoint
+                            # keeps the window open, and a resumed run replaces that record by the whole window's
+                            logged_early = True
                     if self.step % c.save_every == 0 or end_of_epoch or self.step == self.last_step:
-                        self.save()
+                        self.save((window_loss, window_readable, window_steps), logged=logged_early)
                         saved_at = self.step
                     if self._stop_requested():
                         stopped_by = self.stop.signal or "signal on another rank"
@@ -534,7 +582,7 @@ class Trainer:
         bar.close()
         if stopped_by is not None:
             if saved_at != self.step:
-                self.save()
+                self.save((window_loss, window_readable, window_steps))
             self._log(f"stopped by {stopped_by} at step {self.step}; checkpoint saved in {self.out_dir} (continue "
                       f"with --resume auto --output-dir {self.out_dir})")
         return stopped_by
