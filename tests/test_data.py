@@ -125,6 +125,40 @@ def test_method_transforms_follow_their_recipes():
         assert x.shape == (1, 2, 10, 10) and bool((x[0, :, :, 0] < x[0, :, :, -1]).all())
 
 
+def test_hidden_files_and_folders_are_never_data(tmp_path):
+    # hidden entries anywhere: a cache folder inside a class folder, macOS's ._name companions beside clips and at
+    # the root of a class-folder video set (which would otherwise read as loose clips beside the class folders)
+    _write_images(tmp_path / "img" / "cat", ["a.png", ".b.png"])
+    _write_images(tmp_path / "img" / "cat" / ".thumbnails", ["a.png"])
+    _write_images(tmp_path / "img" / "dog", ["d.png"])
+    samples, classes = scan_image_folder(str(tmp_path / "img"))
+    assert classes == ["cat", "dog"]
+    assert sorted(os.path.relpath(p, tmp_path / "img") for p, _ in samples) == ["cat/a.png", "dog/d.png"]
+    for cls in ("run", "walk"):
+        (tmp_path / "vid" / cls).mkdir(parents=True)
+        np.save(tmp_path / "vid" / cls / "a.npy", np.zeros((4, 8, 8, 3), np.uint8))
+        (tmp_path / "vid" / cls / "._a.npy").write_bytes(b"\x00\x05\x16\x07" + bytes(100))
+    (tmp_path / "vid" / "._run.npy").write_bytes(b"\x00\x05\x16\x07" + bytes(100))
+    samples, classes = scan_video_folder(str(tmp_path / "vid"))
+    assert classes == ["run", "walk"] and [os.path.basename(p) for p, _ in samples] == ["a.npy", "a.npy"]
+
+
+def test_transforms_need_a_mean_and_std_per_channel():
+    # the ImageNet defaults have three values: a grey transform without its own would return 3 channels
+    for make in (ImageTransform, ClipTransform):
+        with pytest.raises(ValueError, match="one value per channel"):
+            make(8, 1)
+        with pytest.raises(ValueError, match="one value per channel"):
+            make(8, 3, mean=(0.5,), std=(0.5,))
+        assert make(8, 1, mean=(0.5,), std=(0.25,)).channels == 1
+
+
+def test_multiscale_crop_box_of_a_one_pixel_side_is_not_empty():
+    for i in range(50):
+        box = multiscale_crop_box(8, 1, 4, random.Random(i))
+        assert box.width >= 1 and box.height == 1 and box.left + box.width <= 8
+
+
 def test_image_transform_shapes_and_normalisation():
     img = Image.fromarray(np.full((30, 50, 3), 255, dtype=np.uint8))
     tf = ImageTransform(16, 3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -343,6 +377,15 @@ def test_badly_shaped_clips_and_decompression_bombs_are_unreadable(tmp_path, mon
     sampler = EpochBatchSampler(len(data), 3, shuffle=False)
     batches = list(make_loader(data, sampler, num_workers=1))
     assert sum(len(b.skipped) for b in batches) == 3 and sum(b.images.shape[0] for b in batches) == 3
+
+    # a .npy header that does not parse reaches Python's tokenizer (TokenError, not a ValueError)
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (4, 16, 20, 3, }"
+    header += b" " * ((64 - (10 + len(header) + 1) % 64) % 64) + b"\n"
+    (tmp_path / "bad_header").mkdir()
+    (tmp_path / "bad_header" / "clip.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
+                                                       + header + bytes(4 * 16 * 20 * 3))
+    item = VideoFolder(str(tmp_path / "bad_header"), ClipTransform(8, 3), num_frames=4, stride=1)[(0, 0)]
+    assert isinstance(item, Unreadable) and "TokenError" in item.reason
 
     # Pillow refuses images over twice MAX_IMAGE_PIXELS outright
     _write_images(tmp_path / "imgs", ["big.png"], size=(40, 30))

@@ -48,10 +48,24 @@ def test_linear_probe_is_deterministic_and_standardises():
     W1, b1, mean, std = fit_linear_probe(x, y, 3)
     W2, b2, _, _ = fit_linear_probe(x, y, 3)
     assert torch.equal(W1, W2) and torch.equal(b1, b2)
-    assert torch.allclose(mean, x.double().mean(0)) and torch.allclose(std, x.double().std(0, unbiased=False))
+    assert torch.allclose(mean, x.double().mean(0))
+    assert torch.allclose(std, (x.double().var(0, unbiased=False) + 1e-6).sqrt())  # BatchNorm1d(eps=1e-6)
     # a scaled copy of the features is the same problem after standardisation
     W3, b3, _, _ = fit_linear_probe(x * 1000 + 5, y, 3)
     assert torch.allclose(W1, W3, atol=1e-5) and torch.allclose(b1, b3, atol=1e-5)
+
+
+def test_linear_probe_keeps_a_dead_feature_from_swamping_the_others():
+    # a dimension constant to 1e-8 on the training features and shifted by 0.1 on the test features: scaled by
+    # 1 / sqrt(var + 1e-6) (at most 1e3) it moves the logits a little; scaled by 1 / max(std, 1e-6) it reached 1e5
+    feats, labels = _clusters(80, 4, 8, 1.0, 0)
+    train = torch.arange(len(labels)) % 4 != 0
+    x, y, xt, yt = feats[train], labels[train], feats[~train], labels[~train]
+    clean = linear_probe_accuracy(x, y, xt, yt)
+    dead = 1e-8 * torch.randn(len(y), 1, generator=torch.Generator().manual_seed(3))
+    shifted = 0.1 + 1e-8 * torch.randn(len(yt), 1, generator=torch.Generator().manual_seed(4))
+    assert clean > 0.9
+    assert linear_probe_accuracy(torch.cat([x, dead], 1), y, torch.cat([xt, shifted], 1), yt) == clean
 
 
 def test_probes_refuse_features_that_are_not_finite():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import tokenize
 from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -54,6 +55,12 @@ Item = Union[tuple[torch.Tensor, int, int], Unreadable]
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     """Generator for one sample's augmentation; string seeds hash with SHA-512, stable across processes."""
     return random.Random(f"mimfast/{seed}/{epoch}/{index}")
+
+
+# what reading a damaged file raises: Pillow's errors, and for .npy clips NumPy's (a header that does not parse
+# reaches Python's tokenizer, whose TokenError is not a ValueError)
+READ_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError,
+               tokenize.TokenError)
 
 
 def _is_image(name: str) -> bool:
@@ -116,6 +123,8 @@ def _images_under(folder: str) -> Iterator[str]:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         fresh = []
         for d in sorted(dirnames):
+            if d.startswith("."):  # hidden folders (.thumbnails, .ipynb_checkpoints) hold no training images
+                continue
             real = os.path.realpath(os.path.join(dirpath, d))
             # a link to a folder holding this one (the data root, a parent) would walk the other classes again
             holds_top = os.path.commonpath([real, top]) == real
@@ -161,9 +170,11 @@ def _clips_in(folder: str) -> list[str]:
     out = []
     for e in sorted(os.listdir(folder)):
         p = os.path.join(folder, e)
+        if e.startswith("."):  # hidden entries (macOS's ._clip.npy) are never clips
+            continue
         if e.lower().endswith(".npy") and os.path.isfile(p):
             out.append(p)
-        elif os.path.isdir(p) and not e.startswith(".") and _frames_in(p):
+        elif os.path.isdir(p) and _frames_in(p):
             out.append(p)
     return out
 
@@ -269,7 +280,7 @@ class ImageFolder:
             with Image.open(path) as img:
                 img.load()
                 x = self.transform(img, sample_rng(self.seed, epoch, index))
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+        except READ_ERRORS as e:
             return Unreadable(path, f"{type(e).__name__}: {e}")
         return x, label, index
 
@@ -360,8 +371,7 @@ class VideoFolder:
                 raise ValueError("clip has no frames")
             ids = clip_frame_ids(total, self.num_frames, self.stride, rng if self.transform.train else None)
             x = self.transform(_load_clip_frames(path, ids), rng)
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError,
-                IndexError) as e:
+        except (*READ_ERRORS, IndexError) as e:
             return Unreadable(path, f"{type(e).__name__}: {e}")
         return x, label, index
 

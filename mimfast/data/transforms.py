@@ -94,7 +94,7 @@ def multiscale_crop_box(
     the middles of the edges and the centres of the four quarters (on a grid of quarter steps of the free
     space)."""
     base = min(width, height)
-    sides = [int(base * f) for f in scales]
+    sides = [max(1, int(base * f)) for f in scales]  # a 1-pixel side would otherwise give an empty box
     snapped = [size if abs(x - size) < 3 else x for x in sides]
     pairs = [(w, h) for i, h in enumerate(snapped) for j, w in enumerate(snapped) if abs(i - j) <= max_distort]
     w, h = rng.choice(pairs)
@@ -162,6 +162,14 @@ def pil_to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def check_stats(channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Raise unless ``mean`` and ``std`` hold one value per channel (the ImageNet defaults have three: a
+    1-channel transform needs its own, or each grey pixel would come out as three differently normalised copies)."""
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need one value per channel ({channels}), got {len(mean)} and {len(std)} "
+                         f"values")
+
+
 def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     shape = (-1,) + (1,) * (x.dim() - 1)
     m = torch.tensor(mean, dtype=x.dtype).view(shape)
@@ -189,6 +197,7 @@ class ImageTransform:
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {', '.join(_RESAMPLE)}, got {self.interpolation!r}")
+        check_stats(self.channels, self.mean, self.std)
 
     @classmethod
     def simmim(cls, size: int, channels: int = 3, mean: tuple[float, ...] = IMAGENET_MEAN,
@@ -224,6 +233,9 @@ class ClipTransform:
     train: bool = True
     scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
     hflip: bool = False
+
+    def __post_init__(self) -> None:
+        check_stats(self.channels, self.mean, self.std)
 
     def __call__(self, frames: Sequence[Image.Image], rng: random.Random) -> torch.Tensor:
         frames = [to_mode(f, self.channels) for f in frames]

@@ -12,11 +12,14 @@ __all__ = ["linear_probe_accuracy", "fit_linear_probe"]
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 1e-4,
                      max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fit W [D, C], b [C] on features [N, D] standardised per dimension (like the parameter-free BatchNorm in
-    front of MAE's linear probe) by full-batch L-BFGS in float64; deterministic. Returns (W, b, mean, std)."""
+    """Fit W [D, C], b [C] on features [N, D] standardised per dimension as the parameter-free BatchNorm in front
+    of MAE's linear probe does it ((x - mean) / sqrt(var + 1e-6), biased variance of the training features) by
+    full-batch L-BFGS in float64; deterministic. Returns (W, b, mean, std)."""
     check_features(features=features)
     x = features.double()
-    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    # eps inside the root, as BatchNorm1d(affine=False, eps=1e-6): a dimension almost constant on the training
+    # features is scaled by at most 1e3, not 1e6, so a small shift of it on test features cannot swamp the others
+    mean, std = x.mean(0), (x.var(0, unbiased=False) + 1e-6).sqrt()
     x = (x - mean) / std
     W = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
