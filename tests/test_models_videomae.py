@@ -73,8 +73,8 @@ def videomae64(model, videos, mask):
         x = block64(x, sd, f"decoder.blocks.{j}.", model.decoder.blocks[0].attn.num_heads)
     x = layer_norm64(x[:, len(visible[0]):], sd["decoder.norm.weight"], sd["decoder.norm.bias"])
     pred = x @ sd["decoder.head.weight"].T + sd["decoder.head.bias"]
-    raw = videos * torch.tensor(STD, dtype=torch.float64).view(1, C, 1, 1, 1) + \
-        torch.tensor(MEAN, dtype=torch.float64).view(1, C, 1, 1, 1)
+    raw = videos * torch.tensor(model.pixel_std, dtype=torch.float64).view(1, C, 1, 1, 1) + \
+        torch.tensor(model.pixel_mean, dtype=torch.float64).view(1, C, 1, 1, 1)
     cubes = cubes_of(raw, p, pt)
     if model.norm_target:
         per_channel = cubes.reshape(N, L, -1, C)
@@ -103,6 +103,32 @@ def test_reference_matches_independent_formulation(norm_target):
     assert torch.equal(out.mask, mask) and out.pred.shape == (2, 6, 384)
     torch.testing.assert_close(out.pred, pred, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_chans,stats", [(1, None), (4, None), (3, ((0.5, 0.4, 0.3), (0.2, 0.3, 0.4)))],
+                         ids=["grey", "4-channel", "own-stats"])
+def test_other_channel_counts_and_pixel_statistics(in_chans, stats):
+    # without ImageNet's three channels the clips are their own targets (statistics 0 / 1), as Hugging Face's
+    # VideoMAE treats non-RGB input; given statistics un-normalise the clips in both modes
+    kwargs = dict(in_chans=in_chans) if stats is None else dict(in_chans=in_chans, pixel_mean=stats[0],
+                                                                 pixel_std=stats[1])
+    model = randomize_(tiny(**kwargs).double(), scale=0.2)
+    assert model.pixel_mean == (stats[0] if stats else (0.0,) * in_chans)
+    videos = torch.randn(2, in_chans, 4, 16, 16, dtype=torch.float64)
+    mask = tube_mask(2)
+    ref, ref_grads = run(model, videos, mask)
+    loss, pred = videomae64(model, videos, mask)
+    torch.testing.assert_close(ref.loss, loss, rtol=1e-10, atol=1e-12)
+    model.fused = True
+    fused, fused_grads = run(model, videos, mask)
+    torch.testing.assert_close(fused.loss, ref.loss, rtol=1e-10, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+    assert (tiny().pixel_mean, tiny().pixel_std) == (MEAN, STD)  # RGB: ImageNet's, as VideoMAE's data pipeline
+    with pytest.raises(ValueError, match="one value per channel"):
+        tiny(in_chans=2, pixel_mean=(0.5,), pixel_std=(0.5,))
+    with pytest.raises(ValueError, match="one value per channel"):
+        tiny(pixel_mean=(0.5, 0.5, 0.5))
 
 
 @pytest.mark.parametrize("mask_form", ["bool", "int_grid", "maskinfo"])

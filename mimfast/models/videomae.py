@@ -9,7 +9,7 @@ State-dict keys are those of the MCG-NJU/VideoMAE pretraining checkpoints (``enc
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +109,10 @@ class VideoMAE(MIMModel):
     Returns :class:`~mimfast.models.vit.MIMOutput`: loss (MSE over the masked tokens), pred [N, L_masked, P]
     for the masked tokens in token order, P = p_t*p*p*C valued (p_t, row, col, channel), and the bool mask.
     With ``norm_target`` the target of each cube is, per channel, its un-normalised pixels minus their mean
-    over the p_t*p*p values, divided by their unbiased std + 1e-6.
+    over the p_t*p*p values, divided by their unbiased std + 1e-6. ``pixel_mean`` / ``pixel_std`` are the
+    per-channel statistics the clips were normalised with (un-normalised before the target is built): the
+    ImageNet ones by default for 3 channels, none (0 / 1: the input is the target) for other channel counts, as
+    Hugging Face's VideoMAE does for non-RGB input.
 
     Equivalent PyTorch (reference, ``fused=False``)::
 
@@ -139,8 +142,18 @@ class VideoMAE(MIMModel):
         mlp_ratio: float = 4.0,
         norm_target: bool = True,
         fused: bool = True,
+        pixel_mean: Optional[Sequence[float]] = None,
+        pixel_std: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
+        if pixel_mean is None and pixel_std is None:
+            pixel_mean, pixel_std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.0,) * in_chans,
+                                                                                         (1.0,) * in_chans)
+        if pixel_mean is None or pixel_std is None or len(pixel_mean) != in_chans or len(pixel_std) != in_chans:
+            raise ValueError(f"pixel_mean and pixel_std need one value per channel ({in_chans}), got {pixel_mean!r} "
+                             f"and {pixel_std!r}")
+        self.pixel_mean = tuple(float(v) for v in pixel_mean)
+        self.pixel_std = tuple(float(v) for v in pixel_std)
         self.encoder = VideoMAEEncoder(img_size, patch_size, num_frames, tubelet_size, in_chans, embed_dim, depth,
                                        num_heads, mlp_ratio)
         patch_embed = self.encoder.patch_embed
@@ -202,11 +215,11 @@ class VideoMAE(MIMModel):
         """MSE between pred [N, L_masked, P] and the (per-cube normalised) pixels of the masked cubes."""
         if self.fused:
             return videomae_pixel_loss(pred, videos, mask, self.patch_size, self.tubelet_size,
-                                       norm_target=self.norm_target)
-        # the clips arrive normalised with the ImageNet statistics; the target is built from raw pixels
+                                       norm_target=self.norm_target, mean=self.pixel_mean, std=self.pixel_std)
+        # the clips arrive normalised (with the ImageNet statistics by default); the target is built from raw pixels
         shape = (1, -1, 1, 1, 1)
-        mean = torch.tensor(IMAGENET_MEAN, dtype=videos.dtype, device=videos.device).view(shape)
-        std = torch.tensor(IMAGENET_STD, dtype=videos.dtype, device=videos.device).view(shape)
+        mean = torch.tensor(self.pixel_mean, dtype=videos.dtype, device=videos.device).view(shape)
+        std = torch.tensor(self.pixel_std, dtype=videos.dtype, device=videos.device).view(shape)
         cubes = patchify(videos * std + mean, self.patch_size, self.tubelet_size)  # [N, L, P], channel fastest
         N, L, P = cubes.shape
         if self.norm_target:
