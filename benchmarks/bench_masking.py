@@ -121,12 +121,11 @@ def embed_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case
     weight = (torch.randn(D, s.channels, *kernel, device=device) * P**-0.5).requires_grad_()
     bias = torch.zeros(D, device=device, requires_grad=True)
     pos_embed = torch.randn(1, 1 + L, D, device=device)  # fixed sin-cos table in MAE / VideoMAE: no gradient
-    low = torch.tensor([], dtype=dtype).element_size()
     out_bytes = 4  # bf16 conv output + fp32 pos_embed promotes to fp32, as in the MAE encoder
     moved = (2 * N * K * P * 4  # kept pixels, read forward and for the weight gradient
              + 2 * N * K * D * out_bytes  # embeddings written, their gradient read
              + (1 + L) * D * 4  # the pos_embed table, read once (its rows are gathered from L2)
-             + D * P * (low + 4)  # weight read, its gradient written
+             + D * P * 8  # the fp32 weight read, its gradient written
              + N * K * 8 + N * L * 12)  # ids_keep, ids_restore, mask
     case = Case(f"{s.name}/mask+embed fwd+bwd", bytes=moved, flops=4.0 * N * K * P * D,
                 meta={"N": N, "L": L, "K": K, "P": P, "D": D})
@@ -152,12 +151,15 @@ def reference_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, s: Shape) -> to
     return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def gather_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case, dict[str, Callable[[], Any]]]:
+def gather_case(s: Shape, device: torch.device, dtype: torch.dtype,
+                suffix: str = "") -> tuple[Case, dict[str, Callable[[], Any]]]:
+    """Gather of the kept patches from images of ``dtype`` (fp32 as the data arrive, or the benchmark's dtype: a
+    bf16 patch row is a 32-byte run, harder to move at full bandwidth)."""
     N, L, K, P = s.batch, s.grid, s.kept, s.patch_dim
     imgs = torch.randn(s.image_shape(), device=device, dtype=dtype)
     ids_keep = random_masking(N, L, s.mask_ratio, device=device).ids_keep
     moved = 2 * N * K * P * imgs.element_size() + N * K * 8
-    case = Case(f"{s.name}/gather fwd", bytes=moved, meta={"N": N, "L": L, "K": K, "P": P})
+    case = Case(f"{s.name}/gather fwd{suffix}", bytes=moved, meta={"N": N, "L": L, "K": K, "P": P})
     compiled = torch.compile(reference_gather, dynamic=False)
     return case, {"mimfast": lambda: gather_patches(imgs, ids_keep, s.patch, s.tubelet, backend="triton"),
                   "reference": lambda: reference_gather(imgs, ids_keep, s),
@@ -173,7 +175,7 @@ def restore_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Ca
     ids_restore = random_masking(N, L, s.mask_ratio, device=device).ids_restore
     vis = N * (1 + K) * D * x_vis.element_size()
     full = N * (1 + L) * D * 4  # fp32 result (bf16 tokens meet fp32 parameters), as in the MAE decoder
-    moved = 2 * vis + 2 * full + N * L * 8 + 2 * (1 + L) * D * 4
+    moved = 2 * vis + 2 * full + 2 * N * L * 8 + (1 + L) * D * 4  # ids_restore read both ways, pos_embed forward
     case = Case(f"{s.name}/restore fwd+bwd", bytes=moved, meta={"N": N, "L": L, "K": K, "D": D})
 
     grad_out = torch.ones(N, 1 + L, D, device=device)
@@ -211,6 +213,8 @@ def all_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[tup
     for s in QUICK if quick else FULL:
         cases.append(embed_case(s, device, dtype))
         cases.append(gather_case(s, device, dtype))
+        if dtype != torch.float32:
+            cases.append(gather_case(s, device, torch.float32, " fp32"))
         cases.append(restore_case(s, device, dtype))
         if not s.frames:
             cases.append(block_case(s, device))

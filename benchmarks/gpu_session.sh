@@ -47,7 +47,7 @@ if [ ${#stages[@]} -eq 0 ]; then
             tests:test_embed_visible.py tests:test_gather_patches.py tests:test_visible_attention.py
             sweep:embed sweep:loss sweep:restore sweep:gather sweep:attention
             loss:mae_vit_b16 loss:videomae masking:mae_vit_b16
-            attention:mae_vit_b16_enc,mae_vit_l16_enc attention:mae_enc_50,mae_dec_197 attention:videomae_dec_1568
+            attention:mae_vit_b16_enc,mae_vit_l16_enc attention:mae_enc_50,vit_197,mae_dec_197 attention:videomae_dec_1568
             tests e2e:mae_vit_b16 masking:videomae_b16
             loss:mae_vit_l16,mae_vit_h14 masking:mae_vit_l16 masking:mae_vit_h14 e2e:mae_vit_l16)
 fi
@@ -93,7 +93,7 @@ for stage in "${stages[@]}"; do
                                --set mimfast.kernels.gather_patches.TRANSPOSE=False,True
                                --set mimfast.kernels.gather_patches.GATHER_TILE=2048,4096,8192
                                --set mimfast.kernels.gather_patches.GATHER_WARPS=4,8) ;;
-                attention) sweep=(bench_attention --cases 'mae_dec_197/H12/fwd$,videomae_dec_1568/H12/fwd$'
+                attention) sweep=(bench_attention --cases 'vit_197/H12/fwd$,mae_dec_197/H16/fwd$,videomae_dec_1568/H12/fwd$'
                                   --set mimfast.kernels.visible_attention.FWD_BLOCK_M=64,128
                                   --set mimfast.kernels.visible_attention.FWD_BLOCK_N=32,64
                                   --set mimfast.kernels.visible_attention.FWD_STAGES=2,3,4) ;;

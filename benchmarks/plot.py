@@ -18,13 +18,14 @@ are drawn here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
 import os
 from typing import Any, Optional
 
-from benchmarks.harness import COPY_PROVIDER, RESULTS_DIR
+from benchmarks.harness import COPY_PROVIDER, RESULTS_DIR, Row, measured_copy_fractions
 
 __all__ = ["latest_case_runs", "bar_time", "plot_history", "main"]
 
@@ -63,12 +64,22 @@ def latest_case_runs(history: list[dict[str, Any]]) -> dict[str, tuple[dict[str,
     return out
 
 
+def _as_row(row: dict[str, Any]) -> Row:
+    """A results-JSON row as the harness's Row (a field the file lacks: None; no extra figures: none)."""
+    required = [f.name for f in dataclasses.fields(Row)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    return Row(**{name: row.get(name) for name in required}, error=row.get("error"), extra=row.get("extra") or {})
+
+
 def _copy_fraction(rows: list[dict[str, Any]]) -> Optional[tuple[float, bool]]:
-    """(copy time / ours, both from graphs) when the case timed both the same way."""
-    times = {r["provider"]: bar_time(r) for r in rows}
-    if OURS not in times or COPY_PROVIDER not in times or times[OURS][1] != times[COPY_PROVIDER][1]:
+    """(fraction of the measured copy bandwidth mimfast reaches, judged at graph time) of one case's rows, by the
+    harness's rule (:func:`benchmarks.harness.measured_copy_fractions`): at graph time where both were graphed,
+    else at eager time; None without a copy row."""
+    fractions = measured_copy_fractions([_as_row(r) for r in rows])
+    if not fractions:
         return None
-    return times[COPY_PROVIDER][0] / times[OURS][0], times[OURS][1]
+    (fr,) = fractions.values()
+    return (fr["graph"], True) if "graph" in fr else (fr["eager"], False)
 
 
 def plot_history(name: str, history: list[dict[str, Any]], path: str) -> Optional[tuple[int, int]]:

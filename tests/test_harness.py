@@ -113,14 +113,15 @@ def test_fraction_of_the_measured_copy_bandwidth(tmp_path, monkeypatch):
             row("loss", "mimfast", 1.0), row("loss", harness.COPY_PROVIDER, 0.25),
             row("embed", "mimfast", 1.0), row("embed", "reference", 2.0)]
     fractions = harness.measured_copy_fractions(rows)
+    # at graph time against the faster copy: its kernel time 0.15 ms, not its graph time 0.2 (a memcpy node)
     assert fractions == {"gather": {"eager": pytest.approx(0.8), "kernels": pytest.approx(0.5),
-                                    "graph": pytest.approx(0.8)},
+                                    "graph": pytest.approx(0.6)},
                          "loss": {"eager": pytest.approx(0.25)}}
     write_results("bench_c", rows, torch.device("cpu"))
     assert json.loads((tmp_path / "bench_c.json").read_text())[0]["measured_copy_fraction"]["loss"] == {
         "eager": pytest.approx(0.25)}
     md = (tmp_path / "bench_c.md").read_text()
-    assert "- gather: eager 80.0%, kernels 50.0%, graph 80.0%" in md and "- loss: eager 25.0%" in md
+    assert "- gather: eager 80.0%, kernels 50.0%, graph 60.0%" in md and "- loss: eager 25.0%" in md
     assert "- embed:" not in md.split("Fraction of the copy bandwidth")[1]
 
 
@@ -131,7 +132,9 @@ def test_graph_time_is_device_time_of_a_copy():
     src = torch.randint(-100, 100, (2**28,), dtype=torch.int16, device="cuda")
     dst = torch.empty_like(src)
     fn = lambda: torch.neg(src, out=dst)  # noqa: E731
-    kernel_ms = harness.device_time(fn)["device_ms"]
+    profiled = harness.device_time(fn)
+    assert profiled["launches"] == 1  # the L2 flush before each call is not counted
+    kernel_ms = profiled["device_ms"]
     med, p20, p80 = harness.graph_time(fn, eager_ms=kernel_ms)
     assert p20 <= med <= p80
     assert med == pytest.approx(kernel_ms, rel=0.2)

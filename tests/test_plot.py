@@ -48,9 +48,11 @@ def test_each_case_comes_from_the_newest_run_that_timed_it():
     assert env["commit"] == "new" and [r["provider"] for r in rows] == ["mimfast", "reference", "copy"]
     env, rows = runs["b"]
     assert env["commit"] == "old" and [r["provider"] for r in rows] == ["mimfast"]  # the failed row is left out
-    # copy time / ours, only when both were timed the same way (both graph here)
+    # copy time / ours at graph time where both were graphed, else at eager time (the harness's rule)
     assert plot._copy_fraction(runs["a"][1]) == pytest.approx((0.5, True))
-    assert plot._copy_fraction([_row("a", "mimfast", 0.5, graph_ms=0.2), _row("a", "copy", 0.1)]) is None
+    assert plot._copy_fraction([_row("a", "mimfast", 0.5, graph_ms=0.2), _row("a", "copy", 0.1)]) == \
+        pytest.approx((0.2, False))
+    assert plot._copy_fraction(runs["b"][1]) is None
 
 
 def test_main_draws_one_png_per_benchmark(tmp_path, capsys):
