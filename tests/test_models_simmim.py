@@ -115,6 +115,23 @@ def test_fused_triton_backend_error_ratio():
         assert err <= budget, f"{name}: error {err:.3g} > {budget:.3g}"
 
 
+def test_reference_loss_under_autocast_counts_masked_pixels_exactly():
+    # 29 images of 16 patches of 8 x 8, 9 masked: 16704 masked pixels, a count bf16 cannot hold (it rounds to
+    # 16640 or 16768); the official code counts them on its integer mask and divides in float32
+    model = tiny()
+    imgs = torch.randn(29, 3, 32, 32)
+    mask = random_mask(29, 16, ratio=0.6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(imgs, mask)
+    pixel_mask = mask.reshape(29, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2).unsqueeze(1).long()
+    official = (F.l1_loss(imgs, out.pred.float(), reduction="none") * pixel_mask).sum() / \
+        (pixel_mask.sum() + 1e-5) / 3
+    count = int(pixel_mask.sum())
+    assert count == 16704 and float(torch.tensor(float(count)).bfloat16()) != count
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, official, rtol=1e-6, atol=0)
+
+
 def test_official_unpacking_and_shapes():
     model = tiny(fused=True)
     mask = random_mask(4, 16)

@@ -171,9 +171,11 @@ class SimMIMViT(MIMModel):
             h, w = self.grid_size
             p = self.patch_size
             pixel_mask = mask.reshape(-1, h, w).repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
-            pixel_mask = pixel_mask.type_as(pred)
-            loss = (F.l1_loss(imgs, pred, reduction="none") * pixel_mask).sum()
-            loss = loss / (pixel_mask.sum() + 1e-5) / self.in_chans
+            errors = F.l1_loss(imgs, pred, reduction="none")
+            # mask weights summed in float32 at least, as the official code's integer mask counts them: in pred's
+            # dtype under autocast the count rounds (bf16) or overflows 65504 (fp16, a zero loss)
+            weights = pixel_mask.to(torch.promote_types(errors.dtype, torch.float32))
+            loss = (errors * weights).sum() / (weights.sum() + 1e-5) / self.in_chans
         return MIMOutput(loss, pred, mask)
 
 
