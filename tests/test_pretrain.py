@@ -104,6 +104,9 @@ def test_resume_in_the_middle_of_a_logging_window_repeats_its_records(tmp_path):
     run(tmp_path / "straight", *flags, "--max-steps", "10")
     run(tmp_path / "split", *flags, "--max-steps", "7")
     assert ckpt.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["window"]["steps"] == 2
+    # a resume with nothing left to train keeps the record of the last step
+    run(tmp_path / "split", *flags, "--max-steps", "7", "--resume", "auto")
+    assert [r["step"] for r in read_metrics(str(tmp_path / "split" / "metrics.jsonl"))] == [5, 7]
     run(tmp_path / "split", *flags, "--max-steps", "10", "--resume", "auto")
     a = read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))
     b = read_metrics(str(tmp_path / "split" / "metrics.jsonl"))

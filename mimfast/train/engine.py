@@ -356,8 +356,10 @@ class Trainer:
         if window.get("steps"):
             total = (float(window["loss_sum"]), float(window["readable"])) if self.info.rank == 0 else (0.0, 0.0)
             self.resumed_window = (*total, int(window["steps"]))
-        # a partial window logged as the last record of a shortened run is logged again, whole, by this one
-        self.metrics.truncate_after(self.step - 1 if window.get("steps") and window.get("logged") else self.step)
+        # a partial window logged as the last record of a shortened run is logged again, whole, by this one (when it
+        # trains past it)
+        reopened = bool(window.get("steps") and window.get("logged")) and self.step < self.last_step
+        self.metrics.truncate_after(self.step - 1 if reopened else self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
         if self.step >= self.last_step:
             limit = f"--max-steps {self.config.max_steps}" if self.last_step < self.total_steps else \
