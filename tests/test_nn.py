@@ -100,6 +100,16 @@ def test_embed_errors():
     assert embed.patch_size == (8, 8) and embed.num_patches == 16
     with pytest.raises(ValueError, match="does not match"):
         embed(torch.randn(1, 3, 48, 48))
+    # a convolution takes an unbatched input too, and the tokens would come out as [D, w, h]
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        embed(torch.randn(3, 32, 32))
+    tubelets = TubeletEmbed(img_size=8, patch_size=(4, 4), num_frames=4, tubelet_size=2, embed_dim=4)
+    assert tubelets.patch_size == (4, 4) and tubelets.num_patches == 8
+    with pytest.raises(ValueError, match=r"\[N, C, T, H, W\]"):
+        tubelets(torch.randn(3, 4, 8, 8))
+    for size in ((1, 3, 4, 12, 12), (1, 3, 6, 8, 8)):  # 18 or 12 tokens for a table of 8 positions
+        with pytest.raises(ValueError, match="does not match"):
+            tubelets(torch.randn(size))
 
 
 @pytest.mark.parametrize("layout", ["qkv_bias", "qv_bias", "no_bias"])
@@ -210,6 +220,14 @@ def test_loss_modules_forward_their_configuration():
         got = VideoMAEPixelLoss(4, 2, norm_target=norm_target)(video_pred, videos, video_mask)
         expected = videomae_pixel_loss_ref(video_pred, videos, video_mask, 4, 2, norm_target=norm_target)
         torch.testing.assert_close(got, expected)
+    # clips normalised with other statistics than ImageNet's
+    stats = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    got = VideoMAEPixelLoss(4, 2, norm_target=False, **stats)(video_pred, videos, video_mask)
+    expected = videomae_pixel_loss_ref(video_pred, videos, video_mask, 4, 2, norm_target=False, **stats)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, videomae_pixel_loss_ref(video_pred, videos, video_mask, 4, 2, norm_target=False))
+    with pytest.raises(ValueError, match="kind"):  # at construction, not at the first call
+        MaskedPixelLoss(4, kind="huber")
 
 
 def test_drop_path_decides_in_full_precision():

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from mimfast.ops.masked_pixel_loss import masked_pixel_loss
+from mimfast.ops.masked_pixel_loss import LOSS_KINDS, masked_pixel_loss
 from mimfast.ops.simmim_pixel_loss import simmim_pixel_loss
-from mimfast.ops.videomae_pixel_loss import videomae_pixel_loss
+from mimfast.ops.videomae_pixel_loss import IMAGENET_MEAN, IMAGENET_STD, videomae_pixel_loss
 
 __all__ = ["MaskedPixelLoss", "SimMIMPixelLoss", "VideoMAEPixelLoss"]
 
@@ -21,6 +21,8 @@ class MaskedPixelLoss(nn.Module):
     def __init__(self, patch_size: int, norm_pix: bool = False, kind: str = "mse", eps: float = 1e-6,
                  tubelet_size: Optional[int] = None) -> None:
         super().__init__()
+        if kind not in LOSS_KINDS:
+            raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
         self.patch_size = patch_size
         self.norm_pix = norm_pix
         self.kind = kind
@@ -35,17 +37,20 @@ class MaskedPixelLoss(nn.Module):
 
 class VideoMAEPixelLoss(nn.Module):
     """VideoMAE loss as a module: ``forward(pred, videos, mask)`` -> scalar, see
-    :func:`mimfast.ops.videomae_pixel_loss` (pred [N, L_masked, P], mask bool [N, L])."""
+    :func:`mimfast.ops.videomae_pixel_loss` (pred [N, L_masked, P], mask bool [N, L]; ``mean`` / ``std``: the
+    per-channel statistics the videos were normalised with)."""
 
-    def __init__(self, patch_size: int, tubelet_size: int, norm_target: bool = True) -> None:
+    def __init__(self, patch_size: int, tubelet_size: int, norm_target: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.tubelet_size = tubelet_size
         self.norm_target = norm_target
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def forward(self, pred: torch.Tensor, videos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return videomae_pixel_loss(pred, videos, mask, self.patch_size, self.tubelet_size,
-                                   norm_target=self.norm_target)
+                                   norm_target=self.norm_target, mean=self.mean, std=self.std)
 
 
 class SimMIMPixelLoss(nn.Module):

@@ -61,6 +61,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        # a convolution also takes an unbatched [C, H, W]; the flatten below would then mix up the axes
+        if imgs.dim() != 4:
+            raise ValueError(f"imgs must be [N, C, H, W], got shape {tuple(imgs.shape)}")
         if tuple(imgs.shape[-2:]) != self.img_size:
             raise ValueError(f"input size {imgs.shape[-2]}x{imgs.shape[-1]} does not match the patch embedding's "
                              f"{self.img_size[0]}x{self.img_size[1]}")
@@ -81,7 +84,7 @@ class TubeletEmbed(nn.Module):
     def __init__(
         self,
         img_size: Union[int, tuple[int, int]] = 224,
-        patch_size: int = 16,
+        patch_size: Union[int, tuple[int, int]] = 16,
         num_frames: int = 16,
         tubelet_size: int = 2,
         in_chans: int = 3,
@@ -89,6 +92,7 @@ class TubeletEmbed(nn.Module):
     ) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
+        patch_size = _square(patch_size)
         _check_divisible(self.img_size, patch_size)
         if tubelet_size <= 0 or num_frames % tubelet_size:
             raise ValueError(f"num_frames {num_frames} is not divisible by the tubelet size {tubelet_size}")
@@ -101,4 +105,10 @@ class TubeletEmbed(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        expected = (self.num_frames, *self.img_size)
+        if videos.dim() != 5:
+            raise ValueError(f"videos must be [N, C, T, H, W], got shape {tuple(videos.shape)}")
+        if tuple(videos.shape[-3:]) != expected:
+            raise ValueError(f"input size {'x'.join(map(str, videos.shape[-3:]))} (frames x height x width) does not "
+                             f"match the tubelet embedding's {'x'.join(map(str, expected))}")
         return self.proj(videos).flatten(2).transpose(1, 2)
