@@ -38,6 +38,8 @@ from mimfast.ops.random_masking import (
     check_sizes,
     draw_seed,
     host_checks,
+    is_int,
+    is_number,
     key_index_bits,
     num_kept,
     philox4x32,
@@ -147,7 +149,7 @@ def _unit_mask(N: int, U: int, K: int, seed: int, sample_offset: int, device: De
 
 def _pair(v: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
     pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in pair):
+    if len(pair) != 2 or not all(is_int(x) and x > 0 for x in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
     return pair
 
@@ -155,7 +157,7 @@ def _pair(v: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
 def _simmim_geometry(input_size, mask_patch_size: int, model_patch_size: int) -> tuple[tuple[int, int], int]:
     H, W = _pair(input_size, "input_size")
     for name, v in (("mask_patch_size", mask_patch_size), ("model_patch_size", model_patch_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        if not is_int(v) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if H % mask_patch_size or W % mask_patch_size:
         raise ValueError(f"input_size {H}x{W} is not divisible by mask_patch_size {mask_patch_size}")
@@ -235,7 +237,7 @@ def simmim_masking(
 
 def _check_grid(grid: Sequence[int], dims: int, name: str) -> tuple[int, ...]:
     g = tuple(grid) if not isinstance(grid, int) else (grid,) * dims
-    if len(g) != dims or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in g):
+    if len(g) != dims or not all(is_int(x) and x > 0 for x in g):
         raise ValueError(f"{name} must be {dims} positive ints, got {grid!r}")
     return g
 
@@ -378,29 +380,21 @@ def _block_mask_one(seed: int, sample: int, height: int, width: int, target: int
     return masked
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _block_args(grid, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect):
     height, width = _check_grid(grid, 2, "grid")
     L = height * width
-    if not _is_int(num_masking_patches) or not 0 <= num_masking_patches <= L:
+    if not is_int(num_masking_patches) or not 0 <= num_masking_patches <= L:
         raise ValueError(f"num_masking_patches must be an int in [0, {L}], got {num_masking_patches!r}")
-    if not _is_int(min_num_patches) or min_num_patches < 1:
+    if not is_int(min_num_patches) or min_num_patches < 1:
         raise ValueError(f"min_num_patches must be a positive int, got {min_num_patches!r}")
     if max_num_patches is None:
         max_num_patches = num_masking_patches
-    elif not _is_int(max_num_patches) or max_num_patches < 1:
+    elif not is_int(max_num_patches) or max_num_patches < 1:
         raise ValueError(f"max_num_patches must be a positive int, got {max_num_patches!r}")
-    if not (_is_number(min_aspect) and 0 < min_aspect < math.inf):
+    if not (is_number(min_aspect) and 0 < min_aspect < math.inf):
         raise ValueError(f"min_aspect must be a positive finite number, got {min_aspect!r}")
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
-    if not (_is_number(max_aspect) and min_aspect <= max_aspect < math.inf):
+    if not (is_number(max_aspect) and min_aspect <= max_aspect < math.inf):
         raise ValueError(f"need 0 < min_aspect <= max_aspect < inf, got {min_aspect}, {max_aspect}")
     return height, width, max_num_patches, (math.log(min_aspect), math.log(max_aspect))
 
@@ -687,7 +681,7 @@ def importance_masking(
     """
     _check_scores(scores)
     check_mask_ratio(mask_ratio)
-    if not _is_number(temperature) or not 0 < temperature < math.inf:
+    if not is_number(temperature) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     check_seed(seed, sample_offset, scores.shape[0])
     return _importance_op(scores, mask_ratio, temperature=float(temperature), seed=_resolve_seed(seed, generator),
@@ -705,9 +699,9 @@ def ratio_schedule(step: int, total_steps: int, start: float, end: float, kind: 
     """
     check_mask_ratio(start)
     check_mask_ratio(end)
-    if not _is_int(total_steps) or total_steps <= 0:
+    if not is_int(total_steps) or total_steps <= 0:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-    if not _is_int(step) or step < 0:
+    if not is_int(step) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if kind not in ("linear", "cosine"):
         raise ValueError(f"kind must be 'linear' or 'cosine', got {kind!r}")

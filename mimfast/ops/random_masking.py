@@ -32,6 +32,8 @@ __all__ = [
     "num_kept",
     "check_generator",
     "check_mask_ratio",
+    "is_int",
+    "is_number",
     "host_checks",
     "mask_from_keep",
     "draw_seed",
@@ -66,8 +68,18 @@ class MaskInfo(NamedTuple):
     mask: torch.Tensor
 
 
+def is_int(v: object) -> bool:
+    """A Python int that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: object) -> bool:
+    """A Python int or float that is not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def check_mask_ratio(mask_ratio: float) -> None:
-    if not isinstance(mask_ratio, (int, float)) or isinstance(mask_ratio, bool):
+    if not is_number(mask_ratio):
         raise TypeError(f"mask_ratio must be a number, got {type(mask_ratio).__name__}")
     if not 0.0 <= float(mask_ratio) < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -81,7 +93,7 @@ def num_kept(L: int, mask_ratio: float) -> int:
 
 def check_sizes(N: int, L: int) -> None:
     for name, v in (("N", N), ("L", L)):
-        if not isinstance(v, int) or isinstance(v, bool):
+        if not is_int(v):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if N < 0 or L <= 0:
         raise ValueError(f"need N >= 0 and L > 0, got N={N}, L={L}")
@@ -89,11 +101,11 @@ def check_sizes(N: int, L: int) -> None:
 
 def check_seed(seed: Optional[int], sample_offset: int, N: int) -> None:
     if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    if not isinstance(sample_offset, int) or isinstance(sample_offset, bool):
+    if not is_int(sample_offset):
         raise TypeError(f"sample_offset must be an int, got {type(sample_offset).__name__}")
     if sample_offset < 0 or sample_offset + N > SEED_LIMIT:
         raise ValueError(f"sample_offset must be >= 0 with sample_offset + N <= 2**63, got {sample_offset}")
