@@ -416,6 +416,19 @@ def test_reference_against_explicit_loops():
     assert abs(ref.item() - num / den) < 1e-12
 
 
+
+@pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, 257), (torch.float16, 69632)], ids=["bf16", "fp16"])
+def test_reference_sums_in_float32_for_half_inputs(dtype, masked):
+    """A count of masked patches that bf16 rounds (257 -> 256), or that passes fp16's 65504: the half-precision
+    reference sums over patches in float32, as MAE's float32 loss does, and still returns the inputs' dtype."""
+    L = 69632
+    imgs = torch.zeros(1, 1, 256, L // 256, dtype=dtype)
+    pred = torch.full((1, L, 1), 3.0, dtype=dtype)  # |error| 3 in every patch, exact in both dtypes
+    mask = torch.zeros(1, L)
+    mask[0, :masked] = 1
+    loss = masked_pixel_loss_ref(pred, imgs, mask, 1, kind="l1")
+    assert loss.dtype == dtype and loss.item() == 3.0
+
 def test_backend_refusals_and_input_errors():
     pred, imgs, info = mae_inputs(1, 3, 8, 8, 4)
     with pytest.raises(BackendUnavailableError, match="float64"):

@@ -70,6 +70,18 @@ def test_mask_edge_cases(case):
         assert loss.item() == 0.0 and (grad == 0).all()
 
 
+
+@pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, 257), (torch.float16, 69632)], ids=["bf16", "fp16"])
+def test_reference_sums_in_float32_for_half_inputs(dtype, masked):
+    """A masked-pixel count that bf16 rounds (257 -> 256), or that passes fp16's 65504 (an infinite denominator):
+    the half-precision reference sums in float32, as SimMIM's float32 loss and integer mask do."""
+    imgs = torch.zeros(1, 1, 256, 272, dtype=dtype)
+    pred = torch.full_like(imgs, 3.0)  # |error| 3 at every pixel, exact in both dtypes
+    mask = torch.zeros(1, 256 * 272)
+    mask[0, :masked] = 1
+    loss = simmim_pixel_loss_ref(pred, imgs, mask, 1)
+    assert loss.dtype == dtype and loss.item() == 3.0
+
 def test_non_contiguous_and_huge_values():
     pred = torch.randn(2, 12, 16, 3).permute(0, 3, 1, 2) * 1e4
     imgs = torch.randn(2, 3, 12, 16).transpose(2, 3).contiguous().transpose(2, 3)

@@ -105,7 +105,8 @@ def masked_pixel_loss_ref(
 ) -> torch.Tensor:
     """Pure-PyTorch reference of :func:`masked_pixel_loss` (differentiable in every floating input).
 
-    ``upcast`` computes in fp32 when the inputs are half precision. Equivalent PyTorch (pred holding all rows)::
+    ``upcast`` computes in fp32 when the inputs are half precision; without it the per-patch losses are in the
+    inputs' dtype and the sums over patches accumulate in float32. Equivalent PyTorch (pred holding all rows)::
 
         target = patchify(imgs, p)                                   # [N, L, P]
         if norm_pix:
@@ -128,9 +129,12 @@ def masked_pixel_loss_ref(
     diff = pred - target
     loss = (diff * diff if kind == "mse" else diff.abs()).mean(-1)
     weights = torch.ones_like(loss) if weights is None else weights.to(loss.dtype)
-    total = weights.sum()
+    # the sums over patches in float32 at least (MAE's float32 mask and loss hold them so): in half precision the
+    # count of masked patches rounds (bf16) or passes 65504 (fp16), as can the sum of their losses
+    acc = torch.promote_types(loss.dtype, torch.float32)
+    total = weights.sum(dtype=acc)
     # no masked patch: the loss is 0 (and so is every gradient) instead of 0 / 0
-    return (loss * weights).sum() / torch.where(total == 0, torch.ones_like(total), total)
+    return ((loss * weights).sum(dtype=acc) / torch.where(total == 0, torch.ones_like(total), total)).to(loss.dtype)
 
 
 _stats_cache: dict[tuple[str, tuple[float, ...]], torch.Tensor] = {}

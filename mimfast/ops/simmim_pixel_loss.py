@@ -45,7 +45,8 @@ def simmim_pixel_loss_ref(
 ) -> torch.Tensor:
     """Pure-PyTorch reference of :func:`simmim_pixel_loss` (differentiable in pred_imgs and imgs).
 
-    ``upcast`` computes in fp32 when the inputs are half precision. Equivalent PyTorch::
+    ``upcast`` computes in fp32 when the inputs are half precision; without it the per-pixel errors are in the
+    inputs' dtype and the two sums accumulate in float32. Equivalent PyTorch::
 
         m = mask.reshape(N, h, w).repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)   # [N, 1, H, W]
         loss = (F.l1_loss(imgs, pred_imgs, reduction="none") * m).sum() / (m.sum() + 1e-5) / C
@@ -57,7 +58,10 @@ def simmim_pixel_loss_ref(
     dtype = torch.promote_types(pred_imgs.dtype, imgs.dtype)
     m = mask.reshape(N, H // p, W // p).to(dtype).repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
     loss = F.l1_loss(imgs, pred_imgs, reduction="none")
-    return (loss * m).sum() / (m.sum() + DENOM_EPS) / C
+    # the two sums in float32 at least, as SimMIM's float32 loss and integer mask hold them: in half precision the
+    # pixel count rounds (bf16) or passes 65504 (fp16: an infinite denominator, a zero loss)
+    acc = torch.promote_types(dtype, torch.float32)
+    return ((loss * m).sum(dtype=acc) / (m.sum(dtype=acc) + DENOM_EPS) / C).to(dtype)
 
 
 @torch.library.custom_op("mimfast::simmim_pixel_loss", mutates_args=())
