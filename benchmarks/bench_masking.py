@@ -6,10 +6,11 @@
 
 Providers: ``mimfast`` (random_masking + embed_visible / restore_tokens kernels), ``reference`` (the official
 path: torch.rand + two argsorts, conv over all L patches + pos_embed, gather; patchify + gather for the kept
-patches; cat + gather + add for restore) and ``reference+compile`` (torch.compile of the same function). Bytes
-count what must move: the kept pixels (read forward and again for the weight gradient), embeddings and their
-gradient, indices and mask; gather: the kept pixels in, [N, K, P] out, ids_keep; restore: visible rows in,
-decoder input out, and the same backward. Gather and restore also time ``copy``: a device-to-device copy of
+patches; for restore MAE's cat + gather + add, and for video VideoMAE's cat of the visible tokens and the mask
+tokens, each plus its positions) and ``reference+compile`` (torch.compile of the same function). Bytes count what
+must move: the kept pixels (read forward and again for the weight gradient), embeddings and their gradient,
+indices and mask; gather: the kept pixels in, [N, K, P] out, ids_keep; restore: visible rows in, decoder input
+out, and the same backward. Gather and restore also time ``copy``: a device-to-device copy of
 the same number of bytes, the bandwidth their targets are stated against. Flops: the kept-patch GEMMs (forward
 and weight gradient). Image shapes also time BEiT block-wise masking (40% of the patches): the kernel against the
 same rule drawn on the host and copied to the device (``reference``).
@@ -17,6 +18,7 @@ same rule drawn on the host and copied to the device (``reference``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -109,9 +111,18 @@ def reference_restore(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
     return torch.cat([x_vis[:, :1], x_], dim=1) + pos_embed
 
 
+def reference_restore_video(x_vis: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
+                            pos_embed: torch.Tensor) -> torch.Tensor:
+    """The VideoMAE decoder's input: visible tokens plus their positions, then mask tokens plus theirs (no cls
+    row; the decoder is permutation-equivariant, so this order and restore_tokens' token order are equivalent)."""
+    N, K, D = x_vis.shape
+    pos = pos_embed.expand(N, -1, -1)
+    return torch.cat((x_vis + pos[~mask].reshape(N, K, D), mask_token + pos[mask].reshape(N, -1, D)), dim=1)
+
+
 def mimfast_restore(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                    pos_embed: torch.Tensor) -> torch.Tensor:
-    return restore_tokens(x_vis, ids_restore, mask_token, pos_embed, backend="triton")
+                    pos_embed: torch.Tensor, has_cls: bool = True) -> torch.Tensor:
+    return restore_tokens(x_vis, ids_restore, mask_token, pos_embed, has_cls=has_cls, backend="triton")
 
 
 def embed_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case, dict[str, Callable[[], Any]]]:
@@ -169,28 +180,36 @@ def gather_case(s: Shape, device: torch.device, dtype: torch.dtype,
 
 def restore_case(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Case, dict[str, Callable[[], Any]]]:
     N, L, K, D = s.batch, s.grid, s.kept, s.decoder_width
-    x_vis = torch.randn(N, 1 + K, D, device=device, dtype=dtype, requires_grad=True)  # decoder_embed output
+    cls = 0 if s.frames else 1  # MAE's decoder keeps the cls row; VideoMAE's has none
+    x_vis = torch.randn(N, cls + K, D, device=device, dtype=dtype, requires_grad=True)  # decoder_embed output
     mask_token = torch.randn(1, 1, D, device=device, requires_grad=True)
-    pos_embed = torch.randn(1, 1 + L, D, device=device)
-    ids_restore = random_masking(N, L, s.mask_ratio, device=device).ids_restore
-    vis = N * (1 + K) * D * x_vis.element_size()
-    full = N * (1 + L) * D * 4  # fp32 result (bf16 tokens meet fp32 parameters), as in the MAE decoder
-    moved = 2 * vis + 2 * full + 2 * N * L * 8 + (1 + L) * D * 4  # ids_restore read both ways, pos_embed forward
+    pos_embed = torch.randn(1, cls + L, D, device=device)
+    info = random_masking(N, L, s.mask_ratio, device=device)
+    ids_restore = info.ids_restore
+    vis = N * (cls + K) * D * x_vis.element_size()
+    full = N * (cls + L) * D * 4  # fp32 result (bf16 tokens meet fp32 parameters), as in the decoders
+    moved = 2 * vis + 2 * full + 2 * N * L * 8 + (cls + L) * D * 4  # ids_restore read both ways, pos_embed forward
     case = Case(f"{s.name}/restore fwd+bwd", bytes=moved, meta={"N": N, "L": L, "K": K, "D": D})
 
-    grad_out = torch.ones(N, 1 + L, D, device=device)
+    grad_out = torch.ones(N, cls + L, D, device=device)
 
-    def provider(fn: Callable[..., torch.Tensor]) -> Callable[[], Any]:
+    def provider(fn: Callable[..., torch.Tensor], index: torch.Tensor) -> Callable[[], Any]:
         def step() -> None:
-            out = fn(x_vis, ids_restore, mask_token, pos_embed)
+            out = fn(x_vis, index, mask_token, pos_embed)
             out.backward(grad_out)
             x_vis.grad = mask_token.grad = None
 
         return step
 
-    compiled = torch.compile(reference_restore, dynamic=False)
-    return case, {"mimfast": provider(mimfast_restore), "reference": provider(reference_restore),
-                  "reference+compile": provider(compiled), COPY_PROVIDER: copy_provider(moved, device)}
+    if s.frames:
+        # the official formulation selects by the boolean mask (a host synchronisation, as in VideoMAE's code)
+        reference, index = reference_restore_video, info.mask.bool()
+    else:
+        reference, index = reference_restore, ids_restore
+    compiled = torch.compile(reference, dynamic=False)
+    mimfast = functools.partial(mimfast_restore, has_cls=bool(cls))
+    return case, {"mimfast": provider(mimfast, ids_restore), "reference": provider(reference, index),
+                  "reference+compile": provider(compiled, index), COPY_PROVIDER: copy_provider(moved, device)}
 
 
 def block_case(s: Shape, device: torch.device) -> tuple[Case, dict[str, Callable[[], Any]]]:
