@@ -96,7 +96,8 @@ for stage in "${stages[@]}"; do
                 attention) sweep=(bench_attention --cases 'vit_197/H12/fwd$,mae_dec_197/H16/fwd$,videomae_dec_1568/H12/fwd$'
                                   --set mimfast.kernels.visible_attention.FWD_BLOCK_M=64,128
                                   --set mimfast.kernels.visible_attention.FWD_BLOCK_N=32,64
-                                  --set mimfast.kernels.visible_attention.FWD_STAGES=2,3,4) ;;
+                                  --set mimfast.kernels.visible_attention.FWD_STAGES=2,3
+                                  --set mimfast.kernels.visible_attention.FWD_NARROW_TAIL=False,True) ;;
                 *) echo "unknown sweep '$arg' (loss, restore, embed, gather, attention)"; status=2; continue ;;
             esac
             python3 -m benchmarks.sweep "${sweep[@]}" --out "$out/sweep_$arg.json" 2>&1 | tee "$log"

@@ -76,6 +76,9 @@ PACKED_CASES = [
     ([5, 20], 2, 16, torch.float32),
     # every tile of the short path in one batch (16, 32, 64, 128 rows), and the boundaries between them
     ([1, 16, 17, 32, 33, 64, 65, 100, 128], 2, 32, torch.float16),
+    # the tiled forward's partial key block at each width (16, 32, 64 of 64-key blocks): 150 and 90 end on 22 and
+    # 26 keys, 20 / 16 / 17 on their only block
+    ([150, 90, 20, 16, 17, 180], 1, 32, torch.float16),
 ]
 
 
@@ -318,19 +321,21 @@ def test_tiled_max_seqlen_upper_bound_matches_exact(interpret, lengths, H, d, dt
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("block_m,block_n,stages", [(64, 32, 2), (128, 128, 3)])
-def test_tiled_forward_tilings_of_the_sweep(interpret, monkeypatch, block_m, block_n, stages):
+@pytest.mark.parametrize("block_m,block_n,stages,narrow", [(64, 32, 2, True), (128, 128, 3, True), (128, 64, 3, False)])
+def test_tiled_forward_tilings_of_the_sweep(interpret, monkeypatch, block_m, block_n, stages, narrow):
     # the forward tilings benchmarks/gpu_session.sh's sweep:attention times, on fp16 sequences past the short path
-    # with partial query and key blocks
+    # with partial query and key blocks; partial key blocks of every width (narrow) or all block_n wide
     import mimfast.kernels.visible_attention as kernels
 
     monkeypatch.setattr(kernels, "FWD_BLOCK_M", block_m)
     monkeypatch.setattr(kernels, "FWD_BLOCK_N", block_n)
     monkeypatch.setattr(kernels, "FWD_STAGES", stages)
+    monkeypatch.setattr(kernels, "FWD_NARROW_TAIL", narrow)
     assert_tiled(32, torch.float16, 197)
-    assert kernels.fwd_config(32, 197, False)["BLOCK_N"] == block_n
+    cfg = kernels.fwd_config(32, 197, False)
+    assert cfg["BLOCK_N"] == block_n and cfg["TAIL_LEVELS"] == ((block_n // 16).bit_length() if narrow else 1)
     torch.manual_seed(0)
-    check_packed([197, 3, 130], 1, 32, torch.float16, tail=5)
+    check_packed([197, 3, 130, 150, 180], 1, 32, torch.float16, tail=5)
 
 
 @pytest.mark.parametrize("lengths,H,d,dtype,tail,loose", TILED_CASES)
@@ -482,7 +487,7 @@ short_bwd = kernels.short_config(d, max_seqlen, fp32, backward=True)
 common = {"HEAD_DIM": d, "PACKED": packed, "DOT_PRECISION": "ieee" if fp32 else "tf32"}
 if short is None:
     launches = [
-        (kernels._attn_fwd, {**common, **fwd}),
+        (kernels._attn_fwd, {**common, **fwd, "NEG_SCALE": False}),
         (kernels._attn_bwd_delta, {"HEAD_DIM": d, "BLOCK_D": bwd["BLOCK_D"], "BLOCK_M": 64, "PACKED": packed}),
         (kernels._attn_bwd, {**common, **bwd}),
     ]

@@ -69,12 +69,13 @@ def _zero_rows(ptr, row0, n_rows, step, h, stride_t, stride_h, stride_d,
 @triton.jit
 def _fwd_block(q, k_base, v_base, tok0, start_n, seqlen, stride_kt, stride_vt, m_i, l_i, acc, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               MASKED: tl.constexpr):
+               MASKED: tl.constexpr, NEG_SCALE: tl.constexpr):
     """One key block of the online softmax: (m_i, l_i, acc) updated with keys start_n .. start_n + BLOCK_N.
 
     The running max is taken of the raw scores and scaled after (the max commutes with a positive scale; a
     negative one takes the min), so each score costs one fused multiply-add before exp2. MASKED: the block runs
-    past seqlen, and those keys get probability 0; it still holds at least one valid key, so m_new is finite."""
+    past seqlen, and those keys get probability 0; it still holds at least one valid key, so m_new is finite.
+    NEG_SCALE (scale < 0, fixed per launch): no branch on the scale's sign inside the key loop."""
     cols = start_n + tl.arange(0, BLOCK_N)
     rows_n = (tok0 + cols).to(tl.int64)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
@@ -90,7 +91,7 @@ def _fwd_block(q, k_base, v_base, tok0, start_n, seqlen, stride_kt, stride_vt, m
         v = tl.load(v_base + rows_n * stride_vt, mask=offs_d < HEAD_DIM, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     valid = (cols < seqlen)[None, :]
-    if qk_scale >= 0:
+    if not NEG_SCALE:
         top = tl.max(tl.where(valid, s, float("-inf")), 1) if MASKED else tl.max(s, 1)
     else:
         top = tl.min(tl.where(valid, s, float("inf")), 1) if MASKED else tl.min(s, 1)
@@ -119,7 +120,7 @@ def _attn_fwd(
     stride_lh,
     scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAIL_LEVELS: tl.constexpr, PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -159,11 +160,18 @@ def _attn_fwd(
             for start_n in range(0, n_full, BLOCK_N):
                 m_i, l_i, acc = _fwd_block(q, k_base, v_base, tok0, start_n, seqlen, stride_kt, stride_vt,
                                            m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
-                                           False)
+                                           False, NEG_SCALE)
             if n_full < seqlen:
-                m_i, l_i, acc = _fwd_block(q, k_base, v_base, tok0, n_full, seqlen, stride_kt, stride_vt,
-                                           m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
-                                           True)
+                # the partial block is as narrow as its keys allow (16, 32, ... up to BLOCK_N columns, picked per
+                # sequence at run time; TAIL_LEVELS 1: always BLOCK_N): at 197 tokens and 64-key blocks it computes
+                # 16 columns for the last 5 keys instead of 64, so 208 score columns a row instead of 256
+                tail = _tile_level(seqlen - n_full, TAIL_LEVELS)
+                for i in tl.static_range(TAIL_LEVELS):
+                    if tail == i:
+                        m_i, l_i, acc = _fwd_block(q, k_base, v_base, tok0, n_full, seqlen, stride_kt, stride_vt,
+                                                   m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D,
+                                                   BLOCK_N >> (TAIL_LEVELS - 1 - i), DOT_PRECISION, True,
+                                                   NEG_SCALE)
             acc = acc / l_i[:, None]
             o_ptrs = (o_ptr + bb * stride_ob + rows_m[:, None] * stride_ot + h * stride_oh
                       + offs_d[None, :] * stride_od)
@@ -485,22 +493,30 @@ def short_config(head_dim: int, max_seqlen: int, fp32: bool, backward: bool = Fa
 # The forward's tiles past the short path: FWD_BLOCK_M query rows by FWD_BLOCK_N keys, FWD_STAGES pipeline stages.
 # Long sequences keep 128 x 64 tiles on one warpgroup: on an H100 (Triton 3.6, bf16, d 64, 1568 tokens) they ran
 # the forward at 330 TFLOP/s, 128 x 128 tiles on two warpgroups at 266 (benchmarks/results/bench_attention.md).
-# At 197 tokens a 128 x 64 tiling computes 256 x 256 scores (59% of them used); the other tilings are not yet timed
-# there (benchmarks/gpu_session.sh's sweep:attention).
+# At 197 tokens a 128 x 64 tiling computes 256 x 208 scores with a narrow last key block (73% of them used; 256 x
+# 256, 59%, without); the other tilings are not yet timed there (benchmarks/gpu_session.sh's sweep:attention).
 FWD_BLOCK_M = 128
 FWD_BLOCK_N = 64
 FWD_STAGES = 3
+# The last, partial key block of a sequence as narrow as its keys allow (16, 32, ... columns) rather than FWD_BLOCK_N
+# wide: 19% fewer score columns at 197 tokens, 2% at 1568. Not yet timed (False: always FWD_BLOCK_N wide).
+FWD_NARROW_TAIL = True
 
 
 def fwd_config(head_dim: int, max_seqlen: int, fp32: bool) -> dict[str, int]:
     """Block sizes and launch options of the forward kernel (fp32 runs IEEE dots, so it gets smaller tiles)."""
     block_d = max(16, next_pow2(head_dim))
     if fp32:
-        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, TAIL_LEVELS=tail_levels(32), num_warps=4, num_stages=1)
     # sequences just past the short path's limit would leave most of a 128-row tile idle
     block_m = min(64, FWD_BLOCK_M) if max_seqlen <= 128 else FWD_BLOCK_M
-    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=FWD_BLOCK_N, num_warps=4 if block_d <= 64 else 8,
-                num_stages=FWD_STAGES)
+    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=FWD_BLOCK_N, TAIL_LEVELS=tail_levels(FWD_BLOCK_N),
+                num_warps=4 if block_d <= 64 else 8, num_stages=FWD_STAGES)
+
+
+def tail_levels(block_n: int) -> int:
+    """How many widths the forward's partial key block can take: 16, 32, ... block_n, or block_n alone."""
+    return max(1, (block_n // MIN_TILE.value).bit_length()) if FWD_NARROW_TAIL else 1
 
 
 def bwd_config(head_dim: int, fp32: bool) -> dict[str, int]:

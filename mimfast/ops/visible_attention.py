@@ -226,7 +226,7 @@ def launch_forward(
     cfg = fwd_config(d, max_seqlen, fp32)
     grid = (max(1, -(-max_seqlen // cfg["BLOCK_M"])), cols, H)
     _attn_fwd[grid](q, k, v, out, lse, cu_seqlens if packed else q, *args, HEAD_DIM=d, PACKED=packed,
-                    DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+                    DOT_PRECISION=_dot_precision(q.dtype), NEG_SCALE=scale < 0, **cfg)
 
 
 def launch_backward(
