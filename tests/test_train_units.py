@@ -642,3 +642,28 @@ def test_reconstruction_title_wraps_to_a_narrow_grid(tmp_path):
     width, tall = save_reconstructions(imgs, masked, imgs, str(tmp_path / "b.png"), title=title)
     # one column is 2.3 inches: the 140-character title takes several lines, each adding height
     assert width == round(2.3 * 100) and tall > short + 3 * 0.17 * 100 - 1
+
+
+@pytest.mark.parametrize("norm_target", [True, False], ids=["norm_target", "raw_target"])
+def test_videomae_trivial_baseline_uses_the_models_pixel_statistics(norm_target):
+    """The per-cube-mean baseline un-normalises clips as the model's loss does (its pixel_mean / pixel_std), so
+    it holds for any channel count: a 1-channel VideoMAE's statistics are 0 / 1, not ImageNet's three."""
+    from mimfast.ops import patchify, tube_masking
+
+    objective, model = _objective("--model", "videomae_vit_micro_patch4", "--data", "synthetic")
+    model.norm_target = norm_target
+    T, S = objective.num_frames, objective.img_size[0]
+    videos = torch.rand(2, 1, T, S, S)
+    grid = (T // objective.tubelet_size, S // objective.patch_size, S // objective.patch_size)
+    info = tube_masking(2, grid, 0.75, generator=torch.Generator().manual_seed(0))
+    out = model(videos, info)
+    got = objective.trivial_loss(model, videos, out)
+    cubes = patchify(videos, objective.patch_size, objective.tubelet_size)  # statistics 0 / 1: raw = normalised
+    mask = out.mask.reshape(2, -1).bool()
+    target = cubes[mask].reshape(2, -1, cubes.shape[-1])
+    if norm_target:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True).sqrt() + 1e-6)
+        expected = (target ** 2).mean()
+    else:
+        expected = ((target - target.mean(-1, keepdim=True)) ** 2).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)

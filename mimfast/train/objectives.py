@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mimfast.ops.patchify import patchify, unpatchify
 from mimfast.train.config import PretrainConfig
 from mimfast.train.masks import (
@@ -273,14 +272,15 @@ class Objective:
             return simmim_pixel_loss(pred, images.float(), mask, p)
         pred = torch.zeros_like(output.pred, dtype=torch.float32)
         if not model.norm_target:
-            cubes = self._video_cubes(images.float())
+            cubes = self._video_cubes(model, images.float())
             N, L, P = cubes.shape
             means = cubes.view(N, L, -1, self.channels).mean(-2, keepdim=True).expand(-1, -1, P // self.channels, -1)
             pred = means.reshape(N, L, P)[mask.reshape(N, L)].reshape(N, -1, P)
         return model.forward_loss(images.float(), pred, mask)
 
-    def _video_cubes(self, videos: torch.Tensor) -> torch.Tensor:
-        return patchify(_denormalize(videos, IMAGENET_MEAN, IMAGENET_STD), self.patch_size, self.tubelet_size)
+    def _video_cubes(self, model: nn.Module, videos: torch.Tensor) -> torch.Tensor:
+        """Raw-pixel cubes [N, L, P], un-normalised with the statistics the model's loss uses."""
+        return patchify(_denormalize(videos, model.pixel_mean, model.pixel_std), self.patch_size, self.tubelet_size)
 
     @torch.no_grad()
     def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -329,7 +329,7 @@ class Objective:
         return self._reconstruct_video(model, x, out, max_columns)
 
     def _reconstruct_video(self, model: nn.Module, videos: torch.Tensor, out: Any, max_columns: int) -> Reconstruction:
-        cubes = self._video_cubes(videos)  # raw pixels [N, L, P]
+        cubes = self._video_cubes(model, videos)  # raw pixels [N, L, P]
         N, L, P = cubes.shape
         mask = out.mask.reshape(N, L).bool()
         pred = out.pred.float()
