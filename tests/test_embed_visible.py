@@ -245,6 +245,19 @@ def test_autocast_rounds_weight_and_bias_keeps_fp32_grads(wgrad_path):
         assert_by_error_ratio(a, b, c)
 
 
+@pytest.mark.parametrize("pos", ["none", "fp16", "fp32"], ids=["no_pos", "fp16_pos", "fp32_pos"])
+def test_autocast_result_dtype_is_the_convs_on_every_backend(pos):
+    # the official path under autocast: the conv's output in the autocast dtype, promoted by pos_embed's (fp32 only
+    # where an fp32 pos_embed is added), on both backends and in the upcast reference
+    imgs, ids_keep, weight, bias, pos_embed = make((2, 3, 16, 16), 4, None, 32, "cls", True, 0.5)
+    pos_embed = {"none": None, "fp16": pos_embed.half(), "fp32": pos_embed}[pos]
+    with torch.autocast("cpu", dtype=torch.float16):
+        dtypes = {embed_visible(imgs, ids_keep, weight, bias, pos_embed, 4, backend=b).dtype
+                  for b in ("triton", "torch")}
+        dtypes.add(embed_visible_ref(imgs, ids_keep, weight, bias, pos_embed, 4, upcast=True).dtype)
+    assert dtypes == {torch.float32 if pos == "fp32" else torch.float16}
+
+
 @pytest.mark.parametrize("pos_grad", [False, True], ids=["frozen_pos", "pos_grad"])
 def test_custom_op_path_equals_eager_path(pos_grad):
     # eager calls run an autograd.Function, compiled graphs the custom ops: both launch the same kernels

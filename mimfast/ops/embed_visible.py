@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -24,6 +25,11 @@ def _num_patches(imgs: torch.Tensor, patch_size: int, tubelet_size: Optional[int
     return L
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype a convolution runs in under autocast on ``device_type`` (None outside autocast)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _out_dtype(conv_dtype: torch.dtype, pos_embed: Optional[torch.Tensor]) -> torch.dtype:
     # the reference adds pos_embed to the conv output, so torch's promotion decides (fp32 when a bf16 conv output
     # under autocast meets an fp32 pos_embed, as in the MAE encoder)
@@ -43,7 +49,8 @@ def embed_visible_ref(
 ) -> torch.Tensor:
     """Reference, the official path: embed all L patches with the conv, add positions, keep K rows.
 
-    ``upcast``: compute in fp32 and return the result dtype.
+    ``upcast``: compute in fp32 (autocast off) and return the dtype the computation without it gives: under
+    autocast the conv's output is in the autocast dtype, promoted by pos_embed's.
 
     Equivalent PyTorch::
 
@@ -51,20 +58,22 @@ def embed_visible_ref(
         x = x + pos_embed[:, 1:]                                                   # skip the cls row
         out = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))            # [N, K, D]
     """
-    dtype = _out_dtype(weight.dtype, pos_embed)
+    device_type = imgs.device.type
+    dtype = _out_dtype(_autocast_dtype(device_type) or weight.dtype, pos_embed)
     if upcast:
         weight = weight.float()
         bias = None if bias is None else bias.float()
         pos_embed = None if pos_embed is None else pos_embed.float()
-    x = imgs.to(weight.dtype)
-    if tubelet_size is None:
-        y = F.conv2d(x, weight, bias, stride=patch_size)
-    else:
-        y = F.conv3d(x, weight, bias, stride=(tubelet_size, patch_size, patch_size))
-    y = y.flatten(2).transpose(1, 2)
-    if pos_embed is not None:
-        y = y + pos_embed[:, pos_embed.shape[1] - y.shape[1]:]
-    y = torch.gather(y, 1, ids_keep.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+    with torch.autocast(device_type, enabled=False) if upcast else contextlib.nullcontext():
+        x = imgs.to(weight.dtype)
+        if tubelet_size is None:
+            y = F.conv2d(x, weight, bias, stride=patch_size)
+        else:
+            y = F.conv3d(x, weight, bias, stride=(tubelet_size, patch_size, patch_size))
+        y = y.flatten(2).transpose(1, 2)
+        if pos_embed is not None:
+            y = y + pos_embed[:, pos_embed.shape[1] - y.shape[1]:]
+        y = torch.gather(y, 1, ids_keep.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
     return y.to(dtype)
 
 
@@ -315,7 +324,7 @@ def _embed_visible_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: to
     device_type = imgs.device.type
     # under autocast the conv would run in the autocast dtype: the kernel rounds the weight and bias to it and
     # converts the pixels as it loads them, so neither a cast copy of the images nor a cast node on the weight exists
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    compute_dtype = _autocast_dtype(device_type)
     args = (imgs, ids_keep, weight, bias, pos_embed, patch_size, tubelet_size or 1, compute_dtype)
     if torch.compiler.is_compiling():
         return torch.ops.mimfast.embed_visible(*args)
