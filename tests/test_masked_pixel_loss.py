@@ -416,7 +416,6 @@ def test_reference_against_explicit_loops():
     assert abs(ref.item() - num / den) < 1e-12
 
 
-
 @pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, 257), (torch.float16, 69632)], ids=["bf16", "fp16"])
 def test_reference_sums_in_float32_for_half_inputs(dtype, masked):
     """A count of masked patches that bf16 rounds (257 -> 256), or that passes fp16's 65504: the half-precision
@@ -428,6 +427,7 @@ def test_reference_sums_in_float32_for_half_inputs(dtype, masked):
     mask[0, :masked] = 1
     loss = masked_pixel_loss_ref(pred, imgs, mask, 1, kind="l1")
     assert loss.dtype == dtype and loss.item() == 3.0
+
 
 def test_backend_refusals_and_input_errors():
     pred, imgs, info = mae_inputs(1, 3, 8, 8, 4)

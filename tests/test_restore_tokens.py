@@ -295,3 +295,20 @@ def test_gpu_real_shapes(N, L, ratio, D):
         assert_by_error_ratio(a, b, c)
     again = torch.autograd.grad(restore_tokens(x, info.ids_restore, m, p, backend="triton"), (x, m, p), grad_out)
     assert all(torch.equal(a, b) for a, b in zip(g, again))
+
+
+def test_videomae_benchmark_reference_is_the_same_decoder_input():
+    # bench_masking times restore_tokens (token order, no cls row) against VideoMAE's own formulation (visible tokens
+    # then mask tokens, each plus its positions): the same rows, in another order
+    from benchmarks.bench_masking import reference_restore_video
+    from mimfast.ops import mask_info_from_mask
+
+    N, L, K, D = 2, 12, 3, 8
+    mask = torch.ones(N, L, dtype=torch.bool)
+    for n in range(N):
+        mask[n, torch.randperm(L)[:K]] = False
+    info = mask_info_from_mask(mask)
+    x_vis, mask_token, pos = torch.randn(N, K, D), torch.randn(1, 1, D), torch.randn(1, L, D)
+    got = restore_tokens(x_vis, info.ids_restore, mask_token, pos, has_cls=False, backend="triton")
+    ref = reference_restore_video(x_vis, mask, mask_token, pos)
+    assert torch.equal(got[~mask].view(N, K, D), ref[:, :K]) and torch.equal(got[mask].view(N, L - K, D), ref[:, K:])

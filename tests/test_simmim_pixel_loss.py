@@ -70,7 +70,6 @@ def test_mask_edge_cases(case):
         assert loss.item() == 0.0 and (grad == 0).all()
 
 
-
 @pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, 257), (torch.float16, 69632)], ids=["bf16", "fp16"])
 def test_reference_sums_in_float32_for_half_inputs(dtype, masked):
     """A masked-pixel count that bf16 rounds (257 -> 256), or that passes fp16's 65504 (an infinite denominator):
@@ -81,6 +80,7 @@ def test_reference_sums_in_float32_for_half_inputs(dtype, masked):
     mask[0, :masked] = 1
     loss = simmim_pixel_loss_ref(pred, imgs, mask, 1)
     assert loss.dtype == dtype and loss.item() == 3.0
+
 
 def test_non_contiguous_and_huge_values():
     pred = torch.randn(2, 12, 16, 3).permute(0, 3, 1, 2) * 1e4
